@@ -1,0 +1,189 @@
+"""python -m gunn.bench: GUNN vs SUNN, efficient vs plain autograd, side by side in one run.
+
+Prints, for GUNN-15's first layer and for whole models: activation memory kept for backward
+and forward+backward time of GUNN (memory-saving backward), GUNN (recompute), GUNN (plain
+autograd loop) and SUNN with the same weights, their ratios, and each model's parameters
+and FLOPs. Times are medians over repetitions taken round-robin, so that load on the
+machine hits every variant alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gunn.bench.measure import activation_bytes, flops, interleaved_medians
+from gunn.layers import GunnLayer, set_memory, set_mode
+from gunn.models import create_model, list_models
+
+# (name, mode, memory) of every variant measured; all share one set of weights.
+VARIANTS = (
+    ("gunn", "gunn", "efficient"),
+    ("gunn-recompute", "gunn", "recompute"),
+    ("gunn-autograd", "gunn", "autograd"),
+    ("sunn", "sunn", "efficient"),
+)
+# Acceptance targets of the model core (issue 2), checked on the printed ratios.
+TARGETS = {
+    "memory gunn/sunn": 1.15,
+    "time gunn/sunn": 1.3,
+    "time gunn/gunn-autograd": 1.1,
+}
+
+
+def machine() -> str:
+    """One line naming the processor, the accelerator if used, and the software."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}; "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def _use(module: nn.Module, mode: str, memory: str) -> nn.Module:
+    set_mode(module, mode)
+    return set_memory(module, memory)
+
+
+def _train_step(module: nn.Module, x: Tensor, target: Tensor | None, autocast: bool) -> Callable[[], None]:
+    """One forward + backward; a classifier gets cross entropy, a layer a fixed random gradient."""
+    grad = None if target is not None else torch.randn_like(x)
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = module(x)
+        if target is not None:
+            F.cross_entropy(out.float(), target).backward()
+        else:
+            out.backward(grad.to(out.dtype))
+        module.zero_grad(set_to_none=True)
+
+    return step
+
+
+def compare(
+    title: str,
+    module: nn.Module,
+    make_input: Callable[[int], Tensor],
+    num_classes: int | None,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """Measures every variant of ``module`` and prints a table and the target ratios."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    module = module.to(device, memory_format=fmt).train()
+    ratios: dict[str, float] = {}
+    print(f"\n## {title} ({'channels_last' if args.channels_last else 'NCHW'}"
+          f"{', bf16 autocast' if args.autocast else ''})")
+
+    x_mem = make_input(args.memory_batch).to(device, memory_format=fmt).requires_grad_(num_classes is None)
+    memory = {}
+    for name, mode, mem in VARIANTS:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            memory[name] = activation_bytes(_use(module, mode, mem), x_mem)
+    del x_mem
+
+    x = make_input(args.batch).to(device, memory_format=fmt).requires_grad_(num_classes is None)
+    target = torch.randint(0, num_classes, (args.batch,), device=device) if num_classes else None
+    steps = {}
+    for name, mode, mem in VARIANTS:
+        step = _train_step(module, x, target, args.autocast)
+        steps[name] = lambda step=step, mode=mode, mem=mem: (_use(module, mode, mem), step())[1]
+    seconds = interleaved_medians(steps, repeats=args.repeats, warmup=1, device=device)
+
+    print(f"{'variant':16s} {'activations (MiB)':>18s} {'vs sunn':>8s} {'fwd+bwd (ms)':>13s} {'vs sunn':>8s}")
+    for name, _, _ in VARIANTS:
+        print(
+            f"{name:16s} {memory[name] / 2**20:18.1f} {memory[name] / memory['sunn']:8.2f} "
+            f"{seconds[name] * 1e3:13.1f} {seconds[name] / seconds['sunn']:8.2f}"
+        )
+    ratios["memory gunn/sunn"] = memory["gunn"] / memory["sunn"]
+    ratios["memory gunn-autograd/sunn"] = memory["gunn-autograd"] / memory["sunn"]
+    ratios["memory gunn-recompute/sunn"] = memory["gunn-recompute"] / memory["sunn"]
+    ratios["time gunn/sunn"] = seconds["gunn"] / seconds["sunn"]
+    ratios["time gunn/gunn-autograd"] = seconds["gunn"] / seconds["gunn-autograd"]
+    ratios["time gunn-recompute/gunn"] = seconds["gunn-recompute"] / seconds["gunn"]
+    for key, value in ratios.items():
+        target = TARGETS.get(key)
+        verdict = "" if target is None else f"   (target <= {target}: {'met' if value <= target else 'NOT met'})"
+        print(f"  {key:28s} {value:6.2f}{verdict}")
+    _use(module, "gunn", "efficient")
+    return ratios
+
+
+def describe_model(name: str, image_size: int) -> None:
+    """Parameters and FLOPs of a model and its SUNN twin (they must be equal)."""
+    model = create_model(name)
+    x = torch.randn(1, 3, image_size, image_size)
+    params = sum(p.numel() for p in model.parameters())
+    gunn_flops = flops(set_mode(model, "gunn"), x)
+    sunn_flops = flops(set_mode(model, "sunn"), x)
+    print(
+        f"{name:12s} {params:>12,d} parameters   {gunn_flops / 2e9:7.2f} GMAC/image (GUNN)   "
+        f"{sunn_flops / 2e9:7.2f} GMAC/image (SUNN)   {image_size}x{image_size}"
+    )
+
+
+def image_size(model: str) -> int:
+    """The input resolution a model was designed for."""
+    return 224 if "18" in model else 32
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gunn.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["gunn15"], choices=list_models("gunn*") + list_models("wide_gunn*"),
+                        help="models timed and measured as a whole (default: gunn15)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size of the timed steps (default 16)")
+    parser.add_argument("--memory-batch", type=int, default=32, help="batch size of the memory measurement (default 32)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per variant (default 7)")
+    parser.add_argument("--layer", default="240,20", help="CHANNELS,SEGMENTS[,SIZE] of the layer measured alone")
+    parser.add_argument("--channels-last", action="store_true", help="run in channels_last memory format")
+    parser.add_argument("--autocast", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-describe", action="store_true", help="skip the parameter and FLOP table")
+    args = parser.parse_args(argv)
+    for name in ("batch", "memory_batch", "repeats"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    try:
+        channels, segments, *size = (int(v) for v in args.layer.split(","))
+    except ValueError:
+        parser.error(f"--layer must be CHANNELS,SEGMENTS[,SIZE], got {args.layer!r}")
+    size = size[0] if size else 32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    print(f"# gunn benchmark\nmachine: {machine()}")
+    print(f"time: batch {args.batch}, median of {args.repeats}; memory: batch {args.memory_batch}")
+    if not args.no_describe:
+        print("\n## Models: parameters and FLOPs (1 multiply-add = 1 MAC)")
+        for name in list_models("gunn*") + list_models("wide_gunn*"):
+            describe_model(name, image_size(name))
+
+    layer = GunnLayer(channels, segments)
+    compare(f"GunnLayer({channels}, {segments}) at {size}x{size}", layer,
+            lambda n: torch.randn(n, channels, size, size), None, args)
+    for name in args.models:
+        model = create_model(name)
+        s = image_size(name)
+        compare(f"{name} at {s}x{s}", model, lambda n, s=s: torch.randn(n, 3, s, s), model.num_classes, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

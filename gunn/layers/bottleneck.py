@@ -1,0 +1,151 @@
+"""The paper's bottleneck update units (Figure 4) and the GUNN layer built from them."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gunn.layers.fused import conv_bn_many
+from gunn.layers.gradual import GradualUpdate, Memory, Mode, check_memory, check_mode
+
+
+def conv1x1(in_channels: int, out_channels: int, groups: int = 1) -> nn.Conv2d:
+    """1x1 convolution without bias."""
+    return nn.Conv2d(in_channels, out_channels, 1, bias=False, groups=groups)
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding 1 and without bias."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+class Bottleneck(nn.Module):
+    """conv1x1 in -> K*out, BN, ReLU, conv3x3, BN, ReLU, conv1x1 -> out, BN (no final ReLU)."""
+
+    def __init__(self, in_channels: int, out_channels: int, expansion: int) -> None:
+        super().__init__()
+        hidden = expansion * out_channels
+        self.conv1 = conv1x1(in_channels, hidden)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = conv3x3(hidden, hidden)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.conv3 = conv1x1(hidden, out_channels)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tail(F.relu(self.bn1(self.conv1(x))))
+
+    def tail(self, h: Tensor) -> Tensor:
+        """Everything after the first conv + BN + ReLU."""
+        h = F.relu(self.bn2(self.conv2(h)))
+        return self.bn3(self.conv3(h))
+
+
+class UpdateUnit(nn.Module):
+    """G_i of one segment: the full state (N channels) to the update of s channels.
+
+    ``depth`` (the paper's M) stacks bottlenecks: the first maps N -> s, each further one
+    adds a residual s -> s refinement. ``projection`` adds a conv1x1 N -> s with BN.
+    """
+
+    def __init__(self, channels: int, width: int, expansion: int = 2, depth: int = 1, projection: bool = True) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [Bottleneck(channels, width, expansion)]
+            + [Bottleneck(width, width, expansion) for _ in range(depth - 1)]
+        )
+        self.proj = nn.Sequential(conv1x1(channels, width), nn.BatchNorm2d(width)) if projection else None
+
+    def forward(self, state: Tensor) -> Tensor:
+        first = self.blocks[0]
+        if self.proj is None:
+            h, p = first(state), None
+        elif _batch_norms_fusable(self):
+            # The first conv and the projection read the same state: one conv reads it once.
+            hp = conv_bn_many(state, [first.conv1, self.proj[0]], [first.bn1, self.proj[1]])
+            h, p = hp.split([first.conv1.out_channels, self.proj[0].out_channels], 1)
+            h = first.tail(F.relu(h))
+        else:
+            h, p = first(state), self.proj(state)
+        for block in self.blocks[1:]:
+            h = h + block(h)
+        return h if p is None else h + p
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class GunnLayer(GradualUpdate):
+    """GUNN{N, P, K, M}: ``channels`` split into ``segments`` updated by bottleneck units.
+
+    ``mode="gunn"`` updates the segments one after the other (each sees the earlier ones
+    already updated), ``mode="sunn"`` all at once from the input, with the same weights.
+    ``residual=False`` replaces each segment by its update (the paper's NoRes ablation).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        segments: int,
+        expansion: int = 2,
+        depth: int = 1,
+        projection: bool = True,
+        residual: bool = True,
+        mode: Mode = "gunn",
+        memory: Memory = "efficient",
+    ) -> None:
+        _check_positive_int("channels", channels)
+        _check_positive_int("segments", segments)
+        _check_positive_int("expansion", expansion)
+        _check_positive_int("depth", depth)
+        if channels % segments:
+            raise ValueError(f"segments must divide channels={channels}, got segments={segments}")
+        if not isinstance(projection, bool):
+            raise ValueError(f"projection must be a bool, got {projection!r}")
+        check_mode(mode)
+        check_memory(memory)
+        width = channels // segments
+        units = [UpdateUnit(channels, width, expansion, depth, projection) for _ in range(segments)]
+        super().__init__(units, residual=residual, mode=mode, memory=memory)
+        self.channels, self.segments, self.expansion, self.depth = channels, segments, expansion, depth
+        self.projection = projection
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, segments={self.segments}, expansion={self.expansion}, "
+            f"depth={self.depth}, projection={self.projection}, " + super().extra_repr()
+        )
+
+    def simultaneous_update(self, x: Tensor) -> Tensor:
+        """All units at once: one wide 1x1 conv over the input, then grouped convs (SUNN)."""
+        if not _batch_norms_fusable(self):
+            return super().simultaneous_update(x)
+        units = list(self.units)
+        groups = len(units)
+        firsts = [u.blocks[0] for u in units]
+        h = F.relu(conv_bn_many(x, [b.conv1 for b in firsts], [b.bn1 for b in firsts]))
+        h = _bottleneck_tail_many(h, firsts, groups)
+        for d in range(1, self.depth):
+            blocks = [u.blocks[d] for u in units]
+            r = F.relu(conv_bn_many(h, [b.conv1 for b in blocks], [b.bn1 for b in blocks], groups))
+            h = h + _bottleneck_tail_many(r, blocks, groups)
+        if not self.projection:
+            return h
+        return h + conv_bn_many(x, [u.proj[0] for u in units], [u.proj[1] for u in units])
+
+
+def _bottleneck_tail_many(h: Tensor, blocks: Sequence[Bottleneck], groups: int) -> Tensor:
+    """``Bottleneck.tail`` of every unit at once, as grouped convs."""
+    h = F.relu(conv_bn_many(h, [b.conv2 for b in blocks], [b.bn2 for b in blocks], groups))
+    return conv_bn_many(h, [b.conv3 for b in blocks], [b.bn3 for b in blocks], groups)
+
+
+def _batch_norms_fusable(module: nn.Module) -> bool:
+    # Only plain BatchNorm2d can be fused; SyncBatchNorm and others run unit by unit.
+    return all(type(m) is nn.BatchNorm2d for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase))

@@ -1,0 +1,63 @@
+"""Many BatchNorm2d modules applied as one call over consecutive channel groups."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def batch_norm_many(x: Tensor, norms: Sequence[nn.BatchNorm2d]) -> Tensor:
+    """Applies ``norms[i]`` to the i-th group of channels of ``x``, exactly as each would alone.
+
+    BatchNorm is per channel, so concatenating the modules' parameters and statistics gives
+    the same result as running them one by one; running statistics are written back to
+    each module and ``num_batches_tracked`` advances once, as in ``nn.BatchNorm2d.forward``.
+    """
+    first = norms[0]
+    for norm in norms[1:]:
+        if (
+            norm.training != first.training
+            or norm.momentum != first.momentum
+            or norm.eps != first.eps
+            or norm.affine != first.affine
+            or norm.track_running_stats != first.track_running_stats
+        ):
+            raise ValueError("batch_norm_many needs BatchNorm modules with identical settings")
+    factor = 0.0 if first.momentum is None else first.momentum
+    if first.training and first.track_running_stats:
+        for norm in norms:
+            norm.num_batches_tracked.add_(1)
+        if first.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(first.num_batches_tracked)
+    use_batch_stats = first.training or first.running_mean is None
+    keep_stats = not first.training or first.track_running_stats
+    mean = torch.cat([n.running_mean for n in norms]) if keep_stats and first.running_mean is not None else None
+    var = torch.cat([n.running_var for n in norms]) if keep_stats and first.running_var is not None else None
+    weight = torch.cat([n.weight for n in norms]) if first.affine else None
+    bias = torch.cat([n.bias for n in norms]) if first.affine else None
+    out = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, first.eps)
+    if use_batch_stats and mean is not None and var is not None:
+        sizes = [n.num_features for n in norms]
+        with torch.no_grad():
+            for norm, m, v in zip(norms, mean.split(sizes), var.split(sizes)):
+                norm.running_mean.copy_(m)
+                norm.running_var.copy_(v)
+    return out
+
+
+def conv_bn_many(
+    x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.BatchNorm2d], groups: int = 1
+) -> Tensor:
+    """Several conv + BatchNorm pairs as one convolution (their weights stacked) and one norm.
+
+    With ``groups=1`` every conv reads all of ``x`` (a wide conv); with ``groups=len(convs)``
+    conv i reads the i-th group of channels (a grouped conv). The convs must agree in
+    kernel size, stride, padding and dilation and have no bias.
+    """
+    first = convs[0]
+    weight = first.weight if len(convs) == 1 else torch.cat([c.weight for c in convs])
+    out = F.conv2d(x, weight, None, first.stride, first.padding, first.dilation, groups)
+    return batch_norm_many(out, norms)

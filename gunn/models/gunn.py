@@ -1,0 +1,194 @@
+"""The paper's networks: GUNN-15, GUNN-24 (CIFAR), GUNN-18, Wide-GUNN-18 (ImageNet), SUNN twins.
+
+One resolution, one representation (paper, Section 5): at each resolution a transition
+conv1x1 + BN + ReLU sets the width N, then one GUNN layer updates those N channels.
+Exact widths and segment counts are in SPEC section 2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Literal, Sequence
+
+from torch import Tensor, nn
+
+from gunn.layers import GunnLayer
+from gunn.layers.bottleneck import conv1x1
+from gunn.layers.gradual import Memory, Mode
+from gunn.models.registry import register_model
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class GunnNet(nn.Module):
+    """Stem, then per resolution a transition and a GUNN layer, then pooling and ``fc``.
+
+    ``stem="cifar"``: conv3x3 at full resolution; ``"imagenet"``: conv7x7/2 and maxpool/2.
+    Between resolutions an avgpool 2x2 halves the size, after the next transition
+    (CIFAR models) or before it (ImageNet models, ``pool_before_transition``).
+    ``head_width`` adds a last transition before global pooling (CIFAR models).
+    """
+
+    def __init__(
+        self,
+        *,
+        widths: Sequence[int],
+        segments: Sequence[int],
+        expansion: int = 2,
+        depth: int = 1,
+        projection: bool = True,
+        stem: Literal["cifar", "imagenet"] = "cifar",
+        stem_width: int = 64,
+        head_width: int | None = None,
+        pool_before_transition: bool = False,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        residual: bool = True,
+        mode: Mode = "gunn",
+        memory: Memory = "efficient",
+    ) -> None:
+        super().__init__()
+        if len(segments) != len(widths):
+            raise ValueError(
+                f"segments must give one segment count per GUNN layer ({len(widths)} on this "
+                f"model), got segments={tuple(segments)}"
+            )
+        for index, (width, count) in enumerate(zip(widths, segments)):
+            if isinstance(count, bool) or not isinstance(count, int) or count <= 0 or width % count:
+                raise ValueError(
+                    f"segments[{index}] must be a positive divisor of that GUNN layer's width "
+                    f"{width}, got segments={tuple(segments)}"
+                )
+        for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if stem == "cifar":
+            self.stem = _conv_bn_relu(in_chans, stem_width, kernel=3)
+        elif stem == "imagenet":
+            self.stem = nn.Sequential(
+                _conv_bn_relu(in_chans, stem_width, kernel=7, stride=2), nn.MaxPool2d(3, 2, padding=1)
+            )
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        stages, channels = [], stem_width
+        for index, (width, count) in enumerate(zip(widths, segments)):
+            parts: list[tuple[str, nn.Module]] = [("transition", _conv_bn_relu(channels, width))]
+            if index > 0:
+                parts.insert(0 if pool_before_transition else 1, ("pool", nn.AvgPool2d(2)))
+            layer = GunnLayer(width, count, expansion, depth, projection, residual, mode, memory)
+            parts.append(("gunn", layer))
+            stages.append(nn.Sequential(OrderedDict(parts)))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+        self.head = _conv_bn_relu(channels, head_width) if head_width else nn.Identity()
+        self.num_features = head_width or channels
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(self.num_features, num_classes)
+        self.num_classes = num_classes
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """ResNet initialisation (SPEC section 2)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1]
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (k * m.out_channels)))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Feature map before global pooling."""
+        return self.head(self.stages(self.stem(x)))
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Global average pooling and the classifier."""
+        return self.fc(self.pool(x).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# Keyword arguments a caller may change on a registered architecture.
+OVERRIDES = ("num_classes", "in_chans", "mode", "residual", "segments", "expansion", "depth", "memory")
+
+
+def _build(name: str, arch: dict[str, Any], overrides: dict[str, Any]) -> GunnNet:
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for model {name!r}; options: {', '.join(OVERRIDES)}")
+    segments = overrides.get("segments")
+    if isinstance(segments, int) and not isinstance(segments, bool):
+        overrides["segments"] = (segments,) * len(arch["widths"])
+    elif segments is not None:
+        if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
+            raise ValueError(f"segments must be an int or a sequence of ints, got {segments!r}")
+        overrides["segments"] = tuple(segments)
+    return GunnNet(**{**arch, **overrides})
+
+
+_GUNN15 = dict(widths=(240, 300, 360), segments=(20, 25, 30), expansion=2, depth=1, head_width=360)
+_GUNN24 = dict(widths=(720, 900, 1080), segments=(20, 25, 30), expansion=3, depth=2, head_width=1080, stem_width=64)
+_GUNN18 = dict(
+    widths=(400, 800, 1600, 2000),
+    segments=(10, 20, 40, 50),
+    projection=False,
+    stem="imagenet",
+    pool_before_transition=True,
+    num_classes=1000,
+)
+_WIDE_GUNN18 = dict(_GUNN18, widths=(1200, 1600, 2000, 2000), segments=(30, 40, 50, 50))
+
+
+@register_model
+def gunn15(**overrides: Any) -> GunnNet:
+    """GUNN-15 (CIFAR): 1.6M parameters."""
+    return _build("gunn15", _GUNN15, overrides)
+
+
+@register_model
+def sunn15(**overrides: Any) -> GunnNet:
+    """SUNN-15: GUNN-15 with simultaneous updates."""
+    return _build("sunn15", {**_GUNN15, "mode": "sunn"}, overrides)
+
+
+@register_model
+def gunn24(**overrides: Any) -> GunnNet:
+    """GUNN-24 (CIFAR): 29.5M parameters."""
+    return _build("gunn24", _GUNN24, overrides)
+
+
+@register_model
+def sunn24(**overrides: Any) -> GunnNet:
+    """SUNN-24: GUNN-24 with simultaneous updates."""
+    return _build("sunn24", {**_GUNN24, "mode": "sunn"}, overrides)
+
+
+@register_model
+def gunn18(**overrides: Any) -> GunnNet:
+    """GUNN-18 (ImageNet): 28.9M parameters."""
+    return _build("gunn18", _GUNN18, overrides)
+
+
+@register_model
+def sunn18(**overrides: Any) -> GunnNet:
+    """SUNN-18: GUNN-18 with simultaneous updates."""
+    return _build("sunn18", {**_GUNN18, "mode": "sunn"}, overrides)
+
+
+@register_model
+def wide_gunn18(**overrides: Any) -> GunnNet:
+    """Wide-GUNN-18 (ImageNet): 45.6M parameters."""
+    return _build("wide_gunn18", _WIDE_GUNN18, overrides)
+
+
+@register_model
+def wide_sunn18(**overrides: Any) -> GunnNet:
+    """Wide-SUNN-18: Wide-GUNN-18 with simultaneous updates."""
+    return _build("wide_sunn18", {**_WIDE_GUNN18, "mode": "sunn"}, overrides)

@@ -1,0 +1,26 @@
+"""python -m gunn.bench runs end to end and prints the ratios it promises."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gunn.bench.__main__ import main
+
+
+def test_benchmark_prints_memory_and_time_ratios_for_layer_and_model(capsys):
+    assert main(["--models", "gunn15", "--batch", "2", "--memory-batch", "2", "--repeats", "1",
+                 "--layer", "16,4,8", "--no-describe"]) == 0
+    out = capsys.readouterr().out
+    assert "## GunnLayer(16, 4) at 8x8" in out and "## gunn15 at 32x32" in out
+    for key in ("memory gunn/sunn", "memory gunn-autograd/sunn", "time gunn/sunn", "time gunn/gunn-autograd"):
+        values = re.findall(rf"{re.escape(key)}\s+(\d+\.\d+)", out)
+        assert len(values) == 2, key  # once for the layer, once for the model
+        assert all(float(v) > 0 for v in values)
+
+
+def test_benchmark_rejects_a_bad_layer_description(capsys):
+    with pytest.raises(SystemExit):
+        main(["--layer", "16"])
+    assert "--layer must be CHANNELS,SEGMENTS" in capsys.readouterr().err
