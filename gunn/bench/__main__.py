@@ -1,18 +1,29 @@
 """python -m gunn.bench: GUNN vs SUNN, efficient vs plain autograd, side by side in one run.
 
-Prints, for GUNN-15's first layer and for whole models: activation memory kept for backward
-and forward+backward time of GUNN (memory-saving backward), GUNN (recompute), GUNN (plain
-autograd loop) and SUNN with the same weights, their ratios, and each model's parameters
-and FLOPs. Times are medians over repetitions taken round-robin, so that load on the
-machine hits every variant alike.
+Sections (``--only`` picks some):
+  describe  parameters and FLOPs of every model;
+  layer     GUNN-15's first layer, and
+  models    whole models: activation memory kept for backward and forward+backward time of
+            GUNN (memory-saving backward), GUNN (recompute), GUNN (plain autograd loop) and
+            SUNN with the same weights, and their ratios;
+  training  training images/s of GUNN-15 vs SUNN-15 through the training engine, on
+            synthetic CIFAR-sized data;
+  loaders   images/s of the ImageNet training loaders, DALI on the CPU vs torchvision, on a
+            generated JPEG tree.
+Times are medians over repetitions taken round-robin, so that load on the machine hits every
+variant alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,7 +32,7 @@ from torch import Tensor, nn
 
 from gunn.bench.measure import activation_bytes, flops, interleaved_medians
 from gunn.layers import GunnLayer, set_memory, set_mode
-from gunn.models import create_model, list_models
+from gunn.models import create_model
 
 # (name, mode, memory) of every variant measured; all share one set of weights.
 VARIANTS = (
@@ -137,6 +148,49 @@ def describe_model(name: str, image_size: int) -> None:
     )
 
 
+def training_throughput(args: argparse.Namespace) -> None:
+    """Images/s of the training engine for GUNN-15 and SUNN-15 (second epoch, after warm-up)."""
+    from gunn import config as cfgmod
+    from gunn.train.engine import train
+
+    print(f"\n## Training images/s through the engine: synthetic CIFAR (32x32, 10 classes), batch {args.train_batch}")
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in ("gunn15", "sunn15"):
+            config = cfgmod.load("gunn15-cifar10", [
+                f"model.name={model}", "data.name=synthetic", "data.image_size=32", "data.classes=10",
+                f"data.samples={args.train_batch * args.train_batches}", "data.workers=0",
+                f"optim.batch_size={args.train_batch}", "optim.epochs=2", "logging.mlflow=false",
+                "logging.progress=false", f"runtime.channels_last={str(args.channels_last).lower()}",
+                f"runtime.device={args.device}", f"checkpoint.dir={Path(tmp) / model}",
+            ] + (["runtime.amp=bf16"] if args.autocast else []))
+            with contextlib.redirect_stdout(io.StringIO()):  # the engine's epoch lines
+                rates[model] = train(config).history[-1]["images_per_s"]
+            print(f"{model:8s} {rates[model]:8.1f} images/s")
+    print(f"  training gunn15/sunn15 images/s   {rates['gunn15'] / rates['sunn15']:6.2f}")
+
+
+def loaders_throughput(args: argparse.Namespace) -> None:
+    """Images/s of the DALI (CPU) and torchvision ImageNet training loaders on a generated tree."""
+    from gunn.bench.loaders import loader_throughput
+    from gunn.data.imagenet import make_jpeg_tree
+
+    batch, batches = 64, 20
+    with tempfile.TemporaryDirectory() as tmp:
+        make_jpeg_tree(Path(tmp), classes=10, train_per_class=(batches + 1) * batch // 10 + 1, val_per_class=1,
+                       sides=(300, 500))
+        rates = loader_throughput(Path(tmp), batch_size=batch, batches=batches, workers=os.cpu_count() or 1)
+    print(f"\n## ImageNet training loaders: generated JPEGs of 300-500 px, batch {batch}, "
+          f"{os.cpu_count()} workers, decode + random-resized-crop 224 + flip")
+    for name, rate in rates.items():
+        print(f"{name:12s} {rate:8.1f} images/s")
+    print(f"  loaders dali_cpu/torchvision       {rates['dali_cpu'] / rates['torchvision']:6.2f}")
+
+
+SECTIONS = ("describe", "layer", "models", "training", "loaders")
+PAPER_MODELS = ["gunn15", "gunn24", "gunn18", "wide_gunn18"]
+
+
 def image_size(model: str) -> int:
     """The input resolution a model was designed for."""
     return 224 if "18" in model else 32
@@ -144,7 +198,7 @@ def image_size(model: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gunn.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["gunn15"], choices=list_models("gunn*") + list_models("wide_gunn*"),
+    parser.add_argument("--models", nargs="*", default=["gunn15"], choices=PAPER_MODELS,
                         help="models timed and measured as a whole (default: gunn15)")
     parser.add_argument("--batch", type=int, default=16, help="batch size of the timed steps (default 16)")
     parser.add_argument("--memory-batch", type=int, default=32, help="batch size of the memory measurement (default 32)")
@@ -154,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-describe", action="store_true", help="skip the parameter and FLOP table")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+                        help=f"run only these sections ({', '.join(SECTIONS)}; default: all)")
+    parser.add_argument("--train-batch", type=int, default=32, help="batch size of the training section")
+    parser.add_argument("--train-batches", type=int, default=6, help="batches per epoch of the training section")
     args = parser.parse_args(argv)
-    for name in ("batch", "memory_batch", "repeats"):
+    for name in ("batch", "memory_batch", "repeats", "train_batch", "train_batches"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     try:
@@ -170,18 +227,23 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# gunn benchmark\nmachine: {machine()}")
     print(f"time: batch {args.batch}, median of {args.repeats}; memory: batch {args.memory_batch}")
-    if not args.no_describe:
+    if "describe" in args.only:
         print("\n## Models: parameters and FLOPs (1 multiply-add = 1 MAC)")
-        for name in list_models("gunn*") + list_models("wide_gunn*"):
+        for name in PAPER_MODELS:
             describe_model(name, image_size(name))
-
-    layer = GunnLayer(channels, segments)
-    compare(f"GunnLayer({channels}, {segments}) at {size}x{size}", layer,
-            lambda n: torch.randn(n, channels, size, size), None, args)
-    for name in args.models:
-        model = create_model(name)
-        s = image_size(name)
-        compare(f"{name} at {s}x{s}", model, lambda n, s=s: torch.randn(n, 3, s, s), model.num_classes, args)
+    if "layer" in args.only:
+        layer = GunnLayer(channels, segments)
+        compare(f"GunnLayer({channels}, {segments}) at {size}x{size}", layer,
+                lambda n: torch.randn(n, channels, size, size), None, args)
+    if "models" in args.only:
+        for name in args.models:
+            model = create_model(name)
+            s = image_size(name)
+            compare(f"{name} at {s}x{s}", model, lambda n, s=s: torch.randn(n, 3, s, s), model.num_classes, args)
+    if "training" in args.only:
+        training_throughput(args)
+    if "loaders" in args.only:
+        loaders_throughput(args)
     return 0
 
 

@@ -14,7 +14,6 @@ from typing import Any, Literal, Sequence
 from torch import Tensor, nn
 
 from gunn.layers import GunnLayer
-from gunn.layers.bottleneck import conv1x1
 from gunn.layers.gradual import Memory, Mode
 from gunn.models.registry import register_model
 
@@ -144,6 +143,8 @@ _GUNN18 = dict(
     num_classes=1000,
 )
 _WIDE_GUNN18 = dict(_GUNN18, widths=(1200, 1600, 2000, 2000), segments=(30, 40, 50, 50))
+# Not in the paper: the GUNN-15 skeleton at 1/7.5 of its width, for demos and tests on a CPU.
+_GUNN_TINY = dict(widths=(32, 48, 64), segments=(4, 4, 4), expansion=2, depth=1, head_width=64, stem_width=16)
 
 
 @register_model
@@ -192,3 +193,15 @@ def wide_gunn18(**overrides: Any) -> GunnNet:
 def wide_sunn18(**overrides: Any) -> GunnNet:
     """Wide-SUNN-18: Wide-GUNN-18 with simultaneous updates."""
     return _build("wide_sunn18", {**_WIDE_GUNN18, "mode": "sunn"}, overrides)
+
+
+@register_model
+def gunn_tiny(**overrides: Any) -> GunnNet:
+    """A small GUNN-15-shaped network (not in the paper) for demos and tests on a CPU."""
+    return _build("gunn_tiny", _GUNN_TINY, overrides)
+
+
+@register_model
+def sunn_tiny(**overrides: Any) -> GunnNet:
+    """gunn_tiny with simultaneous updates."""
+    return _build("sunn_tiny", {**_GUNN_TINY, "mode": "sunn"}, overrides)

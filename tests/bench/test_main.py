@@ -11,7 +11,7 @@ from gunn.bench.__main__ import main
 
 def test_benchmark_prints_memory_and_time_ratios_for_layer_and_model(capsys):
     assert main(["--models", "gunn15", "--batch", "2", "--memory-batch", "2", "--repeats", "1",
-                 "--layer", "16,4,8", "--no-describe"]) == 0
+                 "--layer", "16,4,8", "--only", "layer", "models"]) == 0
     out = capsys.readouterr().out
     assert "## GunnLayer(16, 4) at 8x8" in out and "## gunn15 at 32x32" in out
     for key in ("memory gunn/sunn", "memory gunn-autograd/sunn", "time gunn/sunn", "time gunn/gunn-autograd"):

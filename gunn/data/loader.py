@@ -1,0 +1,80 @@
+"""Batches of a map-style data set for one rank, with reproducible order and augmentation."""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from gunn.data.base import Batch, eval_batches, sample_seed, shard, train_batches
+
+
+class Samples(Protocol):
+    """A data set that loads sample ``index``, augmented (training) or not (evaluation)."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int, augment: bool) -> tuple[Tensor, int]:
+        """The image tensor (C, H, W, float, normalised) and the label of one sample."""
+        ...
+
+
+class _Keyed(Dataset):
+    """Reads (index, seed) keys: the augmentation of a sample depends on its seed alone."""
+
+    def __init__(self, samples: Samples) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[Tensor, int]:
+        index, seed = key
+        if seed is None:
+            return self.samples.load(index, augment=False)
+        # Whichever worker reads the sample draws the same crop and flip, so a run resumed
+        # mid-epoch, or read by a different number of workers, sees identical batches.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.samples.load(index, augment=True)
+
+
+class ShardedLoader:
+    """One rank's batches of ``samples``: a seeded shard per epoch, read by worker processes."""
+
+    def __init__(
+        self,
+        samples: Samples,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        train: bool,
+        workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.samples, self.batch_size, self.rank, self.world_size = samples, batch_size, rank, world_size
+        self.seed, self.train, self.workers, self.pin_memory = seed, train, workers, pin_memory
+        size = len(samples)
+        self._len = train_batches(size, world_size, batch_size) if train else eval_batches(size, rank, world_size, batch_size)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def iterate(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch`` from batch ``start`` on."""
+        indices = shard(
+            len(self.samples), seed=self.seed, epoch=epoch, rank=self.rank,
+            world_size=self.world_size, batch_size=self.batch_size, train=self.train,
+        )[start * self.batch_size:]
+        keys = [(i, sample_seed(self.seed, epoch, i) if self.train else None) for i in indices]
+        if not keys:
+            return iter(())
+        loader = DataLoader(
+            _Keyed(self.samples), batch_size=self.batch_size, sampler=keys, num_workers=self.workers,
+            pin_memory=self.pin_memory, persistent_workers=False,
+        )
+        return iter(loader)

@@ -1,0 +1,422 @@
+"""The training loop: one run of the paper's recipe, the same whichever entry point starts it.
+
+``train(config)`` is called by ``jobs/launch.py`` (in-process, local processes or Slurm
+tasks) and by the sweeps' trials. Each process is one data-parallel rank; only rank 0
+prints, writes checkpoints and logs to MLflow. A run always continues from the newest
+checkpoint in its directory, so a requeued job needs no special path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gunn import config as cfgmod
+from gunn.config import ConfigError, RunConfig
+from gunn.data import DataBundle, build_data, check_data
+from gunn.layers import GunnLayer
+from gunn.models import create_model, list_models
+from gunn.train import checkpoint as ckpt
+from gunn.train import distributed
+from gunn.train.metrics import Meter
+from gunn.train.schedule import learning_rate, snapshot_epochs
+
+_STOP = threading.Event()
+# Settings that may change between the pieces of a resumed run without changing its result.
+_NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.every", "checkpoint.keep")
+
+
+def request_stop() -> None:
+    """Asks the running training loop to checkpoint at the next batch and return (preemption)."""
+    _STOP.set()
+
+
+@dataclass
+class RunResult:
+    """How a call of ``train`` ended."""
+
+    run_dir: Path
+    status: str  # "finished" or "interrupted" (checkpointed on request; run again to continue)
+    epochs_done: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    model: nn.Module | None = None  # the trained network (unwrapped from DDP and compile)
+
+
+def validate(config: RunConfig, world_size: int = 1) -> None:
+    """Checks what the schema cannot: values that depend on each other, the model, the data path."""
+    o = config.optim
+    if o.schedule == "step" and any(not 0 < f <= 1 for f in o.lr_steps):
+        raise ConfigError(f"optim.lr_steps must be fractions of the epochs in (0, 1], got {o.lr_steps}")
+    if o.schedule == "step" and o.lr_steps != sorted(o.lr_steps):
+        raise ConfigError(f"optim.lr_steps must be increasing, got {o.lr_steps}")
+    if o.schedule == "snapshot" and o.epochs % o.snapshots:
+        raise ConfigError(f"optim.snapshots={o.snapshots} must divide optim.epochs={o.epochs} (whole-epoch cycles)")
+    if o.batch_size % world_size:
+        raise ConfigError(f"optim.batch_size={o.batch_size} must be a multiple of the {world_size} ranks")
+    if config.model.name not in list_models():
+        raise ConfigError(f"model.name {config.model.name!r} is not a model; models: {', '.join(list_models())}")
+    if config.runtime.amp == "fp16" and config.runtime.device == "cpu":
+        raise ConfigError("runtime.amp='fp16' needs a GPU; use 'bf16' on the CPU")
+    try:
+        with torch.device("meta"):  # builds the architecture without allocating it
+            create_model(config.model.name, **_model_overrides(config, num_classes=10, in_chans=3))
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+    check_data(config.data)
+
+
+def _model_overrides(config: RunConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
+    m = config.model
+    return dict(num_classes=num_classes, in_chans=in_chans, mode=m.mode, residual=m.residual,
+                segments=m.segments, expansion=m.expansion, memory=m.memory)
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    """runs/<name>-<date>-<time>: a new directory for each run that does not name one."""
+    return Path("runs") / f"{config.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(config: RunConfig, *, stop_after: int | None = None) -> RunResult:
+    """Trains (or continues) the run that ``config`` describes; returns how far it got.
+
+    ``stop_after``: checkpoint and return after this many batches of this call (a time-boxed
+    session); ``request_stop()`` does the same from a signal handler.
+    """
+    info = distributed.setup(config.runtime.device, config.dist.backend)
+    try:
+        validate(config, info.world_size)
+        return _Run(config, info).run(stop_after)
+    finally:
+        distributed.teardown()
+
+
+class _Run:
+    def __init__(self, config: RunConfig, info: distributed.DistInfo) -> None:
+        self.config, self.info, self.device = config, info, info.device
+        run_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else default_run_dir(config)
+        self.run_dir = Path(distributed.broadcast_object(str(run_dir.resolve()))).resolve()
+        self.config.checkpoint.dir = str(self.run_dir)
+        self.log = print if info.is_main else (lambda *a, **k: None)
+
+    # -- setup ---------------------------------------------------------------------------
+    def _build(self) -> None:
+        c, info = self.config, self.info
+        torch.manual_seed(c.runtime.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.data: DataBundle = build_data(
+            c.data, batch_size=c.optim.batch_size // info.world_size, rank=info.rank,
+            world_size=info.world_size, seed=c.runtime.seed, device=self.device,
+        )
+        if len(self.data.train) == 0:
+            raise ConfigError(
+                f"optim.batch_size={c.optim.batch_size} is larger than the {self.data.train_images} training images"
+            )
+        model = create_model(c.model.name, **_model_overrides(c, self.data.num_classes, self.data.in_chans))
+        self.memory_format = torch.channels_last if c.runtime.channels_last else torch.contiguous_format
+        model = model.to(self.device, memory_format=self.memory_format)
+        if c.dist.sync_bn and info.world_size > 1:
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                warnings.warn("dist.sync_bn is ignored on the CPU: SyncBatchNorm needs CUDA", stacklevel=2)
+        self.model = model
+        ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None) \
+            if info.world_size > 1 else model
+        self.forward = torch.compile(ddp) if c.runtime.compile else ddp
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=c.optim.lr, momentum=c.optim.momentum, dampening=0.0,
+            weight_decay=c.optim.weight_decay, nesterov=c.optim.nesterov,
+        )
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.runtime.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def _resume(self) -> None:
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.history: list[dict[str, float]] = []
+        self.meter = Meter()
+        self.train_seconds = 0.0
+        found = ckpt.load_latest(self.run_dir, map_location=self.device)
+        if found is None:
+            if self.info.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(cfgmod.dump(self.config))
+            return
+        state, path = found
+        self._warn_config_changes(state["config"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.history = state["history"]
+        self.meter = Meter(**state["meter"])
+        self.train_seconds = state["train_seconds"]
+        ckpt.set_rng_state(state["rng"])
+        self.log(f"resuming {self.run_dir} from {path.name}: epoch {self.epoch + 1}, batch {self.batch}")
+
+    def _warn_config_changes(self, saved: dict[str, Any]) -> None:
+        now = cfgmod.flatten(self.config)
+        old = cfgmod.flatten(cfgmod.from_dict(saved))
+        changed = [k for k in now if now[k] != old.get(k) and not k.startswith(_NO_EFFECT_ON_RESULTS)]
+        if changed and self.info.is_main:
+            warnings.warn(f"continuing {self.run_dir} with changed settings: "
+                          + ", ".join(f"{k}: {old.get(k)!r} -> {now[k]!r}" for k in changed), stacklevel=3)
+
+    def _tracker(self) -> Any:
+        if not (self.info.is_main and self.config.logging.mlflow):
+            return None
+        from gunn.train.tracking import Tracker
+
+        c = self.config
+        layers = [m for m in self.model.modules() if isinstance(m, GunnLayer)]
+        tags = {
+            "model": c.model.name,
+            "mode": ",".join(sorted({layer.mode for layer in layers})),
+            "segments": ",".join(str(layer.segments) for layer in layers),
+            "data": c.data.name,
+            "world_size": str(self.info.world_size),
+            "device": self.device.type,
+            "git_commit": _git_commit(),
+        }
+        if "SLURM_JOB_ID" in os.environ:
+            tags["slurm_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+        return Tracker(run_dir=self.run_dir, tracking_uri=c.logging.tracking_uri, experiment=c.logging.experiment,
+                       run_name=c.logging.run_name or c.name, params=cfgmod.flatten(c), tags=tags)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self, stop_after: int | None) -> RunResult:
+        _STOP.clear()
+        self._build()
+        self._resume()
+        tracker = self._tracker()
+        result = RunResult(self.run_dir, "finished", self.epoch, history=self.history,
+                           mlflow_run_id=getattr(tracker, "run_id", None),
+                           tracking_uri=getattr(tracker, "tracking_uri", None))
+        status = "FAILED"
+        try:
+            if self.epoch == 0 and self.batch == 0:
+                self.log(f"run directory: {self.run_dir}")
+                if tracker is not None:
+                    self.log(f"MLflow: run {tracker.run_id} at {tracker.tracking_uri}")
+            self.done, self.stop_after = 0, stop_after
+            while self.epoch < self.config.optim.epochs:
+                stopped = self._train_epoch()
+                if not stopped:
+                    self._end_epoch(tracker)
+                    stopped = self._stop_requested() and self.epoch < self.config.optim.epochs
+                if stopped:
+                    self._save()
+                    self.log(f"checkpointed at epoch {self.epoch + 1}, batch {self.batch}: run again to continue")
+                    result.status, status = "interrupted", "KILLED"
+                    break
+            if result.status == "finished":
+                self._finish(tracker)
+                status = "FINISHED"
+            result.epochs_done = self.epoch
+            result.metrics = dict(self.history[-1]) if self.history else {}
+            result.model = self.model
+            return result
+        finally:
+            if tracker is not None:
+                tracker.finish(status)
+
+    def _stop_requested(self) -> bool:
+        """A stop request (signal or ``stop_after``) on any rank; every rank gets the same answer."""
+        stop = _STOP.is_set() or (self.stop_after is not None and self.done >= self.stop_after)
+        return distributed.any_rank(stop, self.device) if self.info.world_size > 1 else stop
+
+    def _train_epoch(self) -> bool:
+        """Trains the rest of the current epoch; True if it stopped early on request."""
+        c, loader = self.config, self.data.train
+        self.model.train()
+        per_epoch = len(loader)
+        start_time = time.perf_counter()
+        bar = self._progress(per_epoch)
+        stopped = False
+        for x, y in self._batches(loader.iterate(self.epoch, self.batch)):
+            lr = learning_rate(c.optim, self.epoch, self.batch, per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss / y.shape[0]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.meter.add(loss.detach(), logits.detach(), y)
+            self.batch, self.step, self.done = self.batch + 1, self.step + 1, self.done + 1
+            if bar is not None:
+                self._update_bar(bar, start_time)
+            if self.batch < per_epoch and self._stop_requested():
+                stopped = True
+                break
+        if bar is not None:
+            bar.close()
+        self.train_seconds += time.perf_counter() - start_time
+        return stopped
+
+    def _batches(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in batches:
+            yield x.to(self.device, non_blocking=True, memory_format=self.memory_format), y.to(self.device, non_blocking=True)
+
+    def _progress(self, total: int) -> Any:
+        if not (self.info.is_main and self.config.logging.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.config.optim.epochs}",
+                    unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    def _update_bar(self, bar: Any, start_time: float) -> None:
+        bar.update(1)
+        n = max(self.meter.count, 1)
+        rate = self.meter.count * self.info.world_size / max(self.train_seconds + time.perf_counter() - start_time, 1e-9)
+        bar.set_postfix(loss=f"{self.meter.loss / n:.3f}", acc=f"{100 * self.meter.top1 / n:.1f}%",
+                        img_s=f"{rate:.0f}", refresh=False)
+
+    def _end_epoch(self, tracker: Any) -> None:
+        c = self.config
+        # Each rank's BatchNorm statistics saw only its own batches: average them, so that
+        # every rank evaluates (and saves) the same model.
+        distributed.average_buffers(self.model)
+        train = self.meter.reduced(self.device).summary("train")
+        evaluation = self.evaluate([self.model.state_dict()]).summary("eval")
+        metrics = {"epoch": self.epoch + 1, **train, **evaluation,
+                   "lr": learning_rate(c.optim, self.epoch, len(self.data.train) - 1, len(self.data.train)),
+                   "epoch_time": self.train_seconds,
+                   "images_per_s": self.meter.count * self.info.world_size / max(self.train_seconds, 1e-9),
+                   "peak_memory_mb": _peak_memory_mb(self.device)}
+        if self.epoch in snapshot_epochs(c.optim):
+            metrics.update(self._snapshot())
+        self.history.append(metrics)
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=self.epoch + 1)
+        self.log(_summary_line(metrics, c.optim.epochs))
+        self.epoch, self.batch, self.meter, self.train_seconds = self.epoch + 1, 0, Meter(), 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.epoch % c.checkpoint.every == 0 or self.epoch == c.optim.epochs:
+            self._save()
+
+    @torch.no_grad()
+    def evaluate(self, weights: list[dict[str, torch.Tensor]]) -> Meter:
+        """Loss and top-k hits on the evaluation set of the averaged softmax of ``weights``, all ranks."""
+        model, loader = self.model, self.data.eval
+        current = {k: v.clone() for k, v in model.state_dict().items()} if len(weights) > 1 else None
+        model.eval()
+        probs: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        for k, state in enumerate(weights):
+            if current is not None:
+                model.load_state_dict(state)
+            for i, (x, y) in enumerate(self._batches(loader.iterate(0))):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    p = model(x).float().softmax(1)
+                if k == 0:
+                    probs.append(p)
+                    targets.append(y)
+                else:
+                    probs[i] += p
+        if current is not None:
+            model.load_state_dict(current)
+        meter = Meter()
+        for p, y in zip(probs, targets):
+            p = p / len(weights)
+            meter.add(F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum"), p, y)
+        model.train()
+        return meter.reduced(self.device)
+
+    def _snapshot(self) -> dict[str, float]:
+        """Saves this cycle's weights and evaluates the ensemble of all snapshots so far."""
+        folder = self.run_dir / "snapshots"
+        index = snapshot_epochs(self.config.optim).index(self.epoch) + 1
+        if self.info.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".snapshot-{index:02d}.tmp"
+            torch.save(self.model.state_dict(), tmp)
+            os.replace(tmp, folder / f"snapshot-{index:02d}.pt")
+        distributed.broadcast_object(None)  # a barrier: the file exists before any rank reads it
+        paths = [folder / f"snapshot-{k:02d}.pt" for k in range(1, index + 1)]
+        snapshots = [torch.load(p, map_location=self.device, weights_only=True) for p in paths]
+        ensemble = self.evaluate(snapshots).summary("ensemble")
+        return {"snapshots": float(len(snapshots)), **ensemble}
+
+    def _save(self) -> None:
+        if not self.info.is_main:
+            return
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
+            "meter": self.meter.state(), "train_seconds": self.train_seconds, "history": self.history,
+            "rng": ckpt.rng_state(), "config": cfgmod.to_dict(self.config),
+        }
+        ckpt.save(state, self.run_dir, ckpt.checkpoint_name(self.epoch, self.batch), self.config.checkpoint.keep)
+
+    def _finish(self, tracker: Any) -> None:
+        if not self.info.is_main:
+            return
+        final = self.run_dir / "model-final.pt"
+        torch.save(self.model.state_dict(), final)
+        last = self.history[-1] if self.history else {}
+        self.log(f"finished: eval top-1 error {last.get('eval_top1_error', math.nan):.2f}%, "
+                 f"top-5 {last.get('eval_top5_error', math.nan):.2f}%; weights {final}")
+        if tracker is None:
+            return
+        from gunn.train.tracking import plot_curves
+
+        with contextlib.suppress(Exception):  # a plot is not worth failing a finished run for
+            tracker.log_artifact(plot_curves(self.history, self.run_dir / "curves.png"))
+        tracker.log_artifact(self.run_dir / "config.yaml")
+        if final.stat().st_size <= 100 * 2**20:
+            tracker.log_artifact(final)
+        else:
+            pointer = self.run_dir / "model-final.txt"
+            pointer.write_text(f"{final}\n")
+            tracker.log_artifact(pointer)
+
+
+def _summary_line(m: dict[str, float], epochs: int) -> str:
+    line = (f"epoch {int(m['epoch'])}/{epochs}  train loss {m['train_loss']:.4f} err {m['train_top1_error']:.2f}%  "
+            f"eval top-1 {m['eval_top1_error']:.2f}% top-5 {m['eval_top5_error']:.2f}%  lr {m['lr']:.4g}  "
+            f"{m['epoch_time']:.1f} s  {m['images_per_s']:.0f} img/s")
+    if "ensemble_top1_error" in m:
+        line += f"  ensemble of {int(m['snapshots'])}: top-1 {m['ensemble_top1_error']:.2f}%"
+    return line
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"

@@ -1,0 +1,691 @@
+"""MLflow tracking of a training run that survives the tracking server going away.
+
+Every call is first appended to ``RUN_DIR/mlflow-journal.jsonl`` and then sent by a
+background thread, in order. A dead server costs one warning; what it missed stays in
+the journal and is sent when it comes back, or later with
+``python -m gunn.train.tracking sync RUN_DIR``.
+
+Journal lines (JSON): work records ``{"seq": 3, "op": "metrics", ...}`` with ``op`` one
+of start, params, metrics, artifact, tags, finish; ``{"sent": 3}`` once record 3 is
+on the server (``"rejected": reason`` added if the server refused it for good); and
+``{"run_id": ..., "tracking_uri": ...}`` once the MLflow run exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+__all__ = [
+    "JOURNAL_NAME",
+    "Tracker",
+    "default_tracking_uri",
+    "plot_curves",
+    "resolve_tracking_uri",
+    "sync",
+]
+
+_log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "mlflow-journal.jsonl"
+FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+# MLflow's limits (mlflow.utils.validation), copied so that importing this module stays cheap.
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+
+# MLflow's HTTP client defaults (7 retries, backoff factor 2, 120 s timeout) take minutes to
+# give up on a dead server. These apply only on threads inside `_short_http_timeouts()`
+# (the sender thread, the sync command), and only where the user has not set the variable.
+_HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",  # one retry covers a keep-alive socket closed by a restart
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+
+# Error codes with which a reachable server refuses one record for good; anything else
+# (connection errors, timeouts, 5xx, authentication) means "try again later".
+_REJECTION_CODES = frozenset(
+    {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"}
+)
+_MAX_REJECTION_WARNINGS = 5
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    """Return, as an absolute URI, the store that `mlflow ui` started in `cwd` without arguments opens."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    # Same rule as mlflow.tracking._tracking_service.utils._get_default_tracking_uri (MLflow
+    # >= 3.7): sqlite:///mlflow.db, unless ./mlruns already holds a file store with experiments.
+    mlruns = cwd / "mlruns"
+    try:
+        has_file_store = any(
+            entry.is_dir() and entry.name.isdigit() and (entry / "meta.yaml").exists() for entry in mlruns.iterdir()
+        )
+    except OSError:
+        has_file_store = False
+    if has_file_store:
+        return mlruns.resolve().as_uri()
+    return "sqlite:///" + str((cwd / "mlflow.db").resolve())
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """Return `tracking_uri`, else $MLFLOW_TRACKING_URI, else the default local store; local paths made absolute."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    # Made absolute so that a later `sync` from another directory reaches the same store.
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri[len("sqlite:///") :]
+        if path and not path.startswith(":memory:"):
+            return "sqlite:///" + str(Path(path).resolve())
+    elif urlparse(uri).scheme == "" and uri != "databricks":
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def _sync_command(run_dir: Path) -> str:
+    return f"python -m gunn.train.tracking sync {shlex.quote(str(run_dir))}"
+
+
+# --------------------------------------------------------------------------- journal
+
+
+class _Journal:
+    """The append-only file of tracking calls and of what has been sent."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.work: list[dict[str, Any]] = []
+        self.sent: set[int] = set()
+        self.runs: dict[str, str] = {}  # tracking URI -> run id
+        self._lock = threading.Lock()
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    # A process killed mid-write leaves a partial last line; nothing was sent for it.
+                    _log.warning("Skipping unreadable line %d of %s", lineno, self.path)
+                    continue
+                if "seq" in entry:
+                    self.work.append(entry)
+                elif "sent" in entry:
+                    self.sent.add(entry["sent"])
+                elif "run_id" in entry:
+                    self.runs[entry["tracking_uri"]] = entry["run_id"]
+
+    @property
+    def next_seq(self) -> int:
+        return max((r["seq"] for r in self.work), default=-1) + 1
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Return the unsent work records in order, each with `_uri`, the store its start chose."""
+        pending, uri = [], None
+        for record in sorted(self.work, key=lambda r: r["seq"]):
+            if record["op"] == "start":
+                uri = record["tracking_uri"]
+            if record["seq"] not in self.sent:
+                pending.append({**record, "_uri": uri})
+        return pending
+
+    def append(self, entry: dict[str, Any]) -> None:
+        line = json.dumps({k: v for k, v in entry.items() if not k.startswith("_")}) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+        if "seq" in entry:
+            self.work.append(entry)
+        elif "sent" in entry:
+            self.sent.add(entry["sent"])
+        elif "run_id" in entry:
+            self.runs[entry["tracking_uri"]] = entry["run_id"]
+
+
+# --------------------------------------------------------------------------- sending
+
+_http_local = threading.local()
+_http_patch_lock = threading.Lock()
+_http_patched = False
+
+
+def _patch_mlflow_http_settings() -> None:
+    """Make MLflow's HTTP settings fall back to `_HTTP_SETTINGS` on threads inside `_short_http_timeouts()`."""
+    global _http_patched
+    with _http_patch_lock:
+        if _http_patched:
+            return
+        from mlflow import environment_variables
+
+        for name, value in _HTTP_SETTINGS.items():
+            variable = getattr(environment_variables, name, None)
+            if variable is None:
+                continue
+
+            def get_raw(original=variable.get_raw, value=value):
+                raw = original()
+                if raw is None and getattr(_http_local, "active", False):
+                    return value
+                return raw
+
+            # An instance attribute: MLflow reads these settings per request through
+            # `_EnvironmentVariable.get() -> self.get_raw()`, so other threads keep MLflow's defaults.
+            variable.get_raw = get_raw
+
+        # urllib3 logs a warning for every retried request; our own outage warning replaces them.
+        logging.getLogger("urllib3.connectionpool").addFilter(lambda record: not getattr(_http_local, "active", False))
+        _http_patched = True
+
+
+@contextmanager
+def _short_http_timeouts() -> Iterator[None]:
+    _patch_mlflow_http_settings()
+    _http_local.active = True
+    try:
+        yield
+    finally:
+        _http_local.active = False
+
+
+class _Rejected(Exception):
+    """The server (or the local file system) refused one record for good."""
+
+
+def _is_rejection(error: Exception) -> bool:
+    if isinstance(error, _Rejected):
+        return True
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.error_code in _REJECTION_CODES
+
+
+def _brief(error: BaseException) -> str:
+    """Name the root cause of `error` in one line (MLflow wraps connection errors three deep)."""
+    for _ in range(10):  # bounded: exception chains can loop
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class _Sender:
+    """Sends journal records to MLflow, one at a time, and journals what was sent."""
+
+    def __init__(self, journal: _Journal) -> None:
+        self.journal = journal
+        self._clients: dict[str, Any] = {}
+
+    def _client(self, uri: str) -> Any:
+        if uri not in self._clients:
+            from mlflow.tracking import MlflowClient
+
+            self._clients[uri] = MlflowClient(tracking_uri=uri)
+        return self._clients[uri]
+
+    def send(self, record: dict[str, Any]) -> None:
+        """Send one record; raise on failure (see `_is_rejection` for which failures are final)."""
+        with _short_http_timeouts():
+            getattr(self, "_send_" + record["op"])(record, record["_uri"])
+        self.journal.append({"sent": record["seq"]})
+
+    def reject(self, record: dict[str, Any], error: Exception) -> None:
+        """Journal that `record` will never be accepted, so that it blocks nothing."""
+        self.journal.append({"sent": record["seq"], "rejected": str(error)[:1000]})
+
+    def _run_id(self, uri: str) -> str:
+        run_id = self.journal.runs.get(uri)
+        if run_id is None:
+            # Not a rejection: the start record before this one has not been sent yet.
+            raise RuntimeError(f"no MLflow run at {uri} yet for this run directory")
+        return run_id
+
+    def _send_start(self, record: dict[str, Any], uri: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        client = self._client(uri)
+        run_id = self.journal.runs.get(uri)
+        if run_id is not None:
+            try:
+                client.update_run(run_id, status="RUNNING")
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                _log.warning("MLflow run %s no longer exists at %s; starting a new run", run_id, uri)
+                run_id = None
+            else:
+                self._log_tags(client, run_id, record["tags"])
+                return
+        experiment = client.get_experiment_by_name(record["experiment"])
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            try:
+                experiment_id = client.create_experiment(record["experiment"])
+            except MlflowException as e:  # created concurrently by another run
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment_id = client.get_experiment_by_name(record["experiment"]).experiment_id
+        run = client.create_run(
+            experiment_id, start_time=record["time"], tags=record["tags"], run_name=record["run_name"]
+        )
+        self.journal.append({"run_id": run.info.run_id, "tracking_uri": uri})
+
+    def _send_params(self, record: dict[str, Any], uri: str) -> None:
+        from mlflow.entities import Param
+
+        client, run_id = self._client(uri), self._run_id(uri)
+        refused: list[str] = []
+        for chunk in _chunks(list(record["params"].items()), _PARAMS_PER_BATCH):
+            try:
+                client.log_batch(run_id, params=[Param(k, v) for k, v in chunk])
+            except Exception as e:
+                if not _is_rejection(e):
+                    raise
+                # One param whose value changed (a resumed run) refuses its whole batch.
+                for key, value in chunk:
+                    try:
+                        client.log_batch(run_id, params=[Param(key, value)])
+                    except Exception as e:
+                        if not _is_rejection(e):
+                            raise
+                        refused.append(key)
+        if refused:
+            _log.warning("MLflow refused params %s (a run's logged param values cannot change)", ", ".join(refused))
+
+    def _send_metrics(self, record: dict[str, Any], uri: str) -> None:
+        from mlflow.entities import Metric
+
+        client, run_id = self._client(uri), self._run_id(uri)
+        metrics = [Metric(k, v, record["time"], record["step"]) for k, v in record["metrics"].items()]
+        for chunk in _chunks(metrics, _METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=chunk)
+
+    def _send_artifact(self, record: dict[str, Any], uri: str) -> None:
+        client, run_id = self._client(uri), self._run_id(uri)
+        path = Path(record["path"])
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), record["artifact_path"])
+        elif path.is_file():
+            client.log_artifact(run_id, str(path), record["artifact_path"])
+        else:
+            raise _Rejected(f"artifact {path} no longer exists")
+
+    def _send_tags(self, record: dict[str, Any], uri: str) -> None:
+        self._log_tags(self._client(uri), self._run_id(uri), record["tags"])
+
+    def _send_finish(self, record: dict[str, Any], uri: str) -> None:
+        self._client(uri).set_terminated(self._run_id(uri), status=record["status"], end_time=record["time"])
+
+    @staticmethod
+    def _log_tags(client: Any, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        for chunk in _chunks([RunTag(k, v) for k, v in tags.items()], _PARAMS_PER_BATCH):
+            client.log_batch(run_id, tags=chunk)
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _check_key(kind: str, key: str) -> str:
+    key = str(key)
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"{kind} name {key!r} must have 1 to {MAX_KEY_LENGTH} characters")
+    return key
+
+
+class Tracker:
+    """One MLflow run, logged from rank 0 without ever blocking training, journaled in `run_dir`."""
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        tracking_uri: str | None,
+        experiment: str,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        start_timeout: float = 30.0,
+        drain_timeout: float = 5.0,
+        retry_interval: float = 30.0,
+    ) -> None:
+        if not experiment:
+            raise ValueError(f"experiment must be a non-empty name, got {experiment!r}")
+        self.run_dir = Path(run_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.journal_path = self.run_dir / JOURNAL_NAME
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self._drain_timeout = drain_timeout
+        self._retry_interval = retry_interval
+
+        self._journal = _Journal(self.journal_path)
+        previous_uris = set(self._journal.runs) - {self.tracking_uri}
+        if previous_uris and self.tracking_uri not in self._journal.runs:
+            _log.warning(
+                "%s continues an MLflow run at %s, but the tracking URI is now %s: starting a new run there",
+                self.run_dir,
+                ", ".join(sorted(previous_uris)),
+                self.tracking_uri,
+            )
+        self._seq = self._journal.next_seq
+        pending = self._journal.pending()
+        # Calls an earlier attempt left unsent go out first; those meant for another store must
+        # not hold up this one, so only `sync` sends them.
+        self._queue: deque[dict[str, Any]] = deque(r for r in pending if r["_uri"] == self.tracking_uri)
+        if len(self._queue) < len(pending):
+            _log.warning(
+                "%d unsent tracking call(s) in %s are for another store; send them with: %s",
+                len(pending) - len(self._queue),
+                self.journal_path,
+                _sync_command(self.run_dir),
+            )
+        self._cond = threading.Condition()
+        self._closed = False
+        self._retry_now = False
+        self._down = False
+        self._failures = 0
+        self._rejections = 0
+        self._sender = _Sender(self._journal)
+
+        flat = {_check_key("param", k): str(v) for k, v in _flatten(params).items()}
+        truncated = sorted(k for k, v in flat.items() if len(v) > MAX_PARAM_VAL_LENGTH)
+        flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flat.items()}
+        run_tags = {"gunn.run_dir": str(self.run_dir), **tags}
+        if truncated:
+            _log.info("Params longer than %d characters were truncated: %s", MAX_PARAM_VAL_LENGTH, truncated)
+            run_tags["gunn.truncated_params"] = ", ".join(truncated)
+        start_seq = self._enqueue(
+            "start",
+            tracking_uri=self.tracking_uri,
+            experiment=experiment,
+            run_name=run_name,
+            tags=self._clean_tags(run_tags),
+        )
+        if flat:
+            self._enqueue("params", params=flat)
+
+        self._thread = threading.Thread(target=self._send_loop, name="gunn-mlflow-sender", daemon=True)
+        self._thread.start()
+        if self.run_id is None:
+            # Wait (bounded) for the first attempt, so that run_id is known whenever the server is up.
+            with self._cond:
+                self._cond.wait_for(lambda: self._down or start_seq in self._journal.sent, timeout=start_timeout)
+        _log.info("MLflow run %s at %s (journal: %s)", self.run_id, self.tracking_uri, self.journal_path)
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id; None while the run could not be created (server unreachable since start)."""
+        return self._journal.runs.get(self.tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log metric values at `step`; returns at once."""
+        values = {_check_key("metric", k): float(v) for k, v in metrics.items()}
+        self._enqueue("metrics", metrics=values, step=int(step))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file or directory (read when sent, so leave it in place); returns at once."""
+        path = Path(path).resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"artifact path {path} does not exist")
+        self._enqueue("artifact", path=str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set run tags; returns at once."""
+        self._enqueue("tags", tags=self._clean_tags(tags))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with `status`, waiting a few seconds at most for unsent calls to go out."""
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
+        if self._closed:
+            return
+        self._enqueue("finish", status=status)
+        with self._cond:
+            failures = self._failures
+            self._retry_now = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._queue or self._failures > failures, timeout=self._drain_timeout)
+            self._closed = True
+            unsent = len(self._queue)
+            self._cond.notify_all()
+        self._thread.join(timeout=1.0)
+        if unsent:
+            _log.warning(
+                "%d MLflow tracking call(s) of run %s were not sent to %s; they are kept in %s. Send them with: %s",
+                unsent,
+                self.run_id or "(not created yet)",
+                self.tracking_uri,
+                self.journal_path,
+                _sync_command(self.run_dir),
+            )
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    @staticmethod
+    def _clean_tags(tags: dict[str, str]) -> dict[str, str]:
+        return {_check_key("tag", k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}
+
+    def _enqueue(self, op: str, **fields: Any) -> int:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"cannot {op}: Tracker.finish was already called for {self.run_dir}")
+            record = {"seq": self._seq, "op": op, "time": int(time.time() * 1000), **fields}
+            self._seq += 1
+            self._journal.append(record)
+            self._queue.append({**record, "_uri": self.tracking_uri})
+            self._cond.notify_all()
+            return record["seq"]
+
+    def _send_loop(self) -> None:
+        first_delay = delay = min(1.0, self._retry_interval)
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if self._closed:
+                    return
+                record = self._queue[0]
+            try:
+                self._sender.send(record)
+            except Exception as e:  # noqa: BLE001 - whatever goes wrong, the sender thread must live on
+                if _is_rejection(e):
+                    self._sender.reject(record, e)
+                    self._warn_rejected(record, e)
+                else:
+                    self._on_outage(e)
+                    with self._cond:
+                        self._failures += 1
+                        self._cond.notify_all()
+                        self._cond.wait_for(lambda: self._retry_now or self._closed, timeout=delay)
+                        self._retry_now = False
+                    delay = min(delay * 2, self._retry_interval)
+                    continue
+            with self._cond:
+                self._queue.popleft()
+                if self._down:
+                    self._down = False
+                    _log.info(
+                        "MLflow at %s is reachable again; sending %d queued call(s)",
+                        self.tracking_uri,
+                        len(self._queue),
+                    )
+                self._cond.notify_all()
+            delay = first_delay
+
+    def _on_outage(self, error: Exception) -> None:
+        with self._cond:
+            was_down, self._down = self._down, True
+            self._cond.notify_all()
+        if was_down:
+            _log.debug("MLflow at %s still unreachable: %s", self.tracking_uri, _brief(error))
+            return
+        _log.warning(
+            "MLflow tracking at %s is unreachable (%s). Training goes on; tracking calls are kept in %s "
+            "and sent when the server is back, or later with: %s",
+            self.tracking_uri,
+            _brief(error),
+            self.journal_path,
+            _sync_command(self.run_dir),
+        )
+
+    def _warn_rejected(self, record: dict[str, Any], error: Exception) -> None:
+        self._rejections += 1
+        level = logging.WARNING if self._rejections <= _MAX_REJECTION_WARNINGS else logging.DEBUG
+        _log.log(level, "MLflow refused the %s call #%d: %s", record["op"], record["seq"], error)
+
+
+# --------------------------------------------------------------------------- sync
+
+
+def sync(run_dir: Path, *, final_status: str | None = None) -> tuple[int, int]:
+    """Send what the journal in `run_dir` holds but MLflow never got; return (sent, still unsent)."""
+    run_dir = Path(run_dir).resolve()
+    path = run_dir / JOURNAL_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no MLflow journal {path} in run_dir {run_dir}")
+    if final_status is not None and final_status not in FINAL_STATUSES:
+        raise ValueError(f"final_status must be one of {FINAL_STATUSES}, got {final_status!r}")
+    journal = _Journal(path)
+    last_op = max(journal.work, key=lambda r: r["seq"])["op"] if journal.work else None
+    if final_status is not None and last_op not in (None, "finish"):
+        journal.append(
+            {"seq": journal.next_seq, "op": "finish", "time": int(time.time() * 1000), "status": final_status}
+        )
+    sender = _Sender(journal)
+    sent, unsent, unreachable = 0, 0, set()
+    for record in journal.pending():
+        if record["_uri"] in unreachable:  # keeps each store's calls in order
+            unsent += 1
+            continue
+        try:
+            sender.send(record)
+            sent += 1
+        except Exception as e:  # noqa: BLE001 - reported, and the record stays in the journal
+            if _is_rejection(e):
+                sender.reject(record, e)
+                _log.warning("MLflow refused the %s call #%d: %s", record["op"], record["seq"], e)
+            else:
+                _log.error("Could not reach MLflow at %s: %s", record["_uri"], _brief(e))
+                unreachable.add(record["_uri"])
+                unsent += 1
+    return sent, unsent
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: `python -m gunn.train.tracking sync RUN_DIR`."""
+    parser = argparse.ArgumentParser(prog="python -m gunn.train.tracking", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    sync_parser = commands.add_parser("sync", help="send the tracking calls MLflow has not received")
+    sync_parser.add_argument("run_dir", type=Path)
+    sync_parser.add_argument(
+        "--status",
+        choices=FINAL_STATUSES,
+        default=None,
+        help="end the run with this status if training stopped without ending it (e.g. killed)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if not (args.run_dir / JOURNAL_NAME).exists():
+        parser.error(f"no {JOURNAL_NAME} in {args.run_dir}")
+    sent, unsent = sync(args.run_dir, final_status=args.status)
+    journal = _Journal(args.run_dir.resolve() / JOURNAL_NAME)
+    runs = ", ".join(f"{run_id} at {uri}" for uri, run_id in journal.runs.items()) or "none"
+    print(f"sent {sent} call(s), {unsent} still unsent; MLflow run: {runs}")
+    if journal.work and max(journal.work, key=lambda r: r["seq"])["op"] != "finish":
+        print("note: the run was not ended (still running, or killed); pass --status KILLED to end it")
+    return 1 if unsent else 0
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
+    """Write a PNG of the training curves in `history` (one dict per epoch) to `path`."""
+    if not history:
+        raise ValueError("history must hold at least one epoch, got an empty list")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    keys = list(dict.fromkeys(k for row in history for k, v in row.items() if is_number(v) and k != "epoch"))
+    panels: dict[str, list[str]] = {"loss": [], "error": [], "learning rate": []}
+    for key in keys:
+        if "loss" in key:
+            panels.setdefault("loss", []).append(key)
+        elif "error" in key or "acc" in key:
+            panels.setdefault("error", []).append(key)
+        elif key == "lr" or key.startswith("lr"):
+            panels.setdefault("learning rate", []).append(key)
+        else:
+            panels.setdefault(key, []).append(key)
+    panels = {title: panel_keys for title, panel_keys in panels.items() if panel_keys}
+    if not panels:
+        raise ValueError(f"history has no numeric values to plot; keys: {sorted(history[0])}")
+
+    figure = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    for axes, (title, panel_keys) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        for key in panel_keys:
+            # Keys may be missing in some epochs (e.g. evaluation every few epochs).
+            points = [(row.get("epoch", i + 1), row[key]) for i, row in enumerate(history) if is_number(row.get(key))]
+            xs, ys = zip(*points)
+            axes.plot(xs, ys, marker="o" if len(points) < 30 else None, label=key)
+        if title == "learning rate" and all(v > 0 for line in axes.get_lines() for v in line.get_ydata()):
+            axes.set_yscale("log")
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.mlflow_server import MlflowServer
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def server(mlflow_server: MlflowServer) -> MlflowServer:
+    """The shared server, running at the start of the test (a test may stop and restart it)."""
+    if not mlflow_server.running:
+        mlflow_server.start()
+    return mlflow_server
+
+

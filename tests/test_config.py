@@ -1,0 +1,96 @@
+"""The run configuration: presets, overrides, and errors that name the field and the value."""
+
+from __future__ import annotations
+
+import pytest
+
+from gunn import config
+from gunn.config import ConfigError
+
+
+def test_every_preset_loads_and_the_paper_presets_exist():
+    presets = config.list_presets()
+    for name in ["digits", "gunn15-cifar10", "gunn15-cifar100", "sunn15-cifar10", "gunn24-cifar10",
+                 "gunn18-imagenet", "wide-gunn18-imagenet"]:
+        assert name in presets
+    for name in presets:
+        assert config.load(name).name == name
+
+
+def test_the_cifar_presets_follow_the_papers_recipe():
+    c = config.load("gunn15-cifar10")
+    assert (c.model.name, c.data.name, c.optim.epochs, c.optim.batch_size, c.optim.lr) == ("gunn15", "cifar10", 300, 64, 0.1)
+    assert (c.optim.momentum, c.optim.nesterov, c.optim.weight_decay, c.optim.lr_steps) == (0.9, True, 1e-4, [0.5, 0.75])
+    i = config.load("gunn18-imagenet")
+    assert (i.optim.batch_size, i.optim.epochs) == (256, 90)
+    assert [round(f * 90) for f in i.optim.lr_steps] == [30, 60]
+
+
+def test_the_default_is_the_digits_demo():
+    assert config.load().name == "digits" and config.load().data.name == "digits"
+
+
+def test_overrides_are_read_as_yaml_values():
+    c = config.load("digits", ["optim.lr=0.05", "model.segments=[2, 2, 2]", "runtime.amp=bf16", "model.mode=sunn",
+                               "logging.tracking_uri=http://127.0.0.1:5000"])
+    assert (c.optim.lr, c.model.segments, c.runtime.amp, c.model.mode) == (0.05, [2, 2, 2], "bf16", "sunn")
+    assert c.logging.tracking_uri == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lrr=1", r"unknown field optim.lrr \(did you mean optim.lr\?\)"),
+        ("optimizer.lr=1", r"unknown field optimizer"),
+        ("optim.lr=-0.1", r"optim.lr must be >= 0.0, got -0.1"),
+        ("optim.epochs=2.5", r"optim.epochs must be an integer, got 2.5"),
+        ("optim.epochs=0", r"optim.epochs must be >= 1, got 0"),
+        ("optim.momentum=2", r"optim.momentum must be <= 1.0, got 2.0"),
+        ("model.mode=parallel", r"model.mode must be one of 'gunn', 'sunn', got 'parallel'"),
+        ("data.name=mnist", r"data.name must be one of .*got 'mnist'"),
+        ("runtime.channels_last=maybe", r"runtime.channels_last must be true or false, got 'maybe'"),
+        ("model.segments=[2, x]", r"model.segments\[1\] must be an integer, got 'x'"),
+        ("optim=3", r"optim must be a mapping, got 3"),
+        ("lr", r"must look like section.field=value"),
+    ],
+)
+def test_bad_values_are_errors_naming_the_field_and_the_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load("digits", [override])
+
+
+def test_an_unknown_preset_or_missing_file_lists_the_presets():
+    with pytest.raises(ConfigError, match="no preset or configuration file 'gunn99'; presets: digits"):
+        config.load("gunn99")
+
+
+def test_a_yaml_file_is_a_configuration(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nmodel: {name: gunn15}\noptim: {epochs: 5}\n")
+    c = config.load(path, ["optim.batch_size=32"])
+    assert (c.name, c.model.name, c.optim.epochs, c.optim.batch_size) == ("mine", "gunn15", 5, 32)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: {name: [\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        config.load(path)
+
+
+def test_dump_and_load_give_the_same_configuration(tmp_path):
+    c = config.load("gunn15-cifar100", ["model.segments=[10, 10, 10]", "optim.epochs=7"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config.dump(c))
+    assert config.load(path) == c
+
+
+def test_flatten_gives_one_key_per_field():
+    flat = config.flatten(config.load("digits"))
+    assert flat["optim.lr"] == 0.1 and flat["model.name"] == "gunn_tiny" and "logging.experiment" in flat
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_help_lists_every_field_with_its_meaning():
+    text = config.help_text()
+    assert "optim.lr_steps" in text and "fractions of the epochs" in text and "data.root" in text

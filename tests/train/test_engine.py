@@ -1,0 +1,218 @@
+"""The training loop: recipe, exact resume, checkpoints, DDP over gloo, snapshot ensembles."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gunn import config as cfgmod
+from gunn.config import ConfigError
+from gunn.data import DataError, build_data
+from gunn.models import create_model
+from gunn.train import checkpoint as ckpt
+from gunn.train.engine import train, validate
+from gunn.train.schedule import learning_rate, milestones, snapshot_epochs
+from tests.mlflow_server import REPO_ROOT
+
+TIMING = {"epoch_time", "images_per_s", "peak_memory_mb"}
+
+
+def small(tmp_path: Path, *overrides: str) -> cfgmod.RunConfig:
+    """A run that takes seconds: gunn_tiny on 128 synthetic 16x16 images, 8 batches per epoch."""
+    return cfgmod.load("digits", [
+        "data.name=synthetic", "data.samples=128", "data.image_size=16", "data.classes=4", "data.workers=0",
+        "optim.batch_size=16", "optim.epochs=3", "logging.mlflow=false", "logging.progress=false",
+        f"checkpoint.dir={tmp_path / 'run'}", *overrides,
+    ])
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+def test_a_run_reports_every_epoch_and_saves_its_configuration(tmp_path):
+    result = train(small(tmp_path))
+    assert result.status == "finished" and result.epochs_done == 3
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    for key in ("train_loss", "train_top1_error", "eval_top1_error", "eval_top5_error", "lr", "epoch_time",
+                "images_per_s", "peak_memory_mb"):
+        assert all(math.isfinite(h[key]) for h in result.history), key
+    saved = cfgmod.load(result.run_dir / "config.yaml")
+    assert saved.optim.epochs == 3 and saved.checkpoint.dir == str(result.run_dir)
+    assert (result.run_dir / "model-final.pt").is_file()
+
+
+def test_a_run_stopped_mid_epoch_and_resumed_ends_bit_identical(tmp_path):
+    straight = train(small(tmp_path / "a"))
+    pieces = [train(small(tmp_path / "b"), stop_after=5), train(small(tmp_path / "b", "data.workers=2"), stop_after=9)]
+    assert [p.status for p in pieces] == ["interrupted", "interrupted"]
+    resumed = train(small(tmp_path / "b"))
+    assert resumed.status == "finished"
+    assert same_weights(straight.model.state_dict(), resumed.model.state_dict())
+    assert without_timing(straight.history) == without_timing(resumed.history)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    train(small(tmp_path, "optim.epochs=2"))
+    run = tmp_path / "run"
+    newest = ckpt.list_checkpoints(run)[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=f"{newest.name} cannot be loaded"):
+        resumed = train(small(tmp_path))
+    assert resumed.status == "finished"
+    clean = train(small(tmp_path / "clean"))
+    assert same_weights(clean.model.state_dict(), resumed.model.state_dict())
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": Payload()}, run / ckpt.checkpoint_name(9, 0))
+    with pytest.raises(RuntimeError, match="no checkpoint in .* can be loaded"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(small(tmp_path))
+
+
+def test_the_step_schedule_divides_the_lr_by_ten_at_half_and_three_quarters():
+    optim = cfgmod.load("gunn15-cifar10").optim
+    assert milestones(optim) == [150, 225]
+    lrs = [learning_rate(optim, e, 0, 10) for e in (0, 149, 150, 224, 225, 299)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_the_snapshot_schedule_restarts_a_cosine_every_cycle():
+    optim = cfgmod.load("gunn24-snapshot-cifar10").optim
+    assert snapshot_epochs(optim) == [49, 99, 149, 199, 249, 299]
+    assert learning_rate(optim, 0, 0, 100) == pytest.approx(0.1)
+    assert learning_rate(optim, 49, 99, 100) == pytest.approx(0.0, abs=1e-6)
+    assert learning_rate(optim, 50, 0, 100) == pytest.approx(0.1)
+    assert learning_rate(optim, 25, 0, 100) == pytest.approx(0.05)
+
+
+def test_snapshot_ensembles_are_evaluated_beside_the_single_model(tmp_path):
+    result = train(small(tmp_path, "optim.schedule=snapshot", "optim.snapshots=2", "optim.epochs=2"))
+    assert [h.get("snapshots") for h in result.history] == [1.0, 2.0]
+    assert all("ensemble_top1_error" in h for h in result.history)
+    # One snapshot is the model itself: its ensemble error equals the model's.
+    assert result.history[0]["ensemble_top1_error"] == pytest.approx(result.history[0]["eval_top1_error"])
+    assert sorted(p.name for p in (result.run_dir / "snapshots").iterdir()) == ["snapshot-01.pt", "snapshot-02.pt"]
+
+
+@pytest.mark.parametrize(
+    "overrides,error,message",
+    [
+        (["model.segments=[3, 3, 3]"], ConfigError, r"model: segments\[0\] must be a positive divisor"),
+        (["model.name=gunn16"], ConfigError, r"model.name 'gunn16' is not a model"),
+        (["optim.lr_steps=[0.75, 0.5]"], ConfigError, r"optim.lr_steps must be increasing"),
+        (["optim.schedule=snapshot", "optim.snapshots=4", "optim.epochs=6"], ConfigError,
+         r"optim.snapshots=4 must divide optim.epochs=6"),
+        (["data.name=cifar10", "data.root=/nonexistent"], DataError,
+         r"(?s)cifar10 not found: expected /nonexistent/cifar-10-batches-py.*python -m gunn.data download cifar10"),
+        (["data.name=imagenet", "data.root=/nonexistent"], DataError, r"/nonexistent"),
+    ],
+)
+def test_bad_configurations_fail_before_any_work(tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        validate(small(tmp_path, *overrides))
+
+
+def test_a_batch_size_must_split_evenly_over_the_ranks(tmp_path):
+    with pytest.raises(ConfigError, match="optim.batch_size=16 must be a multiple of the 3 ranks"):
+        validate(small(tmp_path), world_size=3)
+
+
+def _ddp_rank(rank: int, port: int, config: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = train(cfgmod.from_dict(config))
+    torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
+    if rank == 0:
+        (Path(out) / "metrics.json").write_text(json.dumps(result.metrics))
+
+
+def test_two_gloo_ranks_end_with_identical_weights_and_the_metrics_they_report(tmp_path):
+    config = cfgmod.load("digits", ["optim.epochs=1", "optim.batch_size=64", "logging.mlflow=false",
+                                    "logging.progress=false", f"checkpoint.dir={tmp_path / 'run'}"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_rank, args=(port, cfgmod.to_dict(config), str(tmp_path)), nprocs=2, start_method="spawn")
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert same_weights(rank0, rank1)
+    reported = json.loads((tmp_path / "metrics.json").read_text())
+    # The reported evaluation error is the error of the final weights on the whole test set.
+    data = build_data(config.data, batch_size=100, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    model = create_model("gunn_tiny", num_classes=10, in_chans=1)
+    model.load_state_dict(rank0)
+    model.eval()
+    wrong = total = 0
+    with torch.no_grad():
+        for x, y in data.eval.iterate(0):
+            wrong += (model(x).argmax(1) != y).sum().item()
+            total += len(y)
+    assert total == data.eval_images == 359
+    assert reported["eval_top1_error"] == pytest.approx(100 * wrong / total, abs=1e-9)
+
+
+def test_a_run_logs_config_metrics_tags_and_artifacts_to_mlflow_and_resumes_the_same_run(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"logging.tracking_uri={server.uri}"
+    first = train(small(tmp_path, uri, "logging.mlflow=true", "logging.experiment=engine-test"), stop_after=10)
+    assert first.status == "interrupted" and first.mlflow_run_id
+    second = train(small(tmp_path, uri, "logging.mlflow=true", "logging.experiment=engine-test"))
+    assert second.mlflow_run_id == first.mlflow_run_id
+    client = MlflowClient(server.uri)
+    run = client.get_run(second.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.1" and run.data.params["model.name"] == "gunn_tiny"
+    assert len(run.data.params) == len(cfgmod.flatten(small(tmp_path)))
+    assert {"model", "mode", "segments", "world_size", "git_commit"} <= set(run.data.tags)
+    assert run.data.tags["mode"] == "gunn" and run.data.tags["segments"] == "4,4,4"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval_top1_error")]
+    assert steps == [1, 2, 3]
+    for name in ("train_loss", "lr", "epoch_time", "images_per_s", "peak_memory_mb", "eval_top5_error"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 3, name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "curves.png", "model-final.pt"} <= artifacts
+
+
+def test_training_outlives_the_tracking_server_and_sync_sends_what_it_missed(server, tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    args = (f"logging.tracking_uri={server.uri}", "logging.mlflow=true", "logging.experiment=engine-outage")
+    first = train(small(tmp_path, *args), stop_after=9)  # epoch 1 logged, then interrupted
+    server.stop()
+    with caplog.at_level("WARNING"):
+        second = train(small(tmp_path, *args))
+    assert second.status == "finished" and second.epochs_done == 3
+    assert "python -m gunn.train.tracking sync" in caplog.text
+    server.start()
+    synced = subprocess.run([sys.executable, "-m", "gunn.train.tracking", "sync", str(second.run_dir)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert synced.returncode == 0, synced.stderr
+    client = MlflowClient(server.uri)
+    assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "eval_top1_error")] == [1, 2, 3]
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
