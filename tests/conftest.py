@@ -26,3 +26,7 @@ def server(mlflow_server: MlflowServer) -> MlflowServer:
     return mlflow_server
 
 
+
+
+# The running Slurm development cluster (skips without one, fails under CI=true).
+from tests.slurm.conftest import slurm_cluster  # noqa: E402,F401

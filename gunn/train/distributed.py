@@ -117,6 +117,23 @@ def average_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def check_identical(module: torch.nn.Module, device: torch.device) -> str:
+    """Raises if the weights or buffers differ between ranks; returns a fingerprint of them."""
+    with torch.no_grad():
+        tensors = [t.detach().double().flatten() for t in [*module.parameters(), *module.buffers()]]
+        flat = torch.cat(tensors) if tensors else torch.zeros(1, dtype=torch.float64)
+        positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        # Sum and a position-weighted sum: a swap or a one-element difference changes one of them.
+        fingerprint = torch.stack([flat.sum(), (flat * positions.remainder(9973)).sum()]).to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, fingerprint)
+        differing = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+        if differing:
+            raise RuntimeError(f"the model differs between rank 0 and rank(s) {differing}: the ranks diverged")
+    return "/".join(f"{v:.10e}" for v in fingerprint.tolist())
+
+
 def broadcast_object(value: object) -> object:
     """Rank 0's ``value`` on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

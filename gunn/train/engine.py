@@ -376,6 +376,9 @@ class _Run:
         ckpt.save(state, self.run_dir, ckpt.checkpoint_name(self.epoch, self.batch), self.config.checkpoint.keep)
 
     def _finish(self, tracker: Any) -> None:
+        fingerprint = distributed.check_identical(self.model, self.device)
+        if self.info.world_size > 1:
+            self.log(f"weights identical on all {self.info.world_size} ranks (fingerprint {fingerprint})")
         if not self.info.is_main:
             return
         final = self.run_dir / "model-final.pt"

@@ -24,7 +24,7 @@ from gunn.data.imagenet import (
 )
 from gunn.data.loader import ShardedLoader
 
-pytest.importorskip("nvidia.dali")
+import nvidia.dali  # noqa: E402,F401  (the test extra installs DALI: a missing one is a failure, not a skip)
 
 CLASSES, TRAIN, VAL = 3, 8, 5  # 24 training and 15 validation images
 BATCH, WORLD, SEED = 4, 2, 7
