@@ -118,7 +118,12 @@ class LoggingConfig:
     )
     experiment: str = field(default="gunn", metadata=_meta("MLflow experiment name"))
     run_name: str | None = field(default=None, metadata=_meta("MLflow run name (default: the preset)"))
+    parent_run_id: str | None = field(default=None, metadata=_meta("MLflow parent run (a sweep's): nest this run under it"))
+    study: str | None = field(default=None, metadata=_meta("study tag (set by the sweeps)"))
     progress: bool = field(default=True, metadata=_meta("progress bar per epoch on rank 0"))
+    diagnostics: bool = field(
+        default=False, metadata=_meta("log collapsed channel pairs and effective dimension per GUNN layer each epoch")
+    )
 
 
 @dataclass

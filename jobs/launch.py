@@ -58,7 +58,17 @@ class LaunchError(Exception):
 
 # -- command line --------------------------------------------------------------------------
 
+def hoist_overrides(argv: list[str]) -> list[str]:
+    """``field=value`` overrides first, so that ``--seeds 0 1 optim.lr=0.05`` parses as meant."""
+    overrides, rest = [], []
+    for i, token in enumerate(argv):
+        is_override = "=" in token and not token.startswith("-") and (i == 0 or argv[i - 1] != "--sbatch")
+        (overrides if is_override else rest).append(token)
+    return overrides + rest
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = hoist_overrides(sys.argv[1:] if argv is None else list(argv))
     parser = argparse.ArgumentParser(
         prog="python jobs/launch.py", description=__doc__.split("\n\n")[0],
         epilog=f"presets: {', '.join(cfgmod.list_presets())}; profiles: {', '.join(list_profiles())}. "
@@ -70,6 +80,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (runtime.seed); a job array on Slurm")
     parser.add_argument("--fields", action="store_true", help="list every configuration field and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration(s) and exit")
+    add_cluster_arguments(parser)
+    args = parser.parse_args(argv)
+    args.configs = [t for t in args.targets if "=" not in t] or [None]
+    args.overrides = [t for t in args.targets if "=" in t]
+    if args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if args.cluster == "slurm" and args.nproc != 1:
+        parser.error("--nproc is for local runs; on Slurm use --nodes and --tasks-per-node")
+    return args
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say where and how a job runs (shared with pipelines/sweep.py)."""
     slurm = parser.add_argument_group("Slurm (--cluster slurm)")
     slurm.add_argument("--cluster", choices=["local", "slurm"], default="local", help="where to run (default: here)")
     slurm.add_argument("--profile", help="cluster profile: a name in slurm/profiles/ or a YAML file")
@@ -80,14 +103,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="any other sbatch option, e.g. --sbatch exclusive=true --sbatch mail-type=END")
     slurm.add_argument("--logs", type=Path, default=Path("runs/slurm"), help="submitit's job folder (logs)")
     slurm.add_argument("--wait", action="store_true", help="follow the job(s) to the end; exit with their status")
-    args = parser.parse_args(argv)
-    args.configs = [t for t in args.targets if "=" not in t] or [None]
-    args.overrides = [t for t in args.targets if "=" in t]
-    if args.nproc < 1:
-        parser.error(f"--nproc must be at least 1, got {args.nproc}")
-    if args.cluster == "slurm" and args.nproc != 1:
-        parser.error("--nproc is for local runs; on Slurm use --nodes and --tasks-per-node")
-    return args
 
 
 def resolve(args: argparse.Namespace, world_size: int) -> list[RunConfig]:
@@ -240,8 +255,9 @@ class TrainingJob:
                 print(f"requeueing job {job.job_id} (restart {restarts + 1}); it continues from {result.run_dir}",
                       flush=True)
                 subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=60)
-        return {"status": result.status, "epochs_done": result.epochs_done, "metrics": result.metrics,
-                "run_dir": str(result.run_dir), "mlflow_run_id": result.mlflow_run_id}
+        error = result.metrics.get("eval_top1_error", float("nan"))
+        return {"status": result.status, "summary": f"{result.status}, {result.epochs_done} epochs, eval top-1 error "
+                f"{error:.2f}%, run directory {result.run_dir}"}
 
     def checkpoint(self) -> Any:
         """submitit's own requeue path (a signal before ``__call__`` set its handlers): rerun as is."""
@@ -250,8 +266,8 @@ class TrainingJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def submit(configs: list[RunConfig], options: dict[str, Any], logs: Path) -> list[Any]:
-    """Submits one job per configuration (a job array when several); returns submitit's jobs."""
+def submit(tasks: list[Any], options: dict[str, Any], logs: Path, name: str) -> list[Any]:
+    """Submits one Slurm job per callable in ``tasks`` (a job array when several); submitit's jobs."""
     import submitit
 
     if shutil.which("sbatch") is None:
@@ -261,8 +277,7 @@ def submit(configs: list[RunConfig], options: dict[str, Any], logs: Path) -> lis
     params: dict[str, Any] = dict(
         nodes=options["nodes"], tasks_per_node=options["tasks_per_node"], cpus_per_task=options["cpus_per_task"],
         timeout_min=options["time_min"], slurm_signal_delay_s=options["signal_delay_s"],
-        slurm_additional_parameters=dict(options["sbatch"]), slurm_setup=list(options["setup"]),
-        name=configs[0].name if len(configs) == 1 else "gunn-array",
+        slurm_additional_parameters=dict(options["sbatch"]), slurm_setup=list(options["setup"]), name=name,
     )
     if options["gpus_per_node"]:
         params["gpus_per_node"] = options["gpus_per_node"]
@@ -272,19 +287,32 @@ def submit(configs: list[RunConfig], options: dict[str, Any], logs: Path) -> lis
         if options[key]:
             params[f"slurm_{key}"] = options[key]
     executor.update_parameters(**params)
-    jobs_to_run = [TrainingJob(cfgmod.to_dict(c), options["max_requeues"]) for c in configs]
-    if len(jobs_to_run) == 1:
-        return [executor.submit(jobs_to_run[0])]
+    if len(tasks) == 1:
+        return [executor.submit(tasks[0])]
     with executor.batch():
-        jobs = [executor.submit(job) for job in jobs_to_run]
+        jobs = [executor.submit(task) for task in tasks]
     return jobs
 
 
-def describe(jobs: list[Any], configs: list[RunConfig]) -> None:
+def submit_reporting_refusal(tasks: list[Any], options: dict[str, Any], logs: Path, name: str) -> list[Any] | None:
+    """``submit``, or None after printing sbatch's own words if it refused the job."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):  # submitit prints sbatch's complaint itself
+            return submit(tasks, options, logs, name)
+    except (FailedJobError, FailedSubmissionError) as err:
+        # sbatch refused the job (unknown partition, too many resources...): show sbatch's words.
+        print(f"error: sbatch refused the job:\n{str(err).strip() or captured.getvalue().strip()}", file=sys.stderr)
+        return None
+
+
+def describe(jobs: list[Any], names: list[str], directories: list[str]) -> None:
     """Prints job ids, logs and the commands to follow and cancel them."""
-    for job, config in zip(jobs, configs):
-        print(f"submitted job {job.job_id}: {config.name}")
-        print(f"  run directory  {config.checkpoint.dir}")
+    for job, name, directory in zip(jobs, names, directories):
+        print(f"submitted job {job.job_id}: {name}")
+        print(f"  run directory  {directory}")
         print(f"  log            {job.paths.stdout}")
         print(f"  errors         {job.paths.stderr}")
     ids = ",".join(sorted({str(j.job_id).split("_")[0] for j in jobs}))
@@ -328,27 +356,22 @@ def _report(job: Any) -> bool:
     except Exception as err:  # submitit re-raises the job's exception with its traceback
         print(f"job {job.job_id} failed:\n{err}\nlog: {job.paths.stderr}")
         return False
-    metrics = result.get("metrics", {})
-    print(f"job {job.job_id}: {result['status']}, {result['epochs_done']} epochs, eval top-1 error "
-          f"{metrics.get('eval_top1_error', float('nan')):.2f}%, run directory {result['run_dir']}")
+    print(f"job {job.job_id}: {result['summary']}")
     return result["status"] == "finished"
 
 
 def run_slurm(configs: list[RunConfig], args: argparse.Namespace, options: dict[str, Any]) -> int:
     """Submits the runs; with ``--wait`` follows them to the end."""
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
-
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):  # submitit prints sbatch's complaint itself
-            jobs = submit(configs, options, args.logs)
-    except (FailedJobError, FailedSubmissionError) as err:
-        # sbatch refused the job (unknown partition, too many resources...): show sbatch's words.
-        print(f"error: sbatch refused the job:\n{str(err).strip() or captured.getvalue().strip()}", file=sys.stderr)
+    tasks = [TrainingJob(cfgmod.to_dict(c), options["max_requeues"]) for c in configs]
+    jobs = submit_reporting_refusal(tasks, options, args.logs, configs[0].name if len(configs) == 1 else "gunn-array")
+    if jobs is None:
         return 1
-    describe(jobs, configs)
-    if not args.wait:
-        return 0
+    describe(jobs, [c.name for c in configs], [c.checkpoint.dir for c in configs])
+    return follow(jobs) if args.wait else 0
+
+
+def follow(jobs: list[Any]) -> int:
+    """``wait`` for the jobs; Ctrl-C stops following and leaves them running."""
     try:
         return wait(jobs)
     except KeyboardInterrupt:

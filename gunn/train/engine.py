@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -95,23 +95,28 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(config: RunConfig, *, stop_after: int | None = None) -> RunResult:
+EpochCallback = Callable[[dict[str, float], Path | None], None]
+
+
+def train(config: RunConfig, *, stop_after: int | None = None, on_epoch: EpochCallback | None = None) -> RunResult:
     """Trains (or continues) the run that ``config`` describes; returns how far it got.
 
     ``stop_after``: checkpoint and return after this many batches of this call (a time-boxed
-    session); ``request_stop()`` does the same from a signal handler.
+    session); ``request_stop()`` does the same from a signal handler. ``on_epoch(metrics,
+    checkpoint)`` is called on rank 0 after every epoch with its metrics and the newest
+    checkpoint file (how sweeps report to Ray Tune).
     """
     info = distributed.setup(config.runtime.device, config.dist.backend)
     try:
         validate(config, info.world_size)
-        return _Run(config, info).run(stop_after)
+        return _Run(config, info, on_epoch).run(stop_after)
     finally:
         distributed.teardown()
 
 
 class _Run:
-    def __init__(self, config: RunConfig, info: distributed.DistInfo) -> None:
-        self.config, self.info, self.device = config, info, info.device
+    def __init__(self, config: RunConfig, info: distributed.DistInfo, on_epoch: EpochCallback | None = None) -> None:
+        self.config, self.info, self.device, self.on_epoch = config, info, info.device, on_epoch
         run_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else default_run_dir(config)
         self.run_dir = Path(distributed.broadcast_object(str(run_dir.resolve()))).resolve()
         self.config.checkpoint.dir = str(self.run_dir)
@@ -199,6 +204,10 @@ class _Run:
         }
         if "SLURM_JOB_ID" in os.environ:
             tags["slurm_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+        if c.logging.parent_run_id:
+            tags["mlflow.parentRunId"] = c.logging.parent_run_id  # shown nested under the sweep
+        if c.logging.study:
+            tags["study"] = c.logging.study
         return Tracker(run_dir=self.run_dir, tracking_uri=c.logging.tracking_uri, experiment=c.logging.experiment,
                        run_name=c.logging.run_name or c.name, params=cfgmod.flatten(c), tags=tags)
 
@@ -218,6 +227,7 @@ class _Run:
                 if tracker is not None:
                     self.log(f"MLflow: run {tracker.run_id} at {tracker.tracking_uri}")
             self.done, self.stop_after = 0, stop_after
+            already_finished = self.epoch >= self.config.optim.epochs and (self.run_dir / "model-final.pt").exists()
             while self.epoch < self.config.optim.epochs:
                 stopped = self._train_epoch()
                 if not stopped:
@@ -229,7 +239,10 @@ class _Run:
                     result.status, status = "interrupted", "KILLED"
                     break
             if result.status == "finished":
-                self._finish(tracker)
+                if already_finished:
+                    self.log(f"{self.run_dir} has finished already: nothing to do")
+                else:
+                    self._finish(tracker)
                 status = "FINISHED"
             result.epochs_done = self.epoch
             result.metrics = dict(self.history[-1]) if self.history else {}
@@ -310,6 +323,8 @@ class _Run:
                    "peak_memory_mb": _peak_memory_mb(self.device)}
         if self.epoch in snapshot_epochs(c.optim):
             metrics.update(self._snapshot())
+        if c.logging.diagnostics and self.info.is_main:
+            metrics.update(self._diagnostics())
         self.history.append(metrics)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=self.epoch + 1)
@@ -319,6 +334,9 @@ class _Run:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.epoch % c.checkpoint.every == 0 or self.epoch == c.optim.epochs:
             self._save()
+        if self.on_epoch is not None and self.info.is_main:
+            saved = ckpt.list_checkpoints(self.run_dir)
+            self.on_epoch(metrics, saved[-1] if saved else None)
 
     @torch.no_grad()
     def evaluate(self, weights: list[dict[str, torch.Tensor]]) -> Meter:
@@ -348,6 +366,15 @@ class _Run:
             meter.add(F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum"), p, y)
         model.train()
         return meter.reduced(self.device)
+
+    def _diagnostics(self) -> dict[str, float]:
+        """Overlap-singularity diagnostics of every GUNN layer on the first evaluation batch."""
+        from gunn.diagnostics import singularity_report
+
+        x, _ = next(self._batches(self.data.eval.iterate(0)))
+        report = singularity_report(self.model, x)
+        return {f"singularity/{layer}/{key}": value for layer, stats in report.items()
+                for key, value in stats.as_dict().items() if key != "channels"}
 
     def _snapshot(self) -> dict[str, float]:
         """Saves this cycle's weights and evaluates the ensemble of all snapshots so far."""

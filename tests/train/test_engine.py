@@ -216,3 +216,21 @@ def test_training_outlives_the_tracking_server_and_sync_sends_what_it_missed(ser
     client = MlflowClient(server.uri)
     assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "eval_top1_error")] == [1, 2, 3]
     assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_diagnostics_are_logged_per_gunn_layer_when_enabled(tmp_path):
+    result = train(small(tmp_path, "logging.diagnostics=true", "optim.epochs=1"))
+    metrics = result.history[0]
+    for layer in ("stages.0.gunn", "stages.1.gunn", "stages.2.gunn"):
+        for key in ("collapsed_pairs", "collapsed_channels", "dead_channels", "participation_ratio"):
+            assert f"singularity/{layer}/{key}" in metrics
+    assert 1 <= metrics["singularity/stages.2.gunn/participation_ratio"] <= 64
+
+
+def test_running_a_finished_run_again_changes_nothing(tmp_path):
+    first = train(small(tmp_path, "optim.epochs=1"))
+    final = first.run_dir / "model-final.pt"
+    stamp = final.stat().st_mtime_ns
+    again = train(small(tmp_path, "optim.epochs=1"))
+    assert again.status == "finished" and again.epochs_done == 1
+    assert final.stat().st_mtime_ns == stamp and again.history == first.history

@@ -1,0 +1,155 @@
+"""pipelines/sweep.py and pipelines/report.py: Ray Tune sweeps over the engine, MLflow parent/child runs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEP = [sys.executable, str(REPO / "pipelines" / "sweep.py")]
+REPORT = [sys.executable, str(REPO / "pipelines" / "report.py")]
+TINY = ["data.name=synthetic", "data.samples=128", "data.image_size=16", "data.classes=4", "optim.batch_size=16"]
+
+
+def env() -> dict[str, str]:
+    values = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    values.update(PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
+    return values
+
+
+def run(command: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def client(cwd: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+
+
+def sweep_runs(cwd: Path, sweep_dir: Path) -> tuple[object, list[object]]:
+    mlflow = client(cwd)
+    parent = mlflow.get_run((sweep_dir / "parent_run_id").read_text().strip())
+    children = mlflow.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, children
+
+
+def test_a_sunn_vs_gunn_sweep_on_digits_nests_its_trials_and_writes_the_report(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=1", "logging.diagnostics=true",
+                        "--dir", str(sweep_dir)], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "sunn-vs-gunn"
+    assert sorted(c.data.params["model.mode"] for c in children) == ["gunn", "sunn"]
+    assert all(c.info.status == "FINISHED" and c.data.tags["study"] == "sunn-vs-gunn" for c in children)
+    assert all(c.data.params["data.name"] == "digits" and "eval_top1_error" in c.data.metrics for c in children)
+    with open(sweep_dir / "report" / "report.csv") as f:
+        rows = {row["mode"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"gunn", "sunn"}
+    assert rows["gunn"]["parameters"] == rows["sunn"]["parameters"] == "104986"
+    assert rows["gunn"]["mmac_per_image"] == rows["sunn"]["mmac_per_image"]
+    assert all(float(row["collapsed_pairs"]) >= 0 and float(row["participation_ratio"]) >= 1 for row in rows.values())
+    artifacts = {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.csv", "report/curves.png"} <= artifacts
+    assert "| mode=gunn | gunn |" in done.stdout and "| mode=sunn | sunn |" in done.stdout
+
+
+def test_a_partitions_sweep_compares_segment_widths_with_sunn_as_reference(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = run(SWEEP + ["--study", "partitions", "--widths", "8", "16", *TINY, "optim.epochs=1",
+                        "--dir", str(sweep_dir)], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, children = sweep_runs(tmp_path, sweep_dir)
+    segments = sorted(c.data.params["model.segments"] for c in children)
+    assert segments == ["None", "[2, 3, 4]", "[4, 6, 8]"]  # SUNN with the model's own segments
+    with open(sweep_dir / "report" / "report.csv") as f:
+        widths = {(row["mode"], row["segment_width"]) for row in csv.DictReader(f)}
+    assert widths == {("sunn", "8/12/16"), ("gunn", "8/8/8"), ("gunn", "16/16/16")}
+    assert (sweep_dir / "report" / "error_vs_width.png").stat().st_size > 0
+
+
+def test_the_report_is_rebuilt_from_mlflow_alone(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    assert run(SWEEP + ["--study", "residual", *TINY, "optim.epochs=1", "--dir", str(sweep_dir)],
+               tmp_path).returncode == 0
+    rebuilt = run(REPORT + ["sweep", "--out", str(tmp_path / "again")], tmp_path)  # by the sweep's name
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert (tmp_path / "again" / "report.md").read_text().count("| residual=") == 2
+    assert "residual), 2 trials" in rebuilt.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--study", "partitions", "--widths", "5"], "segment width 5 does not divide the GUNN layer width(s)"),
+        (["--study", "partitions"], "--study partitions needs --widths"),
+        (["--study", "sunn-vs-gunn", "optim.lr=-1"], "optim.lr must be >= 0.0, got -1.0"),
+        (["--study", "custom", "--space", "missing.yaml"], "--space missing.yaml"),
+    ],
+)
+def test_bad_sweeps_are_refused_before_ray_starts(tmp_path, args, message):
+    done = run(SWEEP + args, tmp_path, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_custom_space_is_a_grid_of_configuration_values(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("model.expansion: [1, 2]\noptim.lr: [0.05]\n")
+    sweep_dir = tmp_path / "sweep"
+    done = run(SWEEP + ["--study", "custom", "--space", str(space), *TINY, "optim.epochs=1",
+                        "--dir", str(sweep_dir)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, children = sweep_runs(tmp_path, sweep_dir)
+    assert sorted((c.data.params["model.expansion"], c.data.params["optim.lr"]) for c in children) == \
+        [("1", "0.05"), ("2", "0.05")]
+
+
+def test_a_sweep_whose_driver_is_killed_resumes_without_redoing_finished_trials(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = SWEEP + ["--study", "sunn-vs-gunn", "--seeds", "0", "1", *TINY, "optim.epochs=2", "--max-concurrent", "1",
+                    "--dir", str(sweep_dir)]
+    driver = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(sweep_dir.glob("runs/*/model-final.pt")):
+        assert driver.poll() is None and time.monotonic() < deadline, "the sweep ended or stalled"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    driver.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep_dir.glob("runs/*/model-final.pt")}
+    assert 1 <= len(finished) < 4
+    resumed = run(SWEEP + ["--resume", str(sweep_dir)], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for name, mtime in finished.items():  # finished trials were not trained again
+        assert (sweep_dir / "runs" / name / "model-final.pt").stat().st_mtime_ns == mtime
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    mlflow = client(tmp_path)
+    assert all([m.step for m in mlflow.get_metric_history(c.info.run_id, "eval_top1_error")] == [1, 2]
+               for c in children)
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_sweep_runs_inside_one_allocation_of_the_local_slurm_cluster(slurm_cluster, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", *TINY, "optim.epochs=1", "--dir", str(sweep_dir),
+                        "--cluster", "slurm", "--profile", "dev", "--cpus-per-task", "2", "--mem-gb", "4",
+                        "--logs", str(tmp_path / "logs"), "--wait"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job = re.search(r"submitted job (\S+):", done.stdout).group(1)
+    assert re.search(rf"job {job}: sweep sweep finished", done.stdout)
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.data.tags.get("slurm_job_id") == job for c in children)
+    assert (sweep_dir / "report" / "report.md").is_file()
