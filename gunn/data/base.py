@@ -61,6 +61,28 @@ def shard(
     return order
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """One rank's share of a data set, epoch by epoch, in whole batches (see ``shard``)."""
+
+    size: int
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    train: bool
+
+    def __len__(self) -> int:
+        if self.train:
+            return train_batches(self.size, self.world_size, self.batch_size)
+        return eval_batches(self.size, self.rank, self.world_size, self.batch_size)
+
+    def indices(self, epoch: int, start: int = 0) -> list[int]:
+        """The sample indices this rank reads in ``epoch``, from batch ``start`` on."""
+        return shard(self.size, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                     batch_size=self.batch_size, train=self.train)[start * self.batch_size:]
+
+
 def train_batches(size: int, world_size: int, batch_size: int) -> int:
     """Whole batches per rank and epoch of a training set (the last partial batch is dropped)."""
     return size // (world_size * batch_size)

@@ -39,14 +39,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gunn.data.base import (
-    Batch,
-    DataBundle,
-    DataError,
-    eval_batches,
-    shard,
-    train_batches,
-)
+from gunn.data.base import Batch, DataBundle, DataError, ShardPlan
 from gunn.data.loader import ShardedLoader
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -172,21 +165,14 @@ class DaliLoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.train, self.device, self.prefetch = train, torch.device(device), prefetch
         self.threads = max(1, workers)
-        size = len(self.files)
-        if train:
-            self._len = train_batches(size, world_size, batch_size)
-        else:
-            self._len = eval_batches(size, rank, world_size, batch_size)
+        self.plan = ShardPlan(len(self.files), batch_size, rank, world_size, seed, train)
 
     def __len__(self) -> int:
-        return self._len
+        return len(self.plan)
 
     def iterate(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from batch ``start`` on: images float32 (B, 3, 224, 224), labels int64."""
-        indices = shard(
-            len(self.files), seed=self.seed, epoch=epoch, rank=self.rank,
-            world_size=self.world_size, batch_size=self.batch_size, train=self.train,
-        )[start * self.batch_size:]
+        indices = self.plan.indices(epoch, start)
         if not indices:
             return iter(())
         return self._batches([self.files[i] for i in indices], [self.labels[i] for i in indices], epoch)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from gunn.data.base import Batch, eval_batches, sample_seed, shard, train_batches
+from gunn.data.base import Batch, ShardPlan, sample_seed
 
 
 class Samples(Protocol):
@@ -56,20 +56,16 @@ class ShardedLoader:
         workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        self.samples, self.batch_size, self.rank, self.world_size = samples, batch_size, rank, world_size
-        self.seed, self.train, self.workers, self.pin_memory = seed, train, workers, pin_memory
-        size = len(samples)
-        self._len = train_batches(size, world_size, batch_size) if train else eval_batches(size, rank, world_size, batch_size)
+        self.samples, self.batch_size, self.seed, self.train = samples, batch_size, seed, train
+        self.workers, self.pin_memory = workers, pin_memory
+        self.plan = ShardPlan(len(samples), batch_size, rank, world_size, seed, train)
 
     def __len__(self) -> int:
-        return self._len
+        return len(self.plan)
 
     def iterate(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from batch ``start`` on."""
-        indices = shard(
-            len(self.samples), seed=self.seed, epoch=epoch, rank=self.rank,
-            world_size=self.world_size, batch_size=self.batch_size, train=self.train,
-        )[start * self.batch_size:]
+        indices = self.plan.indices(epoch, start)
         keys = [(i, sample_seed(self.seed, epoch, i) if self.train else None) for i in indices]
         if not keys:
             return iter(())

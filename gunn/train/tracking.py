@@ -125,12 +125,7 @@ class _Journal:
                     # A process killed mid-write leaves a partial last line; nothing was sent for it.
                     _log.warning("Skipping unreadable line %d of %s", lineno, self.path)
                     continue
-                if "seq" in entry:
-                    self.work.append(entry)
-                elif "sent" in entry:
-                    self.sent.add(entry["sent"])
-                elif "run_id" in entry:
-                    self.runs[entry["tracking_uri"]] = entry["run_id"]
+                self._remember(entry)
 
     @property
     def next_seq(self) -> int:
@@ -151,6 +146,9 @@ class _Journal:
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
+        self._remember(entry)
+
+    def _remember(self, entry: dict[str, Any]) -> None:
         if "seq" in entry:
             self.work.append(entry)
         elif "sent" in entry:
