@@ -94,7 +94,9 @@ def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str,
     trials = []
     for point, seed in itertools.product(study_points(args, base), args.seeds):
         key = trial_key(point, seed)
-        overrides = list(args.overrides) + [f"{k}={json.dumps(v)}" for k, v in point.items()] + [
+        # Diagnostics on by default (one batch per epoch), so the report compares them; the
+        # user's overrides come next and may turn them off, the study's own values after that.
+        overrides = ["logging.diagnostics=true", *args.overrides] + [f"{k}={json.dumps(v)}" for k, v in point.items()] + [
             f"runtime.seed={seed}",
             f"checkpoint.dir={sweep_dir / 'runs' / key}",
             "logging.progress=false", "logging.mlflow=true", f"logging.tracking_uri={tracking_uri}",
@@ -319,8 +321,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--resume {args.resume}: no sweep there ({saved} is missing)")
         resumed = argparse.Namespace(**yaml.safe_load(saved.read_text()))
         resumed.resume, resumed.dir = args.resume, args.resume
-        for key in ("cluster", "wait", "logs", "verbose"):
-            setattr(resumed, key, getattr(args, key))
+        # Where and how to run now comes from this command line, not from the first one.
+        for key in ("cluster", "wait", "logs", "verbose", "profile", "sbatch", *launch.CLUSTER_OPTIONS):
+            if hasattr(args, key):
+                setattr(resumed, key, getattr(args, key))
         return resumed
     if args.study is None:
         parser.error("--study is required (or --resume DIR)")

@@ -45,8 +45,7 @@ def sweep_runs(cwd: Path, sweep_dir: Path) -> tuple[object, list[object]]:
 
 def test_a_sunn_vs_gunn_sweep_on_digits_nests_its_trials_and_writes_the_report(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    done = run(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=1", "logging.diagnostics=true",
-                        "--dir", str(sweep_dir)], tmp_path)
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=1", "--dir", str(sweep_dir)], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     parent, children = sweep_runs(tmp_path, sweep_dir)
     assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "sunn-vs-gunn"
