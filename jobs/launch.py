@@ -366,14 +366,18 @@ def run_slurm(configs: list[RunConfig], args: argparse.Namespace, options: dict[
     jobs = submit_reporting_refusal(tasks, options, args.logs, configs[0].name if len(configs) == 1 else "gunn-array")
     if jobs is None:
         return 1
-    describe(jobs, [c.name for c in configs], [c.checkpoint.dir for c in configs])
-    return follow(jobs) if args.wait else 0
+    return follow(jobs, [c.name for c in configs], [c.checkpoint.dir for c in configs], args.wait)
 
 
-def follow(jobs: list[Any]) -> int:
-    """``wait`` for the jobs; Ctrl-C stops following and leaves them running."""
+def follow(jobs: list[Any], names: list[str], directories: list[str], wait_for_end: bool) -> int:
+    """Describes the submitted jobs and, with ``wait_for_end``, follows them to the end.
+
+    Ctrl-C from here on stops following and leaves the jobs running.
+    """
     try:
-        return wait(jobs)
+        describe(jobs, names, directories)
+        sys.stdout.flush()  # the job id, at once, also when the output goes to a pipe or file
+        return wait(jobs) if wait_for_end else 0
     except KeyboardInterrupt:
         ids = ",".join(sorted({str(j.job_id).split("_")[0] for j in jobs}))
         print(f"\nstopped following; the job keeps running (cancel: scancel {ids})", file=sys.stderr)

@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,10 @@ def run_trial(space: dict[str, Any]) -> None:
 
     from gunn.train.engine import train
 
+    # A trial is one process. The rank variables that the Slurm task (or torchrun) starting
+    # this Ray node left in the environment describe the sweep's allocation, not the trial.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        os.environ.pop(name, None)
     config = cfgmod.from_dict(space["trial"]["config"])
     reported = []
 
@@ -249,19 +254,30 @@ class SweepJob:
         head = socket.gethostbyname(env.hostnames[0])
         port = 20000 + int(env.job_id.split("_")[0]) % 20000
         cpus = os.environ.get("SLURM_CPUS_PER_TASK", "1")
-        common = ["--num-cpus", cpus, "--disable-usage-stats"]
+        # A Ray directory per node of this job: nodes that share /tmp (several on one host,
+        # as in slurm/dev-cluster) would otherwise share sockets.
+        temp = Path(tempfile.gettempdir()) / f"ray-{env.job_id}-{env.node}"
+        common = ["--num-cpus", cpus, "--disable-usage-stats", "--temp-dir", str(temp)]
+        done = self.sweep_dir / f"ray-done-{env.job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
         if env.global_rank != 0:
-            subprocess.run([*RAY, "start", "--address", f"{head}:{port}", "--block", *common], check=False)
+            _ray_worker([*RAY, "start", "--address", f"{head}:{port}", "--block", *common], done)
+            if done.is_file() and done.read_text() == "0":
+                shutil.rmtree(temp, ignore_errors=True)  # Ray's logs are kept when the sweep failed
             return {"status": "worker", "summary": "Ray worker stopped"}
+        done.unlink(missing_ok=True)
         signal.signal(signal.SIGUSR2, lambda *_: _requeue_and_exit(env.job_id))
         subprocess.run([*RAY, "start", "--head", "--node-ip-address", head, "--port", str(port),
                         "--include-dashboard=false", *common], check=True)
+        status = 1
         try:
             _wait_for_nodes(f"{head}:{port}", env.num_nodes)
             self.args.resume = True  # a requeued job continues the sweep it started
             status = drive(self.args, self.sweep_dir, address=f"{head}:{port}")
         finally:
+            done.write_text(str(status))  # tells the workers to stop their Ray nodes
             subprocess.run([*RAY, "stop", "--force"], check=False, capture_output=True)
+        if status == 0:
+            shutil.rmtree(temp, ignore_errors=True)
         return {"status": "finished" if status == 0 else "failed",
                 "summary": f"sweep {self.sweep_dir.name} {'finished' if status == 0 else 'had failed trials'}, "
                            f"report in {self.sweep_dir / 'report'}"}
@@ -271,6 +287,23 @@ class SweepJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
+
+
+def _ray_worker(command: list[str], done: Path) -> None:
+    """Runs a Ray worker node until the head marks the sweep done (or the node dies)."""
+    node = subprocess.Popen(command, start_new_session=True)
+    while node.poll() is None and not done.exists():
+        time.sleep(1)
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(node.pid, sig)  # the node's raylet and workers are in its process group
+        except ProcessLookupError:
+            break
+        try:
+            node.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _requeue_and_exit(job_id: str) -> None:
@@ -370,8 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = launch.submit_reporting_refusal([SweepJob(args, sweep_dir)], options, args.logs, sweep_dir.name)
     if jobs is None:
         return 1
-    launch.describe(jobs, [sweep_dir.name], [str(sweep_dir)])
-    return launch.follow(jobs) if args.wait else 0
+    return launch.follow(jobs, [sweep_dir.name], [str(sweep_dir)], args.wait)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import resource
+import socket
 import subprocess
 import sys
 import threading
@@ -200,6 +201,7 @@ class _Run:
             "data": c.data.name,
             "world_size": str(self.info.world_size),
             "device": self.device.type,
+            "host": socket.gethostname(),  # rank 0's node
             "git_commit": _git_commit(),
         }
         if "SLURM_JOB_ID" in os.environ:

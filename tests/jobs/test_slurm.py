@@ -172,18 +172,27 @@ def test_a_bad_cluster_profile_names_the_file_and_the_option(slurm_cluster, tmp_
 
 
 def test_sigint_to_the_launcher_does_not_cancel_a_submitted_job(slurm_cluster, tmp_path):
+    # PYTHONFAULTHANDLER: should the launcher hang, SIGABRT makes it print where it is.
     process = subprocess.Popen(LAUNCH + slurm(QUICK + ["optim.epochs=30", "logging.mlflow=false", "--wait"], tmp_path),
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+                               env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"})
     deadline = time.monotonic() + 120
     line = ""
     while "submitted job" not in line:
         line = process.stdout.readline()
+        assert line or process.poll() is None, process.stderr.read()
         assert time.monotonic() < deadline
     job = re.search(r"submitted job (\S+):", line).group(1)
-    process.send_signal(signal.SIGINT)
-    process.wait(timeout=30)
     try:
+        process.send_signal(signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            out, err = process.communicate(timeout=30)
+            pytest.fail(f"the launcher did not stop following within 60 s of SIGINT:\n{out}\n{err}")
+        assert process.returncode == 130, out + err
+        assert f"stopped following; the job keeps running (cancel: scancel {job})" in err
         assert job in queued_jobs(), "interrupting --wait must leave the job running"
     finally:
         subprocess.run(["scancel", job], check=False)

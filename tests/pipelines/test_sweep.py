@@ -148,3 +148,18 @@ def test_a_sweep_runs_inside_one_allocation_of_the_local_slurm_cluster(slurm_clu
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.data.tags.get("slurm_job_id") == job for c in children)
     assert (sweep_dir / "report" / "report.md").is_file()
+
+
+def test_a_sweep_over_two_nodes_places_trials_on_ray_workers_started_with_srun(slurm_cluster, tmp_path):
+    if len(slurm_cluster.nodes) < 2:
+        pytest.fail("this test needs the two-node development cluster: slurm/dev-cluster up --nodes 2")
+    # One CPU per node and per trial: the two trials can only run at once, one on each node.
+    sweep_dir = tmp_path / "sweep"
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", *TINY, "optim.epochs=1", "--dir", str(sweep_dir),
+                        "--cluster", "slurm", "--profile", "dev", "--nodes", "2", "--cpus-per-task", "1",
+                        "--mem-gb", "3", "--logs", str(tmp_path / "logs"), "--wait"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert sorted(c.data.tags["host"] for c in children) == slurm_cluster.nodes[:2]
+    assert all(c.info.status == "FINISHED" for c in children)

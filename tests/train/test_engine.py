@@ -189,7 +189,7 @@ def test_a_run_logs_config_metrics_tags_and_artifacts_to_mlflow_and_resumes_the_
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["model.name"] == "gunn_tiny"
     assert len(run.data.params) == len(cfgmod.flatten(small(tmp_path)))
-    assert {"model", "mode", "segments", "world_size", "git_commit"} <= set(run.data.tags)
+    assert {"model", "mode", "segments", "world_size", "git_commit", "host"} <= set(run.data.tags)
     assert run.data.tags["mode"] == "gunn" and run.data.tags["segments"] == "4,4,4"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval_top1_error")]
     assert steps == [1, 2, 3]
