@@ -172,10 +172,13 @@ def test_a_bad_cluster_profile_names_the_file_and_the_option(slurm_cluster, tmp_
 
 
 def test_sigint_to_the_launcher_does_not_cancel_a_submitted_job(slurm_cluster, tmp_path):
-    # PYTHONFAULTHANDLER: should the launcher hang, SIGABRT makes it print where it is.
+    # The launcher gets SIGINT's default disposition, as from a terminal: a test run started in
+    # the background of a non-interactive shell (CI scripts) inherits SIGINT ignored, and so
+    # would the launcher. PYTHONFAULTHANDLER: should it hang, SIGABRT makes it print where.
     process = subprocess.Popen(LAUNCH + slurm(QUICK + ["optim.epochs=30", "logging.mlflow=false", "--wait"], tmp_path),
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"})
+                               env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     line = ""
     while "submitted job" not in line:
