@@ -218,6 +218,16 @@ def cluster_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def requeue_job(job_id: str, max_requeues: int, resumes_from: object) -> None:
+    """``scontrol requeue`` of this job, unless it was requeued ``max_requeues`` times already."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_requeues:
+        print(f"not requeued: the job was requeued {restarts} times already (max_requeues)", flush=True)
+        return
+    print(f"requeueing job {job_id} (restart {restarts + 1}); it continues from {resumes_from}", flush=True)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+
+
 class TrainingJob:
     """What every Slurm task runs: one DDP rank of a training run, requeued on SIGUSR2.
 
@@ -248,13 +258,7 @@ class TrainingJob:
         signal.signal(signal.SIGTERM, lambda *_: request_stop())
         result = train(cfgmod.from_dict(self.config))
         if result.status == "interrupted" and requeue and job.global_rank == 0:
-            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-            if restarts >= self.max_requeues:
-                print(f"not requeued: the job was requeued {restarts} times already (max_requeues)", flush=True)
-            else:
-                print(f"requeueing job {job.job_id} (restart {restarts + 1}); it continues from {result.run_dir}",
-                      flush=True)
-                subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=60)
+            requeue_job(job.job_id, self.max_requeues, result.run_dir)
         error = result.metrics.get("eval_top1_error", float("nan"))
         return {"status": result.status, "summary": f"{result.status}, {result.epochs_done} epochs, eval top-1 error "
                 f"{error:.2f}%, run directory {result.run_dir}"}

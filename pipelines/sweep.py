@@ -46,6 +46,8 @@ from gunn.data import DataError  # noqa: E402
 
 STUDIES = ("sunn-vs-gunn", "partitions", "residual", "custom")
 SETTINGS = "sweep.yaml"  # the sweep's arguments, read back by --resume
+# Options that say where and how a sweep runs: not saved with it, taken anew on --resume.
+WHERE_TO_RUN = ("cluster", "wait", "logs", "verbose", "profile", "sbatch", *launch.CLUSTER_OPTIONS)
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # Ray's command line, from this environment
 
 
@@ -232,8 +234,8 @@ class SweepJob:
     the job, and the requeued job resumes the sweep from its directory.
     """
 
-    def __init__(self, args: argparse.Namespace, sweep_dir: Path) -> None:
-        self.args, self.sweep_dir = args, sweep_dir
+    def __init__(self, args: argparse.Namespace, sweep_dir: Path, max_requeues: int) -> None:
+        self.args, self.sweep_dir, self.max_requeues = args, sweep_dir, max_requeues
 
     def __call__(self) -> dict[str, Any]:
         import submitit
@@ -265,7 +267,7 @@ class SweepJob:
                 shutil.rmtree(temp, ignore_errors=True)  # Ray's logs are kept when the sweep failed
             return {"status": "worker", "summary": "Ray worker stopped"}
         done.unlink(missing_ok=True)
-        signal.signal(signal.SIGUSR2, lambda *_: _requeue_and_exit(env.job_id))
+        signal.signal(signal.SIGUSR2, lambda *_: launch.requeue_job(env.job_id, self.max_requeues, self.sweep_dir))
         subprocess.run([*RAY, "start", "--head", "--node-ip-address", head, "--port", str(port),
                         "--include-dashboard=false", *common], check=True)
         status = 1
@@ -304,11 +306,6 @@ def _ray_worker(command: list[str], done: Path) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
-
-
-def _requeue_and_exit(job_id: str) -> None:
-    print(f"SIGUSR2: requeueing job {job_id}; the sweep resumes from its directory", flush=True)
-    subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
 
 
 def _wait_for_nodes(address: str, nodes: int, timeout: float = 300) -> None:
@@ -355,7 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         resumed = argparse.Namespace(**yaml.safe_load(saved.read_text()))
         resumed.resume, resumed.dir = args.resume, args.resume
         # Where and how to run now comes from this command line, not from the first one.
-        for key in ("cluster", "wait", "logs", "verbose", "profile", "sbatch", *launch.CLUSTER_OPTIONS):
+        for key in WHERE_TO_RUN:
             if hasattr(args, key):
                 setattr(resumed, key, getattr(args, key))
         return resumed
@@ -393,14 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("targets", "resume", "cluster", "wait", "logs", "verbose", "profile", "sbatch",
-                                 *launch.CLUSTER_OPTIONS)}
+                    if k not in ("targets", "resume", *WHERE_TO_RUN)}
         (sweep_dir / SETTINGS).write_text(yaml.safe_dump(settings))
     if args.cluster != "slurm":
         return drive(args, sweep_dir)
     # The job unpickles this script's SweepJob, which imports report.py and launch.py by name.
     options["setup"] = [*options["setup"], f'export PYTHONPATH="{HERE}:{HERE.parent / "jobs"}${{PYTHONPATH:+:$PYTHONPATH}}"']
-    jobs = launch.submit_reporting_refusal([SweepJob(args, sweep_dir)], options, args.logs, sweep_dir.name)
+    jobs = launch.submit_reporting_refusal([SweepJob(args, sweep_dir, options["max_requeues"])], options, args.logs, sweep_dir.name)
     if jobs is None:
         return 1
     return launch.follow(jobs, [sweep_dir.name], [str(sweep_dir)], args.wait)
