@@ -96,6 +96,9 @@ class RuntimeConfig:
     amp: Literal["none", "bf16", "fp16"] = field(default="none", metadata=_meta("autocast dtype"))
     channels_last: bool = field(default=True, metadata=_meta("channels_last memory format"))
     compile: bool = field(default=False, metadata=_meta("torch.compile the model"))
+    threads: int = field(default=0, metadata=_meta(
+        "CPU threads per process (0: OMP_NUM_THREADS if set, else the CPUs shared out among this node's ranks)",
+        min=0))
     seed: int = field(default=0, metadata=_meta("seed of data order, augmentation and initialisation"))
 
 

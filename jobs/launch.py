@@ -150,7 +150,14 @@ def run_local(config: RunConfig, nproc: int) -> int:
     import torch.multiprocessing as mp
 
     port = _free_port()
-    mp.start_processes(_rank_main, args=(nproc, port, cfgmod.to_dict(config)), nprocs=nproc, start_method="spawn")
+    try:
+        mp.start_processes(_rank_main, args=(nproc, port, cfgmod.to_dict(config)), nprocs=nproc,
+                           start_method="spawn")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:  # raised, killed or exited early
+        print(f"error: rank {err.error_index} of {nproc} failed: {str(err).strip()}\nThe other ranks were "
+              f"stopped. Run the same command again to continue {config.checkpoint.dir} from its last "
+              "checkpoint.", file=sys.stderr)
+        return 1
     print(f"finished: {nproc} processes, run directory {config.checkpoint.dir}")
     return 0
 
@@ -159,7 +166,7 @@ def _rank_main(rank: int, world_size: int, port: int, config: dict[str, Any]) ->
     from gunn.train.engine import request_stop, train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     signal.signal(signal.SIGTERM, lambda *_: request_stop())
     signal.signal(signal.SIGUSR1, lambda *_: request_stop())
     train(cfgmod.from_dict(config))

@@ -40,30 +40,65 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def tasks_on_this_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's entry of Slurm's SLURM_TASKS_PER_NODE (``2(x3),1``: 2 on nodes 0-2, 1 on node 3)."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    return counts[min(node_id, len(counts) - 1)]
+
+
 def environment() -> dict[str, str]:
-    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT as torchrun sets them, else from Slurm."""
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them, else
+    from Slurm."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return {
             "RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
+            "LOCAL_WORLD_SIZE": env.get("LOCAL_WORLD_SIZE", "1"),
             "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", "29500"),
         }
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
         job = int(env.get("SLURM_JOB_ID", "0"))
+        local_world = tasks_on_this_node(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1")),
+                                         int(env.get("SLURM_NODEID", "0")))
         return {
             "RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(local_world),
             "MASTER_ADDR": env.get("MASTER_ADDR", nodes[0]),
             # One port per job, so that jobs sharing a node do not collide.
             "MASTER_PORT": env.get("MASTER_PORT", str(20000 + job % 20000)),
         }
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500"}
 
 
-def setup(device: str = "auto", backend: str = "auto") -> DistInfo:
-    """Joins the process group the environment describes (if more than one process) and picks the device."""
+def cpu_threads(requested: int, local_world_size: int) -> int | None:
+    """Intra-op threads for this process: ``requested`` if positive; else None (torch's own choice) when
+    OMP_NUM_THREADS is set or this is the node's only rank; else Slurm's CPUs per task if set, otherwise
+    the CPUs this process may use shared out among the node's ranks. Several ranks that each take every
+    core oversubscribe it: on 2 cores two local ranks ran 20x slower than one."""
+    if requested > 0:
+        return requested
+    if "OMP_NUM_THREADS" in os.environ or local_world_size <= 1:
+        return None
+    available = len(os.sched_getaffinity(0))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:  # Slurm may already have bound this task to them
+        return min(available, int(per_task))
+    return max(1, available // local_world_size)
+
+
+def setup(device: str = "auto", backend: str = "auto", threads: int = 0) -> DistInfo:
+    """Joins the process group the environment describes (if more than one process), picks the device and the
+    number of CPU threads (see ``cpu_threads``)."""
     env = environment()
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    chosen_threads = cpu_threads(threads, int(env["LOCAL_WORLD_SIZE"]))
+    if chosen_threads is not None:
+        torch.set_num_threads(chosen_threads)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
@@ -84,9 +119,12 @@ def setup(device: str = "auto", backend: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, target)
 
 
-def teardown() -> None:
-    """Leaves the process group, if one was joined."""
+def teardown(together: bool = True) -> None:
+    """Leaves the process group, if one was joined: after a barrier when every rank gets here
+    (``together``), so that no rank closes its connections while another still uses the group."""
     if dist.is_initialized():
+        if together and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

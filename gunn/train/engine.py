@@ -107,12 +107,15 @@ def train(config: RunConfig, *, stop_after: int | None = None, on_epoch: EpochCa
     checkpoint)`` is called on rank 0 after every epoch with its metrics and the newest
     checkpoint file (how sweeps report to Ray Tune).
     """
-    info = distributed.setup(config.runtime.device, config.dist.backend)
+    info = distributed.setup(config.runtime.device, config.dist.backend, config.runtime.threads)
+    together = False  # after an error the other ranks may never reach the final barrier
     try:
         validate(config, info.world_size)
-        return _Run(config, info, on_epoch).run(stop_after)
+        result = _Run(config, info, on_epoch).run(stop_after)
+        together = True
+        return result
     finally:
-        distributed.teardown()
+        distributed.teardown(together)
 
 
 class _Run:
@@ -224,6 +227,9 @@ class _Run:
                            tracking_uri=getattr(tracker, "tracking_uri", None))
         status = "FAILED"
         try:
+            if self.info.world_size > 1:
+                self.log(f"{self.info.world_size} ranks, {torch.get_num_threads()} CPU thread(s) each "
+                         f"(runtime.threads)")
             if self.epoch == 0 and self.batch == 0:
                 self.log(f"run directory: {self.run_dir}")
                 if tracker is not None:

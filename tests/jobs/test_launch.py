@@ -18,11 +18,27 @@ QUICK = ["data.name=synthetic", "data.samples=256", "data.image_size=16", "data.
          "logging.progress=false"]
 
 
-def launch(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = str(REPO)
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    return subprocess.run(LAUNCH + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that crashes shows where
+    return env
+
+
+def launch(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(LAUNCH + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def launch_until_checkpoint(args: list[str], cwd: Path, run_dir: Path) -> subprocess.Popen:
+    """Starts the launcher and returns once the run has written its first checkpoint."""
+    process = subprocess.Popen(LAUNCH + args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("checkpoint-*.pt")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    return process
 
 
 def test_no_arguments_trains_the_digits_demo_to_95_percent_and_logs_it_locally(tmp_path):
@@ -69,13 +85,7 @@ def test_fields_and_the_resolved_configuration_can_be_printed(tmp_path):
 def test_sigterm_checkpoints_and_a_second_launch_finishes_the_run(tmp_path):
     run_dir = tmp_path / "run"
     args = QUICK + ["optim.epochs=40", "logging.mlflow=false", f"checkpoint.dir={run_dir}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(LAUNCH + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    deadline = time.monotonic() + 300
-    while not list(run_dir.glob("checkpoint-*.pt")):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.2)
+    process = launch_until_checkpoint(args, tmp_path, run_dir)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 3, err[-2000:]
@@ -90,4 +100,27 @@ def test_nproc_runs_data_parallel_processes_on_this_machine(tmp_path):
                            "--nproc", "2"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "finished: 2 processes" in done.stdout
+    # Two ranks on this machine share its CPUs instead of each taking all of them.
+    assert f"2 ranks, {max(1, len(os.sched_getaffinity(0)) // 2)} CPU thread(s) each" in done.stdout
     assert (tmp_path / "run" / "model-final.pt").is_file()
+
+
+def _spawned_ranks(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
+
+
+def test_a_killed_rank_stops_the_run_with_a_clear_error_and_the_run_continues_from_its_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = QUICK + ["optim.epochs=6", "logging.mlflow=false", f"checkpoint.dir={run_dir}", "--nproc", "2"]
+    process = launch_until_checkpoint(args, tmp_path, run_dir)
+    ranks = _spawned_ranks(process.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1, err[-2000:]
+    assert re.search(r"error: rank [01] of 2 failed: process [01] terminated with signal SIGKILL", err), err[-2000:]
+    assert f"Run the same command again to continue {run_dir}" in err and "Traceback" not in err
+    resumed = launch(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr + resumed.stdout and (run_dir / "model-final.pt").is_file()
