@@ -97,8 +97,8 @@ class RuntimeConfig:
     channels_last: bool = field(default=True, metadata=_meta("channels_last memory format"))
     compile: bool = field(default=False, metadata=_meta("torch.compile the model"))
     threads: int = field(default=0, metadata=_meta(
-        "CPU threads per process (0: OMP_NUM_THREADS if set, else the CPUs shared out among this node's ranks)",
-        min=0))
+        "CPU threads per process (0: torch's default for a node's only rank or with OMP_NUM_THREADS set; "
+        "else Slurm's CPUs per task, or the CPUs shared out among this node's ranks)", min=0))
     seed: int = field(default=0, metadata=_meta("seed of data order, augmentation and initialisation"))
 
 

@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         return drive(args, sweep_dir)
     # The job unpickles this script's SweepJob, which imports report.py and launch.py by name.
     options["setup"] = [*options["setup"], f'export PYTHONPATH="{HERE}:{HERE.parent / "jobs"}${{PYTHONPATH:+:$PYTHONPATH}}"']
-    jobs = launch.submit_reporting_refusal([SweepJob(args, sweep_dir, options["max_requeues"])], options, args.logs, sweep_dir.name)
+    job = SweepJob(args, sweep_dir, options["max_requeues"])
+    jobs = launch.submit_reporting_refusal([job], options, args.logs, sweep_dir.name)
     if jobs is None:
         return 1
     return launch.follow(jobs, [sweep_dir.name], [str(sweep_dir)], args.wait)

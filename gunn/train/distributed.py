@@ -79,7 +79,7 @@ def cpu_threads(requested: int, local_world_size: int) -> int | None:
     """Intra-op threads for this process: ``requested`` if positive; else None (torch's own choice) when
     OMP_NUM_THREADS is set or this is the node's only rank; else Slurm's CPUs per task if set, otherwise
     the CPUs this process may use shared out among the node's ranks. Several ranks that each take every
-    core oversubscribe it: on 2 cores two local ranks ran 20x slower than one."""
+    core oversubscribe it: thin CPU kernels then spend their time waiting for each other."""
     if requested > 0:
         return requested
     if "OMP_NUM_THREADS" in os.environ or local_world_size <= 1:
