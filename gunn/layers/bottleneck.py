@@ -7,6 +7,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gunn.layers import fastpath
 from gunn.layers.fused import conv_bn_many
 from gunn.layers.gradual import GradualUpdate, Memory, Mode, check_memory, check_mode
 
@@ -86,6 +87,10 @@ class GunnLayer(GradualUpdate):
     ``mode="gunn"`` updates the segments one after the other (each sees the earlier ones
     already updated), ``mode="sunn"`` all at once from the input, with the same weights.
     ``residual=False`` replaces each segment by its update (the paper's NoRes ablation).
+
+    Training in GUNN mode with ``memory="efficient"`` runs a hand-written backward for these
+    units (``gunn.layers.fastpath``) where it applies; ``fast_path = False`` makes the layer
+    use the generic container's path instead (same numbers, slower).
     """
 
     def __init__(
@@ -114,12 +119,18 @@ class GunnLayer(GradualUpdate):
         super().__init__(units, residual=residual, mode=mode, memory=memory)
         self.channels, self.segments, self.expansion, self.depth = channels, segments, expansion, depth
         self.projection = projection
+        self.fast_path = True
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, segments={self.segments}, expansion={self.expansion}, "
             f"depth={self.depth}, projection={self.projection}, " + super().extra_repr()
         )
+
+    def _gradual_efficient(self, x: Tensor) -> Tensor:
+        if self.memory == "efficient" and fastpath.supported(self, x):
+            return fastpath.gradual_update(self, x)
+        return super()._gradual_efficient(x)
 
     def simultaneous_update(self, x: Tensor) -> Tensor:
         """All units at once: one wide 1x1 conv over the input, then grouped convs (SUNN)."""

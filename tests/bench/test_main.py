@@ -14,7 +14,9 @@ def test_benchmark_prints_memory_and_time_ratios_for_layer_and_model(capsys):
                  "--layer", "16,4,8", "--only", "layer", "models"]) == 0
     out = capsys.readouterr().out
     assert "## GunnLayer(16, 4) at 8x8" in out and "## gunn15 at 32x32" in out
-    for key in ("memory gunn/sunn", "memory gunn-autograd/sunn", "time gunn/sunn", "time gunn/gunn-autograd"):
+    keys = ("memory gunn/sunn", "memory gunn-autograd/sunn", "time gunn/sunn", "time gunn/gunn-autograd",
+            "time gunn/gunn-generic")
+    for key in keys:
         values = re.findall(rf"{re.escape(key)}\s+(\d+\.\d+)", out)
         assert len(values) == 2, key  # once for the layer, once for the model
         assert all(float(v) > 0 for v in values)

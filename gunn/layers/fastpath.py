@@ -1,0 +1,431 @@
+"""GUNN mode of ``GunnLayer`` as one autograd Function with a hand-written backward.
+
+The generic container (``gradual.py``) runs any update units gradually and gets the
+paper's Algorithm 1 memory from saved-tensor hooks around ordinary autograd. For the
+paper's own bottleneck units (M = 1) this module does the same work in fewer, cheaper
+steps:
+
+- forward: the units' first 1x1 convs and projections, with their BatchNorm parameters
+  and statistics, are concatenated once per layer instead of once per unit;
+- backward: the units run in reverse order as direct ATen calls and the state before
+  unit i is rebuilt from the layer's input x and output y (Algorithm 1). In channels_last
+  a 1x1 conv is a product of (pixels, channels) matrices, and the first convs of a block
+  of consecutive units are differentiated together: one ``addmm_`` adds their input
+  gradients to the state gradient in place, one product gives their weight gradients.
+  Per unit, autograd would allocate an N-channel input gradient and add it, and read the
+  whole state again for each weight gradient: P passes over the state instead of P/k.
+
+It keeps exactly the tensors a plain autograd loop keeps inside each unit, never the
+intermediate states, and gives the same numbers (the tests compare in float64). What it
+does not cover (M >= 2, SyncBatchNorm or other norms, BatchNorm in eval mode, autocast,
+hooks on the units, second-order gradients) runs on the generic path instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gunn.layers.gradual import _check_fits
+
+aten = torch.ops.aten
+
+_CONV_1X1 = ((1, 1), (0, 0), (1, 1))  # stride, padding, dilation
+_CONV_3X3 = ((1, 1), (1, 1), (1, 1))
+
+
+def supported(layer: nn.Module, x: Tensor) -> bool:
+    """Whether ``gradual_update(layer, x)`` computes exactly what the generic path would."""
+    if not getattr(layer, "fast_path", False) or layer.depth != 1 or x.dim() != 4:
+        return False
+    if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+        return False
+    if _global_hooks():
+        return False
+    from gunn.layers.bottleneck import Bottleneck, UpdateUnit  # noqa: PLC0415 (imports this module)
+
+    containers = (nn.ModuleList, nn.Sequential, UpdateUnit, Bottleneck)
+    reference: tuple | None = None
+    for module in layer.units.modules():
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+            return False
+        if getattr(module, "_backward_pre_hooks", None):
+            return False
+        kind = type(module)
+        if kind is nn.BatchNorm2d:
+            settings = (module.training, module.momentum, module.eps, module.affine, module.track_running_stats)
+            if reference is None:
+                reference = settings
+            if settings != reference or not module.training or not module.affine:
+                return False
+        elif kind is nn.Conv2d:
+            k = module.kernel_size
+            if (
+                module.bias is not None
+                or module.groups != 1
+                or module.padding_mode != "zeros"
+                or k not in ((1, 1), (3, 3))
+                or module.padding != (k[0] // 2, k[1] // 2)
+                or module.stride != (1, 1)
+                or module.dilation != (1, 1)
+            ):
+                return False
+        elif kind not in containers:
+            return False
+    return True
+
+
+def _global_hooks() -> bool:
+    hooks = nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or getattr(hooks, "_global_backward_pre_hooks", None)
+    )
+
+
+def _unit_parameters(unit: nn.Module) -> list[Tensor]:
+    block = unit.blocks[0]
+    params = [
+        block.conv1.weight, block.bn1.weight, block.bn1.bias,
+        block.conv2.weight, block.bn2.weight, block.bn2.bias,
+        block.conv3.weight, block.bn3.weight, block.bn3.bias,
+    ]  # fmt: skip
+    if unit.proj is not None:
+        params += [unit.proj[0].weight, unit.proj[1].weight, unit.proj[1].bias]
+    return params
+
+
+def gradual_update(layer: nn.Module, x: Tensor) -> Tensor:
+    """The layer's output in GUNN mode (train mode, with autograd), see the module docstring."""
+    params = [p for unit in layer.units for p in _unit_parameters(unit)]
+    return _GradualBottlenecks.apply(x, layer, *params)
+
+
+def _momentum(norm: nn.BatchNorm2d) -> float:
+    """The running-statistics factor ``nn.BatchNorm2d.forward`` uses, after counting this batch."""
+    if not norm.track_running_stats:
+        return 0.0
+    norm.num_batches_tracked.add_(1)
+    if norm.momentum is None:  # cumulative moving average
+        return 1.0 / float(norm.num_batches_tracked)
+    return norm.momentum
+
+
+def _cat(tensors: Sequence[Tensor | None]) -> Tensor | None:
+    if tensors[0] is None:
+        return None
+    return torch.cat(tensors)  # type: ignore[arg-type]
+
+
+class _FirstConvs:
+    """Every unit's first 1x1 conv and projection, with their BatchNorms, concatenated.
+
+    Unit i owns rows ``offsets[i]:offsets[i+1]`` (its conv1 rows, then its projection's).
+    """
+
+    def __init__(self, units: Sequence[nn.Module]) -> None:
+        convs: list[nn.Conv2d] = []
+        norms: list[nn.BatchNorm2d] = []
+        self.offsets = [0]
+        for unit in units:
+            pairs = [(unit.blocks[0].conv1, unit.blocks[0].bn1)]
+            if unit.proj is not None:
+                pairs.append((unit.proj[0], unit.proj[1]))
+            for conv, norm in pairs:
+                convs.append(conv)
+                norms.append(norm)
+            self.offsets.append(self.offsets[-1] + sum(conv.out_channels for conv, _ in pairs))
+        self.norms = norms
+        self.weight = torch.cat([c.weight for c in convs])
+        self.gamma = torch.cat([n.weight for n in norms])
+        self.beta = torch.cat([n.bias for n in norms])
+        self.mean = _cat([n.running_mean for n in norms])
+        self.var = _cat([n.running_var for n in norms])
+
+    def rows(self, i: int) -> slice:
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    def write_back(self) -> None:
+        """Copies the updated running statistics into each BatchNorm module."""
+        if self.mean is None or self.var is None:
+            return
+        sizes = [n.num_features for n in self.norms]
+        for norm, mean, var in zip(self.norms, self.mean.split(sizes), self.var.split(sizes)):
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+
+
+def _batch_norm(x: Tensor, norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
+    return aten.native_batch_norm(
+        x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, _momentum(norm), norm.eps
+    )
+
+
+def _pixels(t: Tensor) -> Tensor:
+    """A channels_last (B, C, H, W) tensor as its (B*H*W, C) matrix (a view when it can be)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _image(m: Tensor, like: Tensor) -> Tensor:
+    """The inverse of ``_pixels``: a (B*H*W, C) matrix as a channels_last (B, C, H, W) view."""
+    b, _, h, w = like.shape
+    return m.view(b, h, w, m.shape[1]).permute(0, 3, 1, 2)
+
+
+def _batch_norm_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, eps: float, out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm backward: the gradients of x (into ``out`` if given), weight, bias."""
+    args = (grad, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+    if out is None:
+        return aten.native_batch_norm_backward(*args)
+    return aten.native_batch_norm_backward.out(*args, out0=out, out1=weight.new_empty(weight.shape),
+                                               out2=weight.new_empty(weight.shape))
+
+
+class _GradualBottlenecks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: nn.Module, *params: Tensor) -> Tensor:
+        units = list(layer.units)
+        first = _FirstConvs(units)
+        # The state runs in channels_last wherever a 1x1 conv can be a matrix product: on the
+        # CPU always (an NCHW input is converted here and the output converted back, which
+        # costs two copies of the state and is much faster than NCHW on the CPU), elsewhere
+        # when the input already is channels_last.
+        matrices = (x.device.type == "cpu" and CPU_CHANNELS_LAST) or x.is_contiguous(memory_format=torch.channels_last)
+        state = torch.empty_like(x, memory_format=torch.channels_last if matrices else torch.preserve_format)
+        state.copy_(x)
+        saved: list[Tensor] = []
+        starts = [0]
+        for i, unit in enumerate(units):
+            block = unit.blocks[0]
+            rows = first.rows(i)
+            hidden = block.conv1.out_channels
+            a1 = F.conv2d(state, first.weight[rows])
+            mean, var = first.mean, first.var
+            momentum = _momentum(block.bn1)
+            if unit.proj is not None:
+                _momentum(unit.proj[1])
+            o1, m1, v1 = aten.native_batch_norm(
+                a1, first.gamma[rows], first.beta[rows], None if mean is None else mean[rows],
+                None if var is None else var[rows], True, momentum, block.bn1.eps,
+            )  # fmt: skip
+            h1 = F.relu(o1[:, :hidden])
+            a2 = F.conv2d(h1, block.conv2.weight, None, *_CONV_3X3)
+            o2, m2, v2 = _batch_norm(a2, block.bn2)
+            h2 = F.relu(o2)
+            a3 = F.conv2d(h2, block.conv3.weight)
+            delta, m3, v3 = _batch_norm(a3, block.bn3)
+            if unit.proj is not None:
+                delta.add_(o1[:, hidden:])
+            width = delta.shape[1]
+            _check_fits(state.shape[1], starts[-1], width, 1)
+            segment = state.narrow(1, starts[-1], width)
+            if layer.residual:
+                segment.add_(delta)
+            else:
+                segment.copy_(delta)
+            starts.append(starts[-1] + width)
+            saved += [a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3]
+        layer._check_width(x, starts[-1])
+        first.write_back()
+        ctx.save_for_backward(x, first.weight, first.gamma, *saved)
+        ctx.layer, ctx.offsets, ctx.starts = layer, first.offsets, starts
+        # Detached aliases share the version counters: backward checks that x and y are intact.
+        if matrices and not x.is_contiguous(memory_format=torch.channels_last):
+            state = state.contiguous()
+        ctx.matrices = matrices
+        ctx.x, ctx.y = x.detach(), state.detach()
+        ctx.versions = (x._version, state._version)
+        return state
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        if (ctx.x._version, ctx.y._version) != ctx.versions:
+            raise RuntimeError(
+                "the input or output of a GUNN layer was modified in place after its forward "
+                "pass (for example by nn.ReLU(inplace=True)); its memory-saving backward "
+                "rebuilds the intermediate states from both. Use an out-of-place operation "
+                "there, or memory='autograd' on the layer."
+            )
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_y)
+        x, weight, gamma, *saved = ctx.saved_tensors
+        if ctx.matrices:
+            grad = torch.empty_like(ctx.y, memory_format=torch.channels_last)
+            grad.copy_(grad_y)
+            unit_grads = _backward_as_matrices(ctx, grad, weight, gamma, saved)
+            if not x.is_contiguous(memory_format=torch.channels_last):
+                grad = grad.contiguous()
+        else:
+            grad = torch.empty_like(ctx.y)
+            grad.copy_(grad_y)
+            unit_grads = _backward_as_convs(ctx, grad, weight, gamma, saved)
+        return (grad, None, *[g for grads in unit_grads for g in grads])
+
+
+def _unit_backward(
+    unit: nn.Module, saved: Sequence[Tensor], grad_delta: Tensor, gamma: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """Backward of one unit down to its first BatchNorm's input.
+
+    Returns the gradient of the first conv's output (conv1 and projection rows; written
+    into ``out`` if given) and the
+    gradients of every parameter of the unit except that conv's weight, in
+    ``_unit_parameters`` order with the weight left out.
+    """
+    block = unit.blocks[0]
+    a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3 = saved
+    g3, gw_bn3, gb_bn3 = _batch_norm_backward(grad_delta, a3, block.bn3.weight, m3, v3, block.bn3.eps)
+    gh2, gw3, _ = aten.convolution_backward(
+        g3, h2, block.conv3.weight, None, *_CONV_1X1, False, (0, 0), 1, [True, True, False]
+    )
+    g2, gw_bn2, gb_bn2 = _batch_norm_backward(
+        aten.threshold_backward(gh2, h2, 0), a2, block.bn2.weight, m2, v2, block.bn2.eps
+    )
+    gh1, gw2, _ = aten.convolution_backward(
+        g2, h1, block.conv2.weight, None, *_CONV_3X3, False, (0, 0), 1, [True, True, False]
+    )
+    hidden = block.conv1.out_channels
+    if unit.proj is None:
+        go1 = aten.threshold_backward(gh1, h1, 0)
+    else:  # delta = bottleneck + projection: the projection's BatchNorm gets its gradient
+        go1 = torch.empty_like(a1)
+        aten.threshold_backward.grad_input(gh1, h1, 0, grad_input=go1[:, :hidden])
+        go1[:, hidden:] = grad_delta
+    g1, gw_bn1, gb_bn1 = _batch_norm_backward(go1, a1, gamma, m1, v1, block.bn1.eps, out)
+    grads = [gw_bn1[:hidden], gb_bn1[:hidden], gw2, gw_bn2, gb_bn2, gw3, gw_bn3, gb_bn3]
+    if unit.proj is not None:
+        grads += [gw_bn1[hidden:], gb_bn1[hidden:]]
+    return g1, grads
+
+
+def _with_first_weight(unit: nn.Module, grads: list[Tensor], grad_weight: Tensor) -> list[Tensor]:
+    """``_unit_backward``'s gradients with the first conv's (and projection's) weight put back."""
+    hidden = unit.blocks[0].conv1.out_channels
+    out = [grad_weight[:hidden], *grads[:8]]
+    if unit.proj is not None:
+        out += [grad_weight[hidden:], *grads[8:]]
+    return out
+
+
+def _saved(saved: Sequence[Tensor], i: int) -> Sequence[Tensor]:
+    return saved[11 * i : 11 * i + 11]
+
+
+def _backward_as_convs(
+    ctx: Any, grad: Tensor, weight: Tensor, gamma: Tensor, saved: Sequence[Tensor]
+) -> list[list[Tensor]]:
+    """Units in reverse order, each first conv's gradients by ``convolution_backward``."""
+    units = list(ctx.layer.units)
+    state = ctx.y.clone()  # becomes the state before unit i, one segment at a time
+    out: list[list[Tensor]] = [[] for _ in units]
+    for i in reversed(range(len(units))):
+        start, end = ctx.starts[i], ctx.starts[i + 1]
+        rows = slice(ctx.offsets[i], ctx.offsets[i + 1])
+        grad_delta = grad[:, start:end].clone(memory_format=torch.contiguous_format)  # BatchNorm is slow on strided
+        if not ctx.layer.residual:
+            grad[:, start:end].zero_()
+        g1, grads = _unit_backward(units[i], _saved(saved, i), grad_delta, gamma[rows])
+        state[:, start:end] = ctx.x[:, start:end]
+        g_state, grad_weight, _ = aten.convolution_backward(
+            g1, state, weight[rows], None, *_CONV_1X1, False, (0, 0), 1, [True, True, False]
+        )
+        grad.add_(g_state)
+        out[i] = _with_first_weight(units[i], grads, grad_weight)
+    return out
+
+
+# Run the state in channels_last on the CPU even for an NCHW input (tests turn it off to
+# cover the other path).
+CPU_CHANNELS_LAST = True
+
+# Units whose first-conv gradients are applied together, about this many rows at a time.
+BLOCK_ROWS = 192
+
+
+def _backward_as_matrices(
+    ctx: Any, grad: Tensor, weight: Tensor, gamma: Tensor, saved: Sequence[Tensor]
+) -> list[list[Tensor]]:
+    """The same in channels_last, where a 1x1 conv is a product of (pixels, channels) matrices.
+
+    The first convs' gradients of a block of consecutive units are applied at once: one
+    ``addmm_`` adds their input gradients to the state gradient (one pass over it per block
+    instead of per unit) and one product gives their weight gradients from the state
+    before the block, corrected on the block's own segments. Inside a block a unit's
+    update gradient adds the pending input gradients of the later units on its segment.
+    """
+    units = list(ctx.layer.units)
+    offsets, starts = ctx.offsets, ctx.starts
+    gm = _pixels(grad)
+    state = torch.empty_like(ctx.y, memory_format=torch.channels_last)
+    state.copy_(ctx.y)
+    sm = _pixels(state)
+    w = weight.reshape(weight.shape[0], -1)
+    # Without the identity term a segment's gradient stops at its unit: one unit per block.
+    per_block = max(1, BLOCK_ROWS // max(offsets[1], 1)) if ctx.layer.residual else 1
+    out: list[list[Tensor]] = [[] for _ in units]
+    end = len(units)
+    while end > 0:
+        begin = max(0, end - per_block)
+        r0, r1 = offsets[begin], offsets[end]
+        g_block = gm.new_empty(gm.shape[0], r1 - r0)
+        inner: list[list[Tensor]] = []
+        for i in reversed(range(begin, end)):
+            cols = slice(starts[i], starts[i + 1])
+            if offsets[i + 1] < r1:
+                grad_delta = torch.addmm(gm[:, cols], g_block[:, offsets[i + 1] - r0 :], w[offsets[i + 1] : r1, cols])
+            else:
+                # A copy: ATen's channels_last BatchNorm backward is several times slower
+                # on a strided gradient.
+                grad_delta = gm[:, cols].clone()
+                if not ctx.layer.residual:
+                    gm[:, cols].zero_()
+            unit_gamma = gamma[offsets[i] : offsets[i + 1]]
+            g_rows = _image(g_block[:, offsets[i] - r0 : offsets[i + 1] - r0], ctx.y)
+            _, grads = _unit_backward(units[i], _saved(saved, i), _image(grad_delta, ctx.y), unit_gamma, g_rows)
+            inner.append(grads)
+        block_cols = slice(starts[begin], starts[end])
+        state[:, block_cols] = ctx.x[:, block_cols]  # the state before unit `begin`
+        gm.addmm_(g_block, w[r0:r1])
+        grad_weight = torch.mm(g_block.t(), sm)
+        for i in range(begin, end):
+            rows = slice(offsets[i] - r0, offsets[i + 1] - r0)
+            if i > begin:  # unit i saw the block's earlier segments updated
+                seen = slice(starts[begin], starts[i])
+                grad_weight[rows, seen] = torch.mm(g_block[:, rows].t(), _pixels(ctx.y[:, seen]))
+            out[i] = _with_first_weight(units[i], inner[end - 1 - i], grad_weight[rows].view(-1, *weight.shape[1:]))
+        end = begin
+    return out
+
+
+def _differentiable_backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    """Backward under ``create_graph=True``: the plain autograd loop, recomputed from x.
+
+    Only for higher-order gradients (gradient penalties and the like); BatchNorm running
+    statistics are restored so that the forward pass still counts once.
+    """
+    layer = ctx.layer
+    x = ctx.saved_tensors[0]
+    params = [p for unit in layer.units for p in _unit_parameters(unit)]
+    # The recomputation updates copies of the BatchNorm buffers, dropped afterwards;
+    # writing the old values back would change tensors its graph has saved.
+    originals = [(m, dict(m._buffers)) for m in layer.units.modules() if m._buffers]
+    for module, buffers in originals:
+        module._buffers.update({k: None if b is None else b.clone() for k, b in buffers.items()})
+    try:
+        with torch.enable_grad():
+            inp = x if x.requires_grad else x.detach().requires_grad_()
+            y = layer._gradual_autograd(inp)
+    finally:
+        for module, buffers in originals:
+            module._buffers.update(buffers)
+    wanted = [t for t, need in zip([inp, *params], ctx.needs_input_grad[:1] + ctx.needs_input_grad[2:]) if need]
+    got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+    grads = [next(got) if need else None for need in ctx.needs_input_grad[:1] + ctx.needs_input_grad[2:]]
+    return (grads[0], None, *grads[1:])
