@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="batch size of the timed steps (default 16)")
     parser.add_argument("--memory-batch", type=int, default=32,
                         help="batch size of the memory measurement (default 32)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per variant (default 7)")
+    parser.add_argument("--repeats", type=int, default=11, help="timed repetitions per variant (default 11)")
     parser.add_argument("--layer", default="240,20", help="CHANNELS,SEGMENTS[,SIZE] of the layer measured alone")
     parser.add_argument("--channels-last", action="store_true", help="run in channels_last memory format")
     parser.add_argument("--autocast", action="store_true", help="bfloat16 autocast")
