@@ -246,10 +246,10 @@ class _GradualBottlenecks(torch.autograd.Function):
         first.write_back()
         ctx.save_for_backward(x, first.weight, first.gamma, *saved)
         ctx.layer, ctx.offsets, ctx.starts = layer, first.offsets, starts
-        # Detached aliases share the version counters: backward checks that x and y are intact.
         if matrices and not x.is_contiguous(memory_format=torch.channels_last):
-            state = state.contiguous()
+            state = state.contiguous()  # back to the input's layout
         ctx.matrices = matrices
+        # Detached aliases share the version counters: backward checks that x and y are intact.
         ctx.x, ctx.y = x.detach(), state.detach()
         ctx.versions = (x._version, state._version)
         return state
@@ -285,9 +285,8 @@ def _unit_backward(
     """Backward of one unit down to its first BatchNorm's input.
 
     Returns the gradient of the first conv's output (conv1 and projection rows; written
-    into ``out`` if given) and the
-    gradients of every parameter of the unit except that conv's weight, in
-    ``_unit_parameters`` order with the weight left out.
+    into ``out`` if given) and the gradients of every parameter of the unit except that
+    conv's weight, in ``_unit_parameters`` order with the weight left out.
     """
     block = unit.blocks[0]
     a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3 = saved

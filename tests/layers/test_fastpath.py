@@ -47,6 +47,18 @@ def test_fast_path_matches_the_plain_loop(
     assert_same_training_step(layer, gradual_reference, x)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (1, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_path_on_feature_maps_whose_layout_is_ambiguous(size, channels_last):
+    # With one pixel per row or column NCHW and channels_last strides can both be contiguous.
+    layer = GunnLayer(12, 3).to(DEVICE, torch.float64)
+    if channels_last:
+        layer = layer.to(memory_format=torch.channels_last)
+    x = double_input(12, channels_last, size)
+    assert grad_fn_name(layer, x) == FAST
+    assert_same_training_step(layer, gradual_reference, x)
+
+
 @pytest.mark.parametrize("momentum,track", [(None, True), (0.1, False)])
 def test_fast_path_keeps_batch_norm_statistics_as_the_modules_would(momentum, track):
     layer = GunnLayer(16, 4)
