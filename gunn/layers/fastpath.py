@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gunn.layers.gradual import _check_fits
+from gunn.layers.fused import count_batch, write_running_stats
+from gunn.layers.gradual import _check_fits, check_unchanged
 
 aten = torch.ops.aten
 
@@ -116,22 +117,6 @@ def gradual_update(layer: nn.Module, x: Tensor) -> Tensor:
     return _GradualBottlenecks.apply(x, layer, *params)
 
 
-def _momentum(norm: nn.BatchNorm2d) -> float:
-    """The running-statistics factor ``nn.BatchNorm2d.forward`` uses, after counting this batch."""
-    if not norm.track_running_stats:
-        return 0.0
-    norm.num_batches_tracked.add_(1)
-    if norm.momentum is None:  # cumulative moving average
-        return 1.0 / float(norm.num_batches_tracked)
-    return norm.momentum
-
-
-def _cat(tensors: Sequence[Tensor | None]) -> Tensor | None:
-    if tensors[0] is None:
-        return None
-    return torch.cat(tensors)  # type: ignore[arg-type]
-
-
 class _FirstConvs:
     """Every unit's first 1x1 conv and projection, with their BatchNorms, concatenated.
 
@@ -154,25 +139,22 @@ class _FirstConvs:
         self.weight = torch.cat([c.weight for c in convs])
         self.gamma = torch.cat([n.weight for n in norms])
         self.beta = torch.cat([n.bias for n in norms])
-        self.mean = _cat([n.running_mean for n in norms])
-        self.var = _cat([n.running_var for n in norms])
+        tracked = norms[0].running_mean is not None
+        self.mean = torch.cat([n.running_mean for n in norms]) if tracked else None
+        self.var = torch.cat([n.running_var for n in norms]) if tracked else None
 
     def rows(self, i: int) -> slice:
         return slice(self.offsets[i], self.offsets[i + 1])
 
     def write_back(self) -> None:
         """Copies the updated running statistics into each BatchNorm module."""
-        if self.mean is None or self.var is None:
-            return
-        sizes = [n.num_features for n in self.norms]
-        for norm, mean, var in zip(self.norms, self.mean.split(sizes), self.var.split(sizes)):
-            norm.running_mean.copy_(mean)
-            norm.running_var.copy_(var)
+        if self.mean is not None and self.var is not None:
+            write_running_stats(self.norms, self.mean, self.var)
 
 
 def _batch_norm(x: Tensor, norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
     return aten.native_batch_norm(
-        x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, _momentum(norm), norm.eps
+        x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, count_batch([norm]), norm.eps
     )
 
 
@@ -218,9 +200,7 @@ class _GradualBottlenecks(torch.autograd.Function):
             hidden = block.conv1.out_channels
             a1 = F.conv2d(state, first.weight[rows])
             mean, var = first.mean, first.var
-            momentum = _momentum(block.bn1)
-            if unit.proj is not None:
-                _momentum(unit.proj[1])
+            momentum = count_batch([block.bn1] if unit.proj is None else [block.bn1, unit.proj[1]])
             o1, m1, v1 = aten.native_batch_norm(
                 a1, first.gamma[rows], first.beta[rows], None if mean is None else mean[rows],
                 None if var is None else var[rows], True, momentum, block.bn1.eps,
@@ -256,13 +236,7 @@ class _GradualBottlenecks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        if (ctx.x._version, ctx.y._version) != ctx.versions:
-            raise RuntimeError(
-                "the input or output of a GUNN layer was modified in place after its forward "
-                "pass (for example by nn.ReLU(inplace=True)); its memory-saving backward "
-                "rebuilds the intermediate states from both. Use an out-of-place operation "
-                "there, or memory='autograd' on the layer."
-            )
+        check_unchanged(ctx.x, ctx.y, ctx.versions)
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_y)
         x, weight, gamma, *saved = ctx.saved_tensors
@@ -348,8 +322,6 @@ def _backward_as_convs(
         grad.add_(g_state)
         out[i] = _with_first_weight(units[i], grads, grad_weight)
     return out
-
-
 
 
 def _backward_as_matrices(

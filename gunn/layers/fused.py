@@ -26,12 +26,7 @@ def batch_norm_many(x: Tensor, norms: Sequence[nn.BatchNorm2d]) -> Tensor:
             or norm.track_running_stats != first.track_running_stats
         ):
             raise ValueError("batch_norm_many needs BatchNorm modules with identical settings")
-    factor = 0.0 if first.momentum is None else first.momentum
-    if first.training and first.track_running_stats:
-        for norm in norms:
-            norm.num_batches_tracked.add_(1)
-        if first.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(first.num_batches_tracked)
+    factor = count_batch(norms)
     use_batch_stats = first.training or first.running_mean is None
     keep_stats = not first.training or first.track_running_stats
     mean = torch.cat([n.running_mean for n in norms]) if keep_stats and first.running_mean is not None else None
@@ -40,12 +35,30 @@ def batch_norm_many(x: Tensor, norms: Sequence[nn.BatchNorm2d]) -> Tensor:
     bias = torch.cat([n.bias for n in norms]) if first.affine else None
     out = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, first.eps)
     if use_batch_stats and mean is not None and var is not None:
-        sizes = [n.num_features for n in norms]
-        with torch.no_grad():
-            for norm, m, v in zip(norms, mean.split(sizes), var.split(sizes)):
-                norm.running_mean.copy_(m)
-                norm.running_var.copy_(v)
+        write_running_stats(norms, mean, var)
     return out
+
+
+def count_batch(norms: Sequence[nn.BatchNorm2d]) -> float:
+    """Counts a training batch in each module as ``nn.BatchNorm2d.forward`` does and returns
+    the running-statistics factor it would use (the modules share their settings)."""
+    first = norms[0]
+    factor = 0.0 if first.momentum is None else first.momentum
+    if first.training and first.track_running_stats:
+        for norm in norms:
+            norm.num_batches_tracked.add_(1)
+        if first.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(first.num_batches_tracked)
+    return factor
+
+
+def write_running_stats(norms: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor) -> None:
+    """Copies concatenated running statistics back into the modules they came from."""
+    sizes = [n.num_features for n in norms]
+    with torch.no_grad():
+        for norm, m, v in zip(norms, mean.split(sizes), var.split(sizes)):
+            norm.running_mean.copy_(m)
+            norm.running_var.copy_(v)
 
 
 def conv_bn_many(

@@ -298,13 +298,7 @@ class _StateTape:
 
     def _check_versions(self) -> None:
         assert self.versions is not None, "backward through a GUNN layer whose forward failed"
-        if (self.x._version, self.state._version) != self.versions:
-            raise RuntimeError(
-                "the input or output of a GUNN layer was modified in place after its forward "
-                "pass (for example by nn.ReLU(inplace=True)); its memory-saving backward "
-                "rebuilds the intermediate states from both. Use an out-of-place operation "
-                "there, or memory='autograd' on the layer."
-            )
+        check_unchanged(self.x, self.state, self.versions)
 
     def state_at(self, level: int) -> Tensor:
         """The state that unit ``level`` saw: segments < level from y, the rest from x."""
@@ -385,6 +379,17 @@ class _StateTape:
                 "whose forward is deterministic in structure"
             )
         return saved
+
+
+def check_unchanged(x: Tensor, y: Tensor, versions: tuple[int, int]) -> None:
+    """Raises if the layer's input ``x`` or output ``y`` changed in place since the forward pass."""
+    if (x._version, y._version) != versions:
+        raise RuntimeError(
+            "the input or output of a GUNN layer was modified in place after its forward "
+            "pass (for example by nn.ReLU(inplace=True)); its memory-saving backward "
+            "rebuilds the intermediate states from both. Use an out-of-place operation "
+            "there, or memory='autograd' on the layer."
+        )
 
 
 def _autocast_state(device_type: str) -> dict[str, Any]:
