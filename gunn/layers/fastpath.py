@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gunn.layers import cpu_kernels
 from gunn.layers.fused import count_batch, write_running_stats
 from gunn.layers.gradual import _check_fits, check_unchanged
 
@@ -46,6 +47,8 @@ CPU_CHANNELS_LAST = True
 # The backward of the first convs of consecutive units is computed together, about this
 # many output channels (rows of their stacked weights) at a time.
 BLOCK_ROWS = 192
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def supported(layer: nn.Module, x: Tensor) -> bool:
@@ -152,15 +155,16 @@ class _FirstConvs:
             write_running_stats(self.norms, self.mean, self.var)
 
 
-def _batch_norm(x: Tensor, norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
-    return aten.native_batch_norm(
-        x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True, count_batch([norm]), norm.eps
-    )
-
-
 def _pixels(t: Tensor) -> Tensor:
     """A channels_last (B, C, H, W) tensor as its (B*H*W, C) matrix (a view when it can be)."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    b, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(b * h * w, c)
+
+
+def _pixels_view(t: Tensor) -> Tensor:
+    """``_pixels`` for a tensor that is written to: always a view (raises otherwise)."""
+    b, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).view(b * h * w, c)
 
 
 def _image(m: Tensor, like: Tensor) -> Tensor:
@@ -169,15 +173,95 @@ def _image(m: Tensor, like: Tensor) -> Tensor:
     return m.view(b, h, w, m.shape[1]).permute(0, 3, 1, 2)
 
 
-def _batch_norm_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, eps: float, out: Tensor | None = None
+def _norm(
+    kernels: bool, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor | None, var: Tensor | None,
+    momentum: float, eps: float, relu_out: Tensor, out: Tensor, add: Tensor | None = None, accumulate: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Training-mode BatchNorm of x. Its first ``relu_out.shape[1]`` channels go through a
+    ReLU into ``relu_out``, the others (plus ``add``) into ``out``, or are added to ``out``
+    if ``accumulate``. Updates the running statistics; returns the batch mean and invstd.
+    """
+    if kernels:
+        return torch.ops.gunn_cpu.bn_forward(
+            _pixels(x), gamma, beta, mean, var, momentum, eps, _pixels_view(relu_out), _pixels_view(out),
+            None if add is None else _pixels(add), accumulate,
+        )  # fmt: skip
+    o, m, v = aten.native_batch_norm(x, gamma, beta, mean, var, True, momentum, eps)
+    a = relu_out.shape[1]
+    if a:
+        torch.clamp_min(o[:, :a], 0, out=relu_out)
+    if a < o.shape[1]:
+        rest = o[:, a:]
+        if add is not None:
+            rest.add_(add)
+        if accumulate:
+            out.add_(rest)
+        else:
+            out.copy_(rest)
+    return m, v
+
+
+def _norm_backward(
+    kernels: bool, grad_a: Tensor | None, relu_a: Tensor | None, grad_b: Tensor | None,
+    x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, eps: float, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode BatchNorm backward: the gradients of x (into ``out`` if given), weight, bias."""
-    args = (grad, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+    """Backward of ``_norm`` for the gradients of its ReLU part (``grad_a``, through
+    ``relu_a``) and of its other part (``grad_b``): the gradients of x (into ``out`` if
+    given), gamma and beta.
+    """
+    a = 0 if grad_a is None else grad_a.shape[1]
+    if kernels:
+        if out is None:
+            out = torch.empty_like(x, memory_format=torch.channels_last)
+        empty = x.new_empty(x.shape[0] * x.shape[2] * x.shape[3], 0)
+        gw, gb = torch.ops.gunn_cpu.bn_backward(
+            empty if grad_a is None else _pixels(grad_a), empty if relu_a is None else _pixels(relu_a),
+            empty if grad_b is None else _pixels(grad_b), _pixels(x), mean, invstd, gamma, _pixels_view(out),
+        )  # fmt: skip
+        return out, gw, gb
+    if grad_b is None:
+        grad = aten.threshold_backward(grad_a, relu_a, 0)
+    elif grad_a is None:
+        grad = grad_b
+    else:
+        grad = torch.empty_like(x)
+        aten.threshold_backward.grad_input(grad_a, relu_a, 0, grad_input=grad[:, :a])
+        grad[:, a:] = grad_b
+    args = (grad, x, gamma, None, None, mean, invstd, True, eps, [True, True, True])
     if out is None:
         return aten.native_batch_norm_backward(*args)
-    return aten.native_batch_norm_backward.out(*args, out0=out, out1=weight.new_empty(weight.shape),
-                                               out2=weight.new_empty(weight.shape))
+    return aten.native_batch_norm_backward.out(*args, out0=out, out1=gamma.new_empty(gamma.shape),
+                                               out2=gamma.new_empty(gamma.shape))
+
+
+def _conv1x1(x: Tensor, weight: Tensor, matrices: bool) -> Tensor:
+    """A bias-free 1x1 conv; a matrix product in channels_last (mkldnn's fixed cost per call
+    is several times that of a product of these thin matrices)."""
+    if not matrices:
+        return F.conv2d(x, weight)
+    return _image(torch.mm(_pixels(x), weight.view(weight.shape[0], -1).t()), x)
+
+
+def _conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor, matrices: bool) -> tuple[Tensor, Tensor]:
+    """The gradients of ``_conv1x1``'s input and weight."""
+    if not matrices:
+        grad_x, grad_w, _ = aten.convolution_backward(
+            grad, x, weight, None, *_CONV_1X1, False, (0, 0), 1, [True, True, False]
+        )
+        return grad_x, grad_w
+    g, w = _pixels(grad), weight.view(weight.shape[0], -1)
+    return _image(torch.mm(g, w), x), torch.mm(g.t(), _pixels(x)).view(weight.shape)
+
+
+def _norm_args(norm: nn.BatchNorm2d) -> tuple:
+    """``_norm``'s parameter and statistics arguments for one module (counting the batch)."""
+    return norm.weight, norm.bias, norm.running_mean, norm.running_var, count_batch([norm]), norm.eps
+
+
+def _empty_like(x: Tensor, channels: int, layout: torch.memory_format) -> Tensor:
+    """An uninitialised tensor of x's size, but ``channels`` channels, in ``layout``."""
+    b, _, h, w = x.shape
+    return torch.empty((b, channels, h, w), dtype=x.dtype, device=x.device, memory_format=layout)
 
 
 class _GradualBottlenecks(torch.autograd.Function):
@@ -190,8 +274,11 @@ class _GradualBottlenecks(torch.autograd.Function):
         # costs two copies of the state and is much faster than NCHW on the CPU), elsewhere
         # when the input already is channels_last.
         matrices = (x.device.type == "cpu" and CPU_CHANNELS_LAST) or x.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if matrices else torch.contiguous_format
         state = torch.empty_like(x, memory_format=torch.channels_last if matrices else torch.preserve_format)
         state.copy_(x)
+        # BatchNorm by the C++ kernels where they apply (thin channels_last tensors on the CPU).
+        kernels = matrices and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and cpu_kernels.available()
         saved: list[Tensor] = []
         starts = [0]
         for i, unit in enumerate(units):
@@ -201,25 +288,23 @@ class _GradualBottlenecks(torch.autograd.Function):
             a1 = F.conv2d(state, first.weight[rows])
             mean, var = first.mean, first.var
             momentum = count_batch([block.bn1] if unit.proj is None else [block.bn1, unit.proj[1]])
-            o1, m1, v1 = aten.native_batch_norm(
-                a1, first.gamma[rows], first.beta[rows], None if mean is None else mean[rows],
-                None if var is None else var[rows], True, momentum, block.bn1.eps,
+            h1, projected = _empty_like(a1, hidden, layout), _empty_like(a1, a1.shape[1] - hidden, layout)
+            m1, v1 = _norm(
+                kernels, a1, first.gamma[rows], first.beta[rows], None if mean is None else mean[rows],
+                None if var is None else var[rows], momentum, block.bn1.eps, h1, projected,
             )  # fmt: skip
-            h1 = F.relu(o1[:, :hidden])
             a2 = F.conv2d(h1, block.conv2.weight, None, *_CONV_3X3)
-            o2, m2, v2 = _batch_norm(a2, block.bn2)
-            h2 = F.relu(o2)
-            a3 = F.conv2d(h2, block.conv3.weight)
-            delta, m3, v3 = _batch_norm(a3, block.bn3)
-            if unit.proj is not None:
-                delta.add_(o1[:, hidden:])
-            width = delta.shape[1]
+            h2 = _empty_like(a2, a2.shape[1], layout)
+            m2, v2 = _norm(kernels, a2, *_norm_args(block.bn2), h2, _empty_like(a2, 0, layout))
+            a3 = _conv1x1(h2, block.conv3.weight, matrices)
+            width = a3.shape[1]
             _check_fits(state.shape[1], starts[-1], width, 1)
+            # Eq. 4: the segment gets bn3 (+ the projection) added (or, without the residual, replaced).
             segment = state.narrow(1, starts[-1], width)
-            if layer.residual:
-                segment.add_(delta)
-            else:
-                segment.copy_(delta)
+            m3, v3 = _norm(
+                kernels, a3, *_norm_args(block.bn3), _empty_like(a3, 0, layout), segment,
+                None if unit.proj is None else projected, layer.residual,
+            )  # fmt: skip
             starts.append(starts[-1] + width)
             saved += [a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3]
         layer._check_width(x, starts[-1])
@@ -228,7 +313,7 @@ class _GradualBottlenecks(torch.autograd.Function):
         ctx.layer, ctx.offsets, ctx.starts = layer, first.offsets, starts
         if matrices and not x.is_contiguous(memory_format=torch.channels_last):
             state = state.contiguous()  # back to the input's layout
-        ctx.matrices = matrices
+        ctx.matrices, ctx.kernels = matrices, kernels
         # Detached aliases share the version counters: backward checks that x and y are intact.
         ctx.x, ctx.y = x.detach(), state.detach()
         ctx.versions = (x._version, state._version)
@@ -254,7 +339,8 @@ class _GradualBottlenecks(torch.autograd.Function):
 
 
 def _unit_backward(
-    unit: nn.Module, saved: Sequence[Tensor], grad_delta: Tensor, gamma: Tensor, out: Tensor | None = None
+    matrices: bool, kernels: bool, unit: nn.Module, saved: Sequence[Tensor], grad_delta: Tensor, gamma: Tensor,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Backward of one unit down to its first BatchNorm's input.
 
@@ -264,24 +350,17 @@ def _unit_backward(
     """
     block = unit.blocks[0]
     a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3 = saved
-    g3, gw_bn3, gb_bn3 = _batch_norm_backward(grad_delta, a3, block.bn3.weight, m3, v3, block.bn3.eps)
-    gh2, gw3, _ = aten.convolution_backward(
-        g3, h2, block.conv3.weight, None, *_CONV_1X1, False, (0, 0), 1, [True, True, False]
-    )
-    g2, gw_bn2, gb_bn2 = _batch_norm_backward(
-        aten.threshold_backward(gh2, h2, 0), a2, block.bn2.weight, m2, v2, block.bn2.eps
-    )
+    g3, gw_bn3, gb_bn3 = _norm_backward(kernels, None, None, grad_delta, a3, m3, v3, block.bn3.weight, block.bn3.eps)
+    gh2, gw3 = _conv1x1_backward(g3, h2, block.conv3.weight, matrices)
+    g2, gw_bn2, gb_bn2 = _norm_backward(kernels, gh2, h2, None, a2, m2, v2, block.bn2.weight, block.bn2.eps)
     gh1, gw2, _ = aten.convolution_backward(
         g2, h1, block.conv2.weight, None, *_CONV_3X3, False, (0, 0), 1, [True, True, False]
     )
     hidden = block.conv1.out_channels
-    if unit.proj is None:
-        go1 = aten.threshold_backward(gh1, h1, 0)
-    else:  # delta = bottleneck + projection: the projection's BatchNorm gets its gradient
-        go1 = torch.empty_like(a1)
-        aten.threshold_backward.grad_input(gh1, h1, 0, grad_input=go1[:, :hidden])
-        go1[:, hidden:] = grad_delta
-    g1, gw_bn1, gb_bn1 = _batch_norm_backward(go1, a1, gamma, m1, v1, block.bn1.eps, out)
+    # delta = bottleneck + projection: the projection's BatchNorm gets delta's gradient.
+    g1, gw_bn1, gb_bn1 = _norm_backward(
+        kernels, gh1, h1, None if unit.proj is None else grad_delta, a1, m1, v1, gamma, block.bn1.eps, out
+    )
     grads = [gw_bn1[:hidden], gb_bn1[:hidden], gw2, gw_bn2, gb_bn2, gw3, gw_bn3, gb_bn3]
     if unit.proj is not None:
         grads += [gw_bn1[hidden:], gb_bn1[hidden:]]
@@ -314,7 +393,7 @@ def _backward_as_convs(
         grad_delta = grad[:, start:end].clone(memory_format=torch.contiguous_format)  # BatchNorm is slow on strided
         if not ctx.layer.residual:
             grad[:, start:end].zero_()
-        g1, grads = _unit_backward(units[i], _saved(saved, i), grad_delta, gamma[rows])
+        g1, grads = _unit_backward(False, False, units[i], _saved(saved, i), grad_delta, gamma[rows])
         state[:, start:end] = ctx.x[:, start:end]
         g_state, grad_weight, _ = aten.convolution_backward(
             g1, state, weight[rows], None, *_CONV_1X1, False, (0, 0), 1, [True, True, False]
@@ -356,14 +435,19 @@ def _backward_as_matrices(
             if offsets[i + 1] < r1:
                 grad_delta = torch.addmm(gm[:, cols], g_block[:, offsets[i + 1] - r0 :], w[offsets[i + 1] : r1, cols])
             else:
-                # A copy: ATen's channels_last BatchNorm backward is several times slower
-                # on a strided gradient.
-                grad_delta = gm[:, cols].clone()
+                grad_delta = gm[:, cols]
                 if not ctx.layer.residual:
+                    grad_delta = grad_delta.clone()
                     gm[:, cols].zero_()
+                elif not ctx.kernels:
+                    # ATen's channels_last BatchNorm backward is several times slower on a
+                    # strided gradient (the C++ kernels are not).
+                    grad_delta = grad_delta.clone()
             unit_gamma = gamma[offsets[i] : offsets[i + 1]]
             g_rows = _image(g_block[:, offsets[i] - r0 : offsets[i + 1] - r0], ctx.y)
-            _, grads = _unit_backward(units[i], _saved(saved, i), _image(grad_delta, ctx.y), unit_gamma, g_rows)
+            _, grads = _unit_backward(
+                True, ctx.kernels, units[i], _saved(saved, i), _image(grad_delta, ctx.y), unit_gamma, g_rows
+            )
             inner.append(grads)
         block_cols = slice(starts[begin], starts[end])
         state[:, block_cols] = ctx.x[:, block_cols]  # the state before unit `begin`

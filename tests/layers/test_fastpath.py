@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gunn.layers.fastpath as fastpath
+from gunn.layers import cpu_kernels
 from gunn.bench.measure import activation_bytes
 from gunn.layers import GunnLayer
 from tests.reference import DEVICE, assert_same_training_step, forward_backward, gradual_reference
@@ -30,14 +31,16 @@ def double_input(channels: int, channels_last: bool, size: tuple[int, int] = (5,
 SHAPES = [(30, 5, True, True), (30, 5, False, True), (30, 5, True, False), (12, 1, True, True), (12, 12, True, True)]
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "aten-norm"])
 @pytest.mark.parametrize("block_rows", [1, 40, 10**6])
 @pytest.mark.parametrize("channels_last,cpu_channels_last", [(False, True), (False, False), (True, True)])
 @pytest.mark.parametrize("channels,segments,projection,residual", SHAPES)
 def test_fast_path_matches_the_plain_loop(
-    channels, segments, projection, residual, channels_last, cpu_channels_last, block_rows, monkeypatch
+    channels, segments, projection, residual, channels_last, cpu_channels_last, block_rows, kernels, monkeypatch
 ):
     monkeypatch.setattr(fastpath, "BLOCK_ROWS", block_rows)
     monkeypatch.setattr(fastpath, "CPU_CHANNELS_LAST", cpu_channels_last)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", kernels)
     layer = GunnLayer(channels, segments, projection=projection, residual=residual).to(DEVICE, torch.float64)
     if channels_last:
         layer = layer.to(memory_format=torch.channels_last)
@@ -59,8 +62,10 @@ def test_fast_path_on_feature_maps_whose_layout_is_ambiguous(size, channels_last
     assert_same_training_step(layer, gradual_reference, x)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "aten-norm"])
 @pytest.mark.parametrize("momentum,track", [(None, True), (0.1, False)])
-def test_fast_path_keeps_batch_norm_statistics_as_the_modules_would(momentum, track):
+def test_fast_path_keeps_batch_norm_statistics_as_the_modules_would(momentum, track, kernels, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "ENABLED", kernels)
     layer = GunnLayer(16, 4)
     for m in layer.modules():
         if isinstance(m, nn.BatchNorm2d):

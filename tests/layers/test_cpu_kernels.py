@@ -1,0 +1,134 @@
+"""The C++ BatchNorm(+ReLU) kernels of the fast path (gunn.layers.cpu_kernels) against ATen."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gunn.layers import GunnLayer, cpu_kernels
+from tests.reference import DEVICE
+
+aten = torch.ops.aten
+pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU kernels")
+
+TOLERANCE = {torch.float64: {"atol": 1e-12, "rtol": 0}, torch.float32: {"atol": 2e-5, "rtol": 2e-5}}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the fast path uses ATen's BatchNorm")
+    assert cpu_kernels.available(), "the kernels did not build although a compiler is installed"
+    return torch.ops.gunn_cpu
+
+
+def columns(rows: int, cols: int, dtype: torch.dtype, stride: int | None = None) -> torch.Tensor:
+    """A (rows, cols) matrix with contiguous channels, its rows ``stride`` apart (a segment view)."""
+    stride = stride or cols
+    return (torch.randn(rows, stride, dtype=dtype) * 2 + 0.5)[:, :cols]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("relu_cols", [0, 5, 12])
+def test_forward_matches_native_batch_norm_and_relu(ops, dtype, relu_cols):
+    x = columns(300, 12, dtype)
+    gamma, beta = torch.randn(12, dtype=dtype), torch.randn(12, dtype=dtype)
+    mean, var = torch.randn(12, dtype=dtype), torch.rand(12, dtype=dtype) + 0.5
+    want_mean, want_var = mean.clone(), var.clone()
+    want, save_mean, save_invstd = aten.native_batch_norm(x, gamma, beta, want_mean, want_var, True, 0.3, 1e-5)
+    out_a, out_b = torch.empty(300, relu_cols, dtype=dtype), torch.empty(300, 12 - relu_cols, dtype=dtype)
+    got_mean, got_invstd = ops.bn_forward(x, gamma, beta, mean, var, 0.3, 1e-5, out_a, out_b, None, False)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out_a, want[:, :relu_cols].relu(), **tol)
+    torch.testing.assert_close(out_b, want[:, relu_cols:], **tol)
+    torch.testing.assert_close(got_mean, save_mean, **tol)
+    torch.testing.assert_close(got_invstd, save_invstd, **tol)
+    torch.testing.assert_close(mean, want_mean, **tol)  # running statistics, unbiased variance
+    torch.testing.assert_close(var, want_var, **tol)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_forward_adds_into_a_strided_segment(ops, accumulate):
+    x = columns(200, 10, torch.float64, stride=17)  # strided rows in and out
+    gamma, beta = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    state = torch.randn(200, 30, dtype=torch.float64)
+    before = state.clone()
+    add = columns(200, 6, torch.float64, stride=9)
+    h = torch.empty(200, 4, dtype=torch.float64)
+    ops.bn_forward(x, gamma, beta, None, None, 0.1, 1e-5, h, state[:, 20:26], add, accumulate)
+    y, _, _ = aten.native_batch_norm(x, gamma, beta, None, None, True, 0.1, 1e-5)
+    want = before.clone()
+    want[:, 20:26] = (before[:, 20:26] if accumulate else 0) + y[:, 4:] + add
+    torch.testing.assert_close(state, want, atol=1e-12, rtol=0)  # nothing outside the segment moved
+    torch.testing.assert_close(h, y[:, :4].relu(), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("relu_cols", [0, 7, 12])
+def test_backward_matches_native_batch_norm_backward_through_the_relu(ops, dtype, relu_cols):
+    x = columns(300, 12, dtype)
+    gamma, beta = torch.randn(12, dtype=dtype), torch.randn(12, dtype=dtype)
+    y, mean, invstd = aten.native_batch_norm(x, gamma, beta, None, None, True, 0.1, 1e-5)
+    relu = y[:, :relu_cols].relu().contiguous()
+    grad_a, grad_b = columns(300, relu_cols, dtype, stride=15), columns(300, 12 - relu_cols, dtype, stride=20)
+    grad = torch.cat([aten.threshold_backward(grad_a, relu, 0), grad_b], 1)
+    want = aten.native_batch_norm_backward(grad, x, gamma, None, None, mean, invstd, True, 1e-5, [True] * 3)
+    block = torch.zeros(300, 40, dtype=dtype)
+    got_gamma, got_beta = ops.bn_backward(grad_a, relu, grad_b, x, mean, invstd, gamma, block[:, 10:22])
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(block[:, 10:22], want[0], **tol)
+    assert block[:, :10].abs().sum() == 0 and block[:, 22:].abs().sum() == 0
+    torch.testing.assert_close(got_gamma, want[1], **tol)
+    torch.testing.assert_close(got_beta, want[2], **tol)
+
+
+def test_inputs_that_are_not_matrices_with_contiguous_channels_are_refused(ops):
+    x = torch.randn(4, 8, dtype=torch.float64)
+    gamma = torch.ones(8, dtype=torch.float64)
+    empty = torch.empty(4, 0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="needs contiguous channels"):
+        ops.bn_forward(x.t().contiguous().t(), gamma, gamma, None, None, 0.1, 1e-5, empty, torch.empty(4, 8,
+                       dtype=torch.float64), None, False)
+    with pytest.raises(RuntimeError, match=r"\(pixels, channels\) matrix"):
+        ops.bn_forward(x.view(4, 8, 1), gamma, gamma, None, None, 0.1, 1e-5, empty, empty, None, False)
+    with pytest.raises(RuntimeError, match="must split x's columns"):
+        ops.bn_forward(x, gamma, gamma, None, None, 0.1, 1e-5, empty, empty, None, False)
+
+
+def test_the_fast_path_uses_the_kernels_on_the_cpu(ops):
+    layer = GunnLayer(24, 4).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 24, 6, 6, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        layer(x).sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert {"gunn_cpu::bn_forward", "gunn_cpu::bn_backward"} <= names
+    assert "aten::native_batch_norm" not in names
+
+
+def test_without_a_compiler_the_layer_warns_once_and_trains_on_atens_kernels(tmp_path):
+    script = textwrap.dedent(
+        """
+        import warnings, torch
+        from gunn.layers import GunnLayer
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer = GunnLayer(12, 3)
+            for _ in range(2):
+                layer(torch.randn(2, 12, 4, 4, requires_grad=True)).sum().backward()
+        messages = [str(w.message) for w in caught if "CPU BatchNorm kernels" in str(w.message)]
+        assert len(messages) == 1, messages
+        print(messages[0])
+        print("grad", layer.units[0].blocks[0].conv1.weight.grad.abs().sum().item() > 0)
+        """
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), GUNN_KERNEL_DIR=str(tmp_path / "kernels"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "could not build the CPU BatchNorm kernels" in done.stdout
+    assert "grad True" in done.stdout
