@@ -97,9 +97,9 @@ def _load() -> bool:
     except Exception as error:  # noqa: BLE001 (any build failure means: use ATen's kernels)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(
-            f"gunn: could not build the CPU BatchNorm kernels ({first_line}); GUNN layers use ATen's "
-            "slower kernels instead. Install a C++ compiler and ninja, or set GUNN_CPU_KERNELS=0 to skip "
-            "the attempt.",
+            f"gunn: could not build the CPU BatchNorm kernels in {directory} ({first_line[:300]}); GUNN "
+            "layers use ATen's slower kernels instead. Install a C++ compiler and ninja (`ninja -C "
+            f"{directory}` shows the compiler's errors), or set GUNN_CPU_KERNELS=0 to skip the attempt.",
             RuntimeWarning,
             stacklevel=3,
         )

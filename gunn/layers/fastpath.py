@@ -14,7 +14,10 @@ of the first convs of a block of consecutive units is computed together: one in-
 ``addmm_`` adds the block's input gradients to the state gradient, and one product gives
 its weight gradients, corrected on the block's own segments. Autograd would instead make
 two passes over the N-channel state per unit, and allocate and add an N-channel input
-gradient per unit. (Doing the same for the forward convs measured slower: 1.05x.)
+gradient per unit. (Doing the same for the forward convs measured slower: 1.05x.) There
+the BatchNorms run as C++ kernels (``cpu_kernels.py``; ATen's where they cannot be built),
+each fused with the ReLU after it, the projection's sum and the write into the state, and
+the units' last 1x1 convs are matrix products.
 
 It keeps exactly the tensors a plain autograd loop keeps inside each unit, never the
 intermediate states, and gives the same numbers up to rounding (the tests compare with
@@ -449,15 +452,20 @@ def _backward_as_matrices(
                 True, ctx.kernels, units[i], _saved(saved, i), _image(grad_delta, ctx.y), unit_gamma, g_rows
             )
             inner.append(grads)
+        # Unit i saw the block's segments before it updated: their part of its weight
+        # gradient comes from y, which the state still holds there.
+        seen_updated = [
+            torch.mm(g_block[:, offsets[i] - r0 : offsets[i + 1] - r0].t(), sm[:, starts[begin] : starts[i]])
+            for i in range(begin + 1, end)
+        ]
         block_cols = slice(starts[begin], starts[end])
         state[:, block_cols] = ctx.x[:, block_cols]  # the state before unit `begin`
         gm.addmm_(g_block, w[r0:r1])
         grad_weight = torch.mm(g_block.t(), sm)
         for i in range(begin, end):
             rows = slice(offsets[i] - r0, offsets[i + 1] - r0)
-            if i > begin:  # unit i saw the block's earlier segments updated
-                seen = slice(starts[begin], starts[i])
-                grad_weight[rows, seen] = torch.mm(g_block[:, rows].t(), _pixels(ctx.y[:, seen]))
+            if i > begin:
+                grad_weight[rows, starts[begin] : starts[i]] = seen_updated[i - begin - 1]
             out[i] = _with_first_weight(units[i], inner[end - 1 - i], grad_weight[rows].view(-1, *weight.shape[1:]))
         end = begin
     return out
