@@ -132,3 +132,30 @@ def test_without_a_compiler_the_layer_warns_once_and_trains_on_atens_kernels(tmp
     assert done.returncode == 0, done.stderr
     assert "could not build the CPU BatchNorm kernels" in done.stdout
     assert "grad True" in done.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 13, 5, 7), (3, 16, 8, 8), (2, 24, 2, 9)])
+def test_copy_layout_converts_between_nchw_and_channels_last(ops, dtype, shape):
+    x = torch.randn(*shape, dtype=dtype)
+    cl = torch.empty_like(x, memory_format=torch.channels_last)
+    ops.copy_layout(cl, x)
+    assert torch.equal(cl, x)
+    back = torch.empty_like(x)
+    ops.copy_layout(back, cl)
+    assert torch.equal(back, x)
+
+
+def test_copy_layout_writes_and_reads_channel_slices(ops):
+    b, c, h, w = 2, 11, 6, 5
+    x = torch.randn(b, c + 9, h, w)[:, 4 : 4 + c]  # an NCHW slice
+    state = torch.zeros(b, c + 20, h, w).to(memory_format=torch.channels_last)
+    ops.copy_layout(state[:, 7 : 7 + c], x)
+    assert torch.equal(state[:, 7 : 7 + c], x)
+    assert state[:, :7].abs().sum() == 0 and state[:, 7 + c :].abs().sum() == 0
+
+
+def test_copy_layout_refuses_two_tensors_of_one_layout(ops):
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.raises(RuntimeError, match="between NCHW and channels_last only"):
+        ops.copy_layout(torch.empty_like(x), x)
