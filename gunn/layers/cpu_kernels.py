@@ -1,12 +1,12 @@
-"""C++ BatchNorm(+ReLU) kernels for the thin channels_last tensors of GUNN units on the CPU.
+"""C++ kernels of the GUNN fast path on the CPU: BatchNorm(+ReLU) on thin tensors, layout copies.
 
 The fast path (``fastpath.py``) normalises 12 to 36 channels per unit, where ATen's
 channels_last BatchNorm is 2 to 6 times slower than a plain two-pass kernel. The kernels
-in ``cpu_kernels.cpp`` are compiled with the system's C++ compiler on first use (about a
-minute, once per machine and torch version; cached under ``GUNN_KERNEL_DIR``, by default
-``~/.cache/gunn/kernels``) and registered as ``torch.ops.gunn_cpu``. Without a compiler, or
-with ``GUNN_CPU_KERNELS=0``, the fast path uses ATen's kernels instead: same numbers up to
-rounding, slower.
+in ``cpu_kernels.cpp`` (and a tiled NCHW <-> channels_last copy) are compiled with the
+system's C++ compiler on first use (10 to 60 seconds, once per machine, CPU type and torch
+version; cached under ``GUNN_KERNEL_DIR``, by default ``~/.cache/gunn/kernels``) and
+registered as ``torch.ops.gunn_cpu``. Without a compiler, or with ``GUNN_CPU_KERNELS=0``,
+the fast path uses ATen's kernels instead: same numbers up to rounding, slower.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _load() -> bool:
         directory.mkdir(parents=True, exist_ok=True)
         fresh = not (directory / f"{name}.so").exists()
         if fresh:
-            print(f"gunn: compiling the CPU BatchNorm kernels into {directory} (once, about a minute)",
+            print(f"gunn: compiling the CPU BatchNorm kernels into {directory} (once, 10-60 s)",
                   file=sys.stderr, flush=True)
         start = time.perf_counter()
         cpp_extension.load(
