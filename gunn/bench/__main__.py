@@ -193,8 +193,49 @@ def loaders_throughput(args: argparse.Namespace) -> None:
     print(f"  loaders dali_cpu/torchvision       {rates['dali_cpu'] / rates['torchvision']:6.2f}")
 
 
-SECTIONS = ("describe", "layer", "models", "training", "loaders")
+SECTIONS = ("describe", "kernels", "layer", "models", "training", "loaders")
 PAPER_MODELS = ["gunn15", "gunn24", "gunn18", "wide_gunn18"]
+
+
+def kernels_speed(args: argparse.Namespace) -> None:
+    """ATen vs the fast path's C++ kernels on GUNN-15's BatchNorm shapes and layout copies."""
+    from gunn.layers import cpu_kernels  # noqa: PLC0415
+
+    print(f"\n## CPU kernels vs ATen: BatchNorm(+ReLU) fwd and bwd at batch {args.batch}, NCHW <-> channels_last copy")
+    if not cpu_kernels.available():
+        print("kernels not available (no C++ compiler, or GUNN_CPU_KERNELS=0): nothing to compare")
+        return
+    aten, ops, cl = torch.ops.aten, torch.ops.gunn_cpu, torch.channels_last
+    for size in (32, 16, 8):
+        for channels in (36, 24, 12):  # conv1 + projection, hidden, segment: GUNN-15's widths
+            x = torch.randn(args.batch, channels, size, size).to(memory_format=cl)
+            grad = torch.randn_like(x)
+            gamma, beta = torch.ones(channels), torch.zeros(channels)
+            xm, gm = (t.permute(0, 2, 3, 1).reshape(-1, channels) for t in (x, grad))
+            out, none = torch.empty_like(xm), xm.new_empty(xm.shape[0], 0)
+            _, mean, invstd = aten.native_batch_norm(x, gamma, beta, None, None, True, 0.1, 1e-5)
+            seconds = interleaved_medians({
+                "aten fwd": lambda: aten.native_batch_norm(x, gamma, beta, None, None, True, 0.1, 1e-5),
+                "kernel fwd": lambda: ops.bn_forward(xm, gamma, beta, None, None, 0.1, 1e-5, none, out, None, False),
+                "aten bwd": lambda: aten.native_batch_norm_backward(
+                    grad, x, gamma, None, None, mean, invstd, True, 1e-5, [True, True, True]),
+                "kernel bwd": lambda: ops.bn_backward(none, none, gm, xm, mean, invstd, gamma, out),
+            }, repeats=max(args.repeats, 21), warmup=3)
+            ms = {k: v * 1e3 for k, v in seconds.items()}
+            print(f"{channels:3d} ch {size:2d}x{size:<2d}  fwd aten {ms['aten fwd']:6.3f} ms  kernel "
+                  f"{ms['kernel fwd']:6.3f} ms ({ms['aten fwd'] / ms['kernel fwd']:4.1f}x)   bwd aten "
+                  f"{ms['aten bwd']:6.3f} ms  kernel {ms['kernel bwd']:6.3f} ms "
+                  f"({ms['aten bwd'] / ms['kernel bwd']:4.1f}x)")
+    state = torch.randn(args.batch, 240, 32, 32)
+    state_cl = torch.empty_like(state, memory_format=cl)
+    back = torch.empty_like(state)
+    seconds = interleaved_medians({
+        "aten to cl": lambda: state_cl.copy_(state), "kernel to cl": lambda: ops.copy_layout(state_cl, state),
+        "aten to nchw": lambda: back.copy_(state_cl), "kernel to nchw": lambda: ops.copy_layout(back, state_cl),
+    }, repeats=max(args.repeats, 21), warmup=3)
+    print(f"copy {args.batch}x240x32x32  to channels_last: aten/kernel "
+          f"{seconds['aten to cl'] / seconds['kernel to cl']:4.1f}x   to NCHW: aten/kernel "
+          f"{seconds['aten to nchw'] / seconds['kernel to nchw']:4.1f}x")
 
 
 def image_size(model: str) -> int:
@@ -238,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## Models: parameters and FLOPs (1 multiply-add = 1 MAC)")
         for name in PAPER_MODELS:
             describe_model(name, image_size(name))
+    if "kernels" in args.only and args.device == "cpu":
+        kernels_speed(args)
     if "layer" in args.only:
         layer = GunnLayer(channels, segments)
         compare(f"GunnLayer({channels}, {segments}) at {size}x{size}", layer,

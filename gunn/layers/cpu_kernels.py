@@ -1,7 +1,7 @@
 """C++ kernels of the GUNN fast path on the CPU: BatchNorm(+ReLU) on thin tensors, layout copies.
 
 The fast path (``fastpath.py``) normalises 12 to 36 channels per unit, where ATen's
-channels_last BatchNorm is 2 to 6 times slower than a plain two-pass kernel. The kernels
+channels_last BatchNorm is 1.7 to 4.4 times slower than a plain two-pass kernel. The kernels
 in ``cpu_kernels.cpp`` (and a tiled NCHW <-> channels_last copy) are compiled with the
 system's C++ compiler on first use (10 to 60 seconds, once per machine, CPU type and torch
 version; cached under ``GUNN_KERNEL_DIR``, by default ``~/.cache/gunn/kernels``) and

@@ -26,3 +26,17 @@ def test_benchmark_rejects_a_bad_layer_description(capsys):
     with pytest.raises(SystemExit):
         main(["--layer", "16"])
     assert "--layer must be CHANNELS,SEGMENTS" in capsys.readouterr().err
+
+
+def test_benchmark_compares_the_cpu_kernels_with_aten(capsys):
+    from gunn.layers import cpu_kernels
+
+    assert main(["--batch", "2", "--repeats", "1", "--only", "kernels"]) == 0
+    out = capsys.readouterr().out
+    if not cpu_kernels.available():
+        assert "kernels not available" in out
+        return
+    speedups = re.findall(r"\(\s*(\d+\.\d)x\)", out)
+    assert len(speedups) == 2 * 9  # fwd and bwd for three widths at three sizes
+    assert all(float(v) > 0 for v in speedups)
+    assert re.search(r"to channels_last: aten/kernel\s+\d+\.\dx\s+to NCHW: aten/kernel\s+\d+\.\dx", out)
