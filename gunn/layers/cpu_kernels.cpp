@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -32,10 +33,41 @@ struct Matrix {
   int64_t rows = 0, cols = 0, ld = 0;
 };
 
+// Rows read (or written) this many rows ahead of use are prefetched: the hardware
+// prefetcher does not follow rows of a few dozen values spaced a state's width apart (a
+// segment of the GUNN state, a unit's columns of a gradient block), and such reads ran
+// 2-3 times slower than contiguous ones.
+constexpr int64_t kAhead = 8;
+
+// Prefetches the `cols` values at `row` (a row kAhead rows ahead, which may lie past the
+// end of the tensor: a prefetch never faults, and the address is formed as an integer).
+template <typename T>
+inline void prefetch_row(const T* row, int64_t ld, int64_t cols, bool write = false) {
+  const char* p = reinterpret_cast<const char*>(row + kAhead * ld);
+  const int64_t bytes = cols * static_cast<int64_t>(sizeof(T));
+  if (write) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 1);
+  } else {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+  }
+}
+
+// A (pixels, channels) matrix, or a (B, C, H, W) channels_last tensor (a channel slice of
+// one included) seen as its (B*H*W, C) matrix.
 Matrix as_matrix(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, "gunn cpu kernels: ", name, " must be a (pixels, channels) matrix, got ", t.sizes());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "gunn cpu kernels: ", name, " needs contiguous channels");
   TORCH_CHECK(t.device().is_cpu(), "gunn cpu kernels: ", name, " must be on the CPU");
+  if (t.dim() == 4) {
+    const int64_t B = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+    // The row stride, from the first pixel dimension (innermost first) longer than 1.
+    const int64_t ld = W > 1 ? t.stride(3) : H > 1 ? t.stride(2) : B > 1 ? t.stride(0) : C;
+    TORCH_CHECK((C <= 1 || t.stride(1) == 1) && (W <= 1 || t.stride(3) == ld) && (H <= 1 || t.stride(2) == W * ld) &&
+                    (B <= 1 || t.stride(0) == H * W * ld),
+                "gunn cpu kernels: ", name, " must be channels_last, got strides ", t.strides());
+    return {B * H * W, C, C ? ld : 0};
+  }
+  TORCH_CHECK(t.dim() == 2, "gunn cpu kernels: ", name, " must be a (pixels, channels) matrix or a 4-d ",
+              "channels_last tensor, got ", t.sizes());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "gunn cpu kernels: ", name, " needs contiguous channels");
   return {t.size(0), t.size(1), t.size(1) ? t.stride(0) : 0};
 }
 
@@ -88,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor> bn_forward(
     const int64_t ldx = mx.ld;
     auto sum = column_sums<T>(P, C, [&](int64_t r, T* s) {
       const T* row = X + r * ldx;
+      prefetch_row(row, ldx, C);
       for (int64_t j = 0; j < C; ++j) s[j] += row[j];
     });
     std::vector<T> mu(C);
@@ -95,6 +128,7 @@ std::tuple<at::Tensor, at::Tensor> bn_forward(
     const T* M = mu.data();
     auto sq = column_sums<T>(P, C, [&](int64_t r, T* s) {  // two passes, like ATen: no cancellation
       const T* row = X + r * ldx;
+      prefetch_row(row, ldx, C);
       for (int64_t j = 0; j < C; ++j) {
         const T d = row[j] - M[j];
         s[j] += d * d;
@@ -128,8 +162,10 @@ std::tuple<at::Tensor, at::Tensor> bn_forward(
     at::parallel_for(0, P, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* row = X + r * ldx;
+        prefetch_row(row, ldx, C);
         if (A) {
           T* o = OA + r * ma.ld;
+          prefetch_row(o, ma.ld, A, true);
           for (int64_t j = 0; j < A; ++j) {
             const T v = row[j] * S[j] + H[j];
             o[j] = v > T(0) ? v : T(0);
@@ -137,11 +173,17 @@ std::tuple<at::Tensor, at::Tensor> bn_forward(
         }
         if (B) {
           T* o = OB + r * mb.ld;
+          if (accumulate) {
+            prefetch_row(o, mb.ld, B);
+          } else {
+            prefetch_row(o, mb.ld, B, true);
+          }
           const T* xb = row + A;
           const T* sb = S + A;
           const T* hb = H + A;
           if (D) {
             const T* d = D + r * md.ld;
+            prefetch_row(d, md.ld, B);
             if (accumulate) {
               for (int64_t j = 0; j < B; ++j) o[j] += xb[j] * sb[j] + hb[j] + d[j];
             } else {
@@ -182,9 +224,12 @@ std::tuple<at::Tensor, at::Tensor> bn_backward(
     // One pass for both sums: sum(g) in [0, C), sum(g * (x - mean)) in [C, 2C).
     auto sums = column_sums<T>(P, 2 * C, [&](int64_t r, T* s) {
       const T* xr = X + r * mx.ld;
+      prefetch_row(xr, mx.ld, C);
       if (A) {
         const T* g = GA + r * mga.ld;
         const T* h = RA + r * mra.ld;
+        prefetch_row(g, mga.ld, A);
+        prefetch_row(h, mra.ld, A);
         for (int64_t j = 0; j < A; ++j) {
           const T gj = h[j] > T(0) ? g[j] : T(0);
           s[j] += gj;
@@ -193,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward(
       }
       if (B) {
         const T* g = GB + r * mgb.ld;
+        prefetch_row(g, mgb.ld, B);
         for (int64_t j = 0; j < B; ++j) {
           s[A + j] += g[j];
           s[C + A + j] += g[j] * (xr[A + j] - M[A + j]);
@@ -221,9 +267,13 @@ std::tuple<at::Tensor, at::Tensor> bn_backward(
       for (int64_t r = begin; r < end; ++r) {
         const T* xr = X + r * mx.ld;
         T* o = O + r * mo.ld;
+        prefetch_row(xr, mx.ld, C);
+        prefetch_row(o, mo.ld, C, true);
         if (A) {
           const T* g = GA + r * mga.ld;
           const T* h = RA + r * mra.ld;
+          prefetch_row(g, mga.ld, A);
+          prefetch_row(h, mra.ld, A);
           for (int64_t j = 0; j < A; ++j) {
             const T gj = h[j] > T(0) ? g[j] : T(0);
             o[j] = gj * K1[j] - xr[j] * K2[j] + K3[j];
@@ -231,6 +281,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward(
         }
         if (B) {
           const T* g = GB + r * mgb.ld;
+          prefetch_row(g, mgb.ld, B);
           for (int64_t j = A; j < C; ++j) o[j] = g[j - A] * K1[j] - xr[j] * K2[j] + K3[j];
         }
       }

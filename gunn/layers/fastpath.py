@@ -66,7 +66,7 @@ def supported(layer: nn.Module, x: Tensor) -> bool:
 
     containers = (nn.ModuleList, nn.Sequential, UpdateUnit, Bottleneck)
     reference: tuple | None = None
-    for module in layer.units.modules():
+    for module in _submodules(layer.units):
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
             return False
         if getattr(module, "_backward_pre_hooks", None):
@@ -95,6 +95,16 @@ def supported(layer: nn.Module, x: Tensor) -> bool:
     return True
 
 
+def _submodules(root: nn.Module) -> list[nn.Module]:
+    """Every module under root (root included), like ``root.modules()`` at a fraction of its cost."""
+    found, stack = [], [root]
+    while stack:
+        module = stack.pop()
+        found.append(module)
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return found
+
+
 def _global_hooks() -> bool:
     hooks = nn.modules.module
     return bool(
@@ -117,40 +127,60 @@ def _unit_parameters(unit: nn.Module) -> list[Tensor]:
     return params
 
 
+class _Unit:
+    """One unit's parameters (``_unit_parameters`` order), BatchNorms and sizes, gathered once
+    per forward: a module's attribute lookups cost microseconds, and the loops make thousands."""
+
+    __slots__ = ("params", "bn1", "bn2", "bn3", "proj_bn", "hidden")
+
+    def __init__(self, unit: nn.Module) -> None:
+        block = unit.blocks[0]
+        self.params = _unit_parameters(unit)
+        self.bn1, self.bn2, self.bn3 = block.bn1, block.bn2, block.bn3
+        self.proj_bn = None if unit.proj is None else unit.proj[1]
+        self.hidden = block.conv1.out_channels
+
+    @property
+    def norms(self) -> list[nn.BatchNorm2d]:
+        return [self.bn1, self.bn2, self.bn3] + ([] if self.proj_bn is None else [self.proj_bn])
+
+    def first_pairs(self) -> list[tuple[Tensor, nn.BatchNorm2d]]:
+        """(weight, BatchNorm) of the first conv, and of the projection if any."""
+        pairs = [(self.params[0], self.bn1)]
+        if self.proj_bn is not None:
+            pairs.append((self.params[9], self.proj_bn))
+        return pairs
+
+
 def gradual_update(layer: nn.Module, x: Tensor) -> Tensor:
     """The layer's output in GUNN mode (train mode, with autograd), see the module docstring."""
-    params = [p for unit in layer.units for p in _unit_parameters(unit)]
-    return _GradualBottlenecks.apply(x, layer, *params)
+    units = [_Unit(unit) for unit in layer.units]
+    return _GradualBottlenecks.apply(x, layer, units, *[p for unit in units for p in unit.params])
 
 
 class _FirstConvs:
     """Every unit's first 1x1 conv and projection, with their BatchNorms, concatenated.
 
-    Unit i owns rows ``offsets[i]:offsets[i+1]`` (its conv1 rows, then its projection's).
+    Unit i owns rows ``offsets[i]:offsets[i+1]`` (its conv1 rows, then its projection's);
+    ``split(t)`` cuts a concatenated tensor into those per-unit parts.
     """
 
-    def __init__(self, units: Sequence[nn.Module]) -> None:
-        convs: list[nn.Conv2d] = []
-        norms: list[nn.BatchNorm2d] = []
+    def __init__(self, units: Sequence[_Unit]) -> None:
+        pairs = [pair for unit in units for pair in unit.first_pairs()]
+        self.norms = [norm for _, norm in pairs]
+        self.sizes = [sum(w.shape[0] for w, _ in unit.first_pairs()) for unit in units]
         self.offsets = [0]
-        for unit in units:
-            pairs = [(unit.blocks[0].conv1, unit.blocks[0].bn1)]
-            if unit.proj is not None:
-                pairs.append((unit.proj[0], unit.proj[1]))
-            for conv, norm in pairs:
-                convs.append(conv)
-                norms.append(norm)
-            self.offsets.append(self.offsets[-1] + sum(conv.out_channels for conv, _ in pairs))
-        self.norms = norms
-        self.weight = torch.cat([c.weight for c in convs])
-        self.gamma = torch.cat([n.weight for n in norms])
-        self.beta = torch.cat([n.bias for n in norms])
-        tracked = norms[0].running_mean is not None
-        self.mean = torch.cat([n.running_mean for n in norms]) if tracked else None
-        self.var = torch.cat([n.running_var for n in norms]) if tracked else None
+        for size in self.sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        self.weight = torch.cat([w for w, _ in pairs])
+        self.gamma = torch.cat([n.weight for n in self.norms])
+        self.beta = torch.cat([n.bias for n in self.norms])
+        tracked = self.norms[0].running_mean is not None
+        self.mean = torch.cat([n.running_mean for n in self.norms]) if tracked else None
+        self.var = torch.cat([n.running_var for n in self.norms]) if tracked else None
 
-    def rows(self, i: int) -> slice:
-        return slice(self.offsets[i], self.offsets[i + 1])
+    def split(self, t: Tensor | None) -> Sequence[Tensor | None]:
+        return [None] * len(self.sizes) if t is None else t.split(self.sizes)
 
     def write_back(self) -> None:
         """Copies the updated running statistics into each BatchNorm module."""
@@ -162,12 +192,6 @@ def _pixels(t: Tensor) -> Tensor:
     """A channels_last (B, C, H, W) tensor as its (B*H*W, C) matrix (a view when it can be)."""
     b, c, h, w = t.shape
     return t.permute(0, 2, 3, 1).reshape(b * h * w, c)
-
-
-def _pixels_view(t: Tensor) -> Tensor:
-    """``_pixels`` for a tensor that is written to: always a view (raises otherwise)."""
-    b, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).view(b * h * w, c)
 
 
 def _image(m: Tensor, like: Tensor) -> Tensor:
@@ -184,11 +208,8 @@ def _norm(
     ReLU into ``relu_out``, the others (plus ``add``) into ``out``, or are added to ``out``
     if ``accumulate``. Updates the running statistics; returns the batch mean and invstd.
     """
-    if kernels:
-        return torch.ops.gunn_cpu.bn_forward(
-            _pixels(x), gamma, beta, mean, var, momentum, eps, _pixels_view(relu_out), _pixels_view(out),
-            None if add is None else _pixels(add), accumulate,
-        )  # fmt: skip
+    if kernels:  # channels_last tensors, which the kernels see as (pixels, channels) matrices
+        return torch.ops.gunn_cpu.bn_forward(x, gamma, beta, mean, var, momentum, eps, relu_out, out, add, accumulate)
     o, m, v = aten.native_batch_norm(x, gamma, beta, mean, var, True, momentum, eps)
     a = relu_out.shape[1]
     if a:
@@ -216,10 +237,10 @@ def _norm_backward(
     if kernels:
         if out is None:
             out = torch.empty_like(x, memory_format=torch.channels_last)
-        empty = x.new_empty(x.shape[0] * x.shape[2] * x.shape[3], 0)
+        empty = x.new_empty(0, 0)
         gw, gb = torch.ops.gunn_cpu.bn_backward(
-            empty if grad_a is None else _pixels(grad_a), empty if relu_a is None else _pixels(relu_a),
-            empty if grad_b is None else _pixels(grad_b), _pixels(x), mean, invstd, gamma, _pixels_view(out),
+            empty if grad_a is None else grad_a, empty if relu_a is None else relu_a,
+            empty if grad_b is None else grad_b, x, mean, invstd, gamma, out,
         )  # fmt: skip
         return out, gw, gb
     if grad_b is None:
@@ -283,9 +304,22 @@ def _conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor, matrices: bool) -
     return _image(torch.mm(g, w), x), torch.mm(g.t(), _pixels(x)).view(weight.shape)
 
 
-def _norm_args(norm: nn.BatchNorm2d) -> tuple:
-    """``_norm``'s parameter and statistics arguments for one module (counting the batch)."""
-    return norm.weight, norm.bias, norm.running_mean, norm.running_var, count_batch([norm]), norm.eps
+def _count_batches(units: Sequence[_Unit]) -> list[tuple[float, float, float]]:
+    """Counts the batch in every BatchNorm of the units, as ``count_batch``, and returns each
+    unit's running-statistics factors for its first norm (with the projection's), second
+    and third."""
+    if units[0].bn1.momentum is not None:  # the same factor everywhere: count all at once
+        factor = count_batch([norm for unit in units for norm in unit.norms])
+        return [(factor, factor, factor)] * len(units)
+    # Cumulative moving averages: each factor from its module's own count.
+    return [
+        (count_batch([n for n in (u.bn1, u.proj_bn) if n is not None]), count_batch([u.bn2]), count_batch([u.bn3]))
+        for u in units
+    ]
+
+
+def _stats(norm: nn.BatchNorm2d) -> tuple[Tensor | None, Tensor | None]:
+    return norm.running_mean, norm.running_var
 
 
 def _empty_like(x: Tensor, channels: int, layout: torch.memory_format) -> Tensor:
@@ -296,8 +330,7 @@ def _empty_like(x: Tensor, channels: int, layout: torch.memory_format) -> Tensor
 
 class _GradualBottlenecks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, layer: nn.Module, *params: Tensor) -> Tensor:
-        units = list(layer.units)
+    def forward(ctx: Any, x: Tensor, layer: nn.Module, units: Sequence[_Unit], *params: Tensor) -> Tensor:
         first = _FirstConvs(units)
         # The state runs in channels_last wherever a 1x1 conv can be a matrix product: on the
         # CPU always (an NCHW input is converted here and the output converted back, which
@@ -309,38 +342,34 @@ class _GradualBottlenecks(torch.autograd.Function):
         kernels = matrices and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and cpu_kernels.available()
         state = torch.empty_like(x, memory_format=torch.channels_last if matrices else torch.preserve_format)
         _copy(state, x, kernels)
+        nothing = _empty_like(x, 0, layout)  # the unused output of a BatchNorm
+        factors = _count_batches(units)
         saved: list[Tensor] = []
         starts = [0]
-        for i, unit in enumerate(units):
-            block = unit.blocks[0]
-            rows = first.rows(i)
-            hidden = block.conv1.out_channels
-            a1 = F.conv2d(state, first.weight[rows])
-            mean, var = first.mean, first.var
-            momentum = count_batch([block.bn1] if unit.proj is None else [block.bn1, unit.proj[1]])
-            h1, projected = _empty_like(a1, hidden, layout), _empty_like(a1, a1.shape[1] - hidden, layout)
-            m1, v1 = _norm(
-                kernels, a1, first.gamma[rows], first.beta[rows], None if mean is None else mean[rows],
-                None if var is None else var[rows], momentum, block.bn1.eps, h1, projected,
-            )  # fmt: skip
-            a2 = F.conv2d(h1, block.conv2.weight, None, *_CONV_3X3)
+        parts = zip(*(first.split(t) for t in (first.weight, first.gamma, first.beta, first.mean, first.var)))
+        for unit, (weight, gamma, beta, mean, var), (f1, f2, f3) in zip(units, parts, factors):
+            w2, gamma2, beta2, w3, gamma3, beta3 = unit.params[3:9]
+            a1 = F.conv2d(state, weight)
+            h1, projected = _empty_like(a1, unit.hidden, layout), _empty_like(a1, a1.shape[1] - unit.hidden, layout)
+            m1, v1 = _norm(kernels, a1, gamma, beta, mean, var, f1, unit.bn1.eps, h1, projected)
+            a2 = F.conv2d(h1, w2, None, *_CONV_3X3)
             h2 = _empty_like(a2, a2.shape[1], layout)
-            m2, v2 = _norm(kernels, a2, *_norm_args(block.bn2), h2, _empty_like(a2, 0, layout))
-            a3 = _conv1x1(h2, block.conv3.weight, matrices)
+            m2, v2 = _norm(kernels, a2, gamma2, beta2, *_stats(unit.bn2), f2, unit.bn2.eps, h2, nothing)
+            a3 = _conv1x1(h2, w3, matrices)
             width = a3.shape[1]
             _check_fits(state.shape[1], starts[-1], width, 1)
             # Eq. 4: the segment gets bn3 (+ the projection) added (or, without the residual, replaced).
             segment = state.narrow(1, starts[-1], width)
             m3, v3 = _norm(
-                kernels, a3, *_norm_args(block.bn3), _empty_like(a3, 0, layout), segment,
-                None if unit.proj is None else projected, layer.residual,
+                kernels, a3, gamma3, beta3, *_stats(unit.bn3), f3, unit.bn3.eps, nothing, segment,
+                None if unit.proj_bn is None else projected, layer.residual,
             )  # fmt: skip
             starts.append(starts[-1] + width)
             saved += [a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3]
         layer._check_width(x, starts[-1])
         first.write_back()
         ctx.save_for_backward(x, first.weight, first.gamma, *saved)
-        ctx.layer, ctx.offsets, ctx.starts = layer, first.offsets, starts
+        ctx.layer, ctx.units, ctx.offsets, ctx.sizes, ctx.starts = layer, units, first.offsets, first.sizes, starts
         if matrices and not x.is_contiguous(memory_format=torch.channels_last):
             state = _contiguous(state, kernels)  # back to the input's layout
         ctx.matrices, ctx.kernels = matrices, kernels
@@ -365,11 +394,11 @@ class _GradualBottlenecks(torch.autograd.Function):
             grad = torch.empty_like(ctx.y)
             grad.copy_(grad_y)
             unit_grads = _backward_as_convs(ctx, grad, weight, gamma, saved)
-        return (grad, None, *[g for grads in unit_grads for g in grads])
+        return (grad, None, None, *[g for grads in unit_grads for g in grads])
 
 
 def _unit_backward(
-    matrices: bool, kernels: bool, unit: nn.Module, saved: Sequence[Tensor], grad_delta: Tensor, gamma: Tensor,
+    matrices: bool, kernels: bool, unit: _Unit, saved: Sequence[Tensor], grad_delta: Tensor, gamma: Tensor,
     out: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Backward of one unit down to its first BatchNorm's input.
@@ -378,30 +407,28 @@ def _unit_backward(
     into ``out`` if given) and the gradients of every parameter of the unit except that
     conv's weight, in ``_unit_parameters`` order with the weight left out.
     """
-    block = unit.blocks[0]
     a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3 = saved
-    g3, gw_bn3, gb_bn3 = _norm_backward(kernels, None, None, grad_delta, a3, m3, v3, block.bn3.weight, block.bn3.eps)
-    gh2, gw3 = _conv1x1_backward(g3, h2, block.conv3.weight, matrices)
-    g2, gw_bn2, gb_bn2 = _norm_backward(kernels, gh2, h2, None, a2, m2, v2, block.bn2.weight, block.bn2.eps)
-    gh1, gw2, _ = aten.convolution_backward(
-        g2, h1, block.conv2.weight, None, *_CONV_3X3, False, (0, 0), 1, [True, True, False]
-    )
-    hidden = block.conv1.out_channels
+    w2, gamma2, _, w3, gamma3, _ = unit.params[3:9]
+    g3, gw_bn3, gb_bn3 = _norm_backward(kernels, None, None, grad_delta, a3, m3, v3, gamma3, unit.bn3.eps)
+    gh2, gw3 = _conv1x1_backward(g3, h2, w3, matrices)
+    g2, gw_bn2, gb_bn2 = _norm_backward(kernels, gh2, h2, None, a2, m2, v2, gamma2, unit.bn2.eps)
+    gh1, gw2, _ = aten.convolution_backward(g2, h1, w2, None, *_CONV_3X3, False, (0, 0), 1, [True, True, False])
+    hidden = unit.hidden
     # delta = bottleneck + projection: the projection's BatchNorm gets delta's gradient.
     g1, gw_bn1, gb_bn1 = _norm_backward(
-        kernels, gh1, h1, None if unit.proj is None else grad_delta, a1, m1, v1, gamma, block.bn1.eps, out
+        kernels, gh1, h1, None if unit.proj_bn is None else grad_delta, a1, m1, v1, gamma, unit.bn1.eps, out
     )
     grads = [gw_bn1[:hidden], gb_bn1[:hidden], gw2, gw_bn2, gb_bn2, gw3, gw_bn3, gb_bn3]
-    if unit.proj is not None:
+    if unit.proj_bn is not None:
         grads += [gw_bn1[hidden:], gb_bn1[hidden:]]
     return g1, grads
 
 
-def _with_first_weight(unit: nn.Module, grads: list[Tensor], grad_weight: Tensor) -> list[Tensor]:
+def _with_first_weight(unit: _Unit, grads: list[Tensor], grad_weight: Tensor) -> list[Tensor]:
     """``_unit_backward``'s gradients with the first conv's (and projection's) weight put back."""
-    hidden = unit.blocks[0].conv1.out_channels
+    hidden = unit.hidden
     out = [grad_weight[:hidden], *grads[:8]]
-    if unit.proj is not None:
+    if unit.proj_bn is not None:
         out += [grad_weight[hidden:], *grads[8:]]
     return out
 
@@ -414,19 +441,19 @@ def _backward_as_convs(
     ctx: Any, grad: Tensor, weight: Tensor, gamma: Tensor, saved: Sequence[Tensor]
 ) -> list[list[Tensor]]:
     """Units in reverse order, each first conv's gradients by ``convolution_backward``."""
-    units = list(ctx.layer.units)
+    units = ctx.units
     state = ctx.y.clone()  # becomes the state before unit i, one segment at a time
+    weights, gammas = weight.split(ctx.sizes), gamma.split(ctx.sizes)
     out: list[list[Tensor]] = [[] for _ in units]
     for i in reversed(range(len(units))):
         start, end = ctx.starts[i], ctx.starts[i + 1]
-        rows = slice(ctx.offsets[i], ctx.offsets[i + 1])
         grad_delta = grad[:, start:end].clone(memory_format=torch.contiguous_format)  # BatchNorm is slow on strided
         if not ctx.layer.residual:
             grad[:, start:end].zero_()
-        g1, grads = _unit_backward(False, False, units[i], _saved(saved, i), grad_delta, gamma[rows])
+        g1, grads = _unit_backward(False, False, units[i], _saved(saved, i), grad_delta, gammas[i])
         state[:, start:end] = ctx.x[:, start:end]
         g_state, grad_weight, _ = aten.convolution_backward(
-            g1, state, weight[rows], None, *_CONV_1X1, False, (0, 0), 1, [True, True, False]
+            g1, state, weights[i], None, *_CONV_1X1, False, (0, 0), 1, [True, True, False]
         )
         grad.add_(g_state)
         out[i] = _with_first_weight(units[i], grads, grad_weight)
@@ -444,8 +471,9 @@ def _backward_as_matrices(
     before the block, corrected on the block's own segments. Inside a block a unit's
     update gradient adds the pending input gradients of the later units on its segment.
     """
-    units = list(ctx.layer.units)
+    units = ctx.units
     offsets, starts = ctx.offsets, ctx.starts
+    gammas = gamma.split(ctx.sizes)
     gm = _pixels(grad)
     state = torch.empty_like(ctx.y, memory_format=torch.channels_last)
     _copy(state, ctx.y, ctx.kernels)
@@ -473,10 +501,9 @@ def _backward_as_matrices(
                     # ATen's channels_last BatchNorm backward is several times slower on a
                     # strided gradient (the C++ kernels are not).
                     grad_delta = grad_delta.clone()
-            unit_gamma = gamma[offsets[i] : offsets[i + 1]]
             g_rows = _image(g_block[:, offsets[i] - r0 : offsets[i + 1] - r0], ctx.y)
             _, grads = _unit_backward(
-                True, ctx.kernels, units[i], _saved(saved, i), _image(grad_delta, ctx.y), unit_gamma, g_rows
+                True, ctx.kernels, units[i], _saved(saved, i), _image(grad_delta, ctx.y), gammas[i], g_rows
             )
             inner.append(grads)
         # Unit i saw the block's segments before it updated: their part of its weight
@@ -506,7 +533,7 @@ def _differentiable_backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, .
     """
     layer = ctx.layer
     x = ctx.saved_tensors[0]
-    params = [p for unit in layer.units for p in _unit_parameters(unit)]
+    params = [p for unit in ctx.units for p in unit.params]
     # The recomputation updates copies of the BatchNorm buffers, dropped afterwards;
     # writing the old values back would change tensors its graph has saved.
     originals = [(m, dict(m._buffers)) for m in layer.units.modules() if m._buffers]
@@ -519,7 +546,8 @@ def _differentiable_backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, .
     finally:
         for module, buffers in originals:
             module._buffers.update(buffers)
-    wanted = [t for t, need in zip([inp, *params], ctx.needs_input_grad[:1] + ctx.needs_input_grad[2:]) if need]
+    needs = ctx.needs_input_grad[:1] + ctx.needs_input_grad[3:]  # x and the parameters
+    wanted = [t for t, need in zip([inp, *params], needs) if need]
     got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
-    grads = [next(got) if need else None for need in ctx.needs_input_grad[:1] + ctx.needs_input_grad[2:]]
-    return (grads[0], None, *grads[1:])
+    grads = [next(got) if need else None for need in needs]
+    return (grads[0], None, None, *grads[1:])

@@ -45,8 +45,7 @@ def count_batch(norms: Sequence[nn.BatchNorm2d]) -> float:
     first = norms[0]
     factor = 0.0 if first.momentum is None else first.momentum
     if first.training and first.track_running_stats:
-        for norm in norms:
-            norm.num_batches_tracked.add_(1)
+        torch._foreach_add_([norm.num_batches_tracked for norm in norms], 1)
         if first.momentum is None:  # cumulative moving average
             factor = 1.0 / float(first.num_batches_tracked)
     return factor

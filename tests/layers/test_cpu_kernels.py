@@ -99,6 +99,28 @@ def test_inputs_that_are_not_matrices_with_contiguous_channels_are_refused(ops):
         ops.bn_forward(x.view(4, 8, 1), gamma, gamma, None, None, 0.1, 1e-5, empty, empty, None, False)
     with pytest.raises(RuntimeError, match="must split x's columns"):
         ops.bn_forward(x, gamma, gamma, None, None, 0.1, 1e-5, empty, empty, None, False)
+    nchw = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="x must be channels_last"):
+        ops.bn_forward(nchw, gamma, gamma, None, None, 0.1, 1e-5, empty, torch.empty(18, 8, dtype=torch.float64),
+                       None, False)
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 5, 4), (3, 20, 1, 1), (1, 20, 1, 6)])
+def test_channels_last_tensors_and_their_channel_slices_read_as_pixel_matrices(ops, shape):
+    # What the fast path passes: slices of a channels_last state, as (pixels, channels) matrices.
+    b, c, h, w = shape
+    state = torch.randn(shape, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x, segment = state[:, 2:14], state[:, 14:18]
+    gamma, beta = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    pixels = b * h * w
+    matrix = x.permute(0, 2, 3, 1).reshape(pixels, 12)
+    want_a, want_b = torch.empty(pixels, 8, dtype=torch.float64), torch.empty(pixels, 4, dtype=torch.float64)
+    want = ops.bn_forward(matrix, gamma, beta, None, None, 0.1, 1e-5, want_a, want_b, None, False)
+    out_a = torch.empty(b, 8, h, w, dtype=torch.float64, memory_format=torch.channels_last)
+    got = ops.bn_forward(x, gamma, beta, None, None, 0.1, 1e-5, out_a, segment, None, False)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(out_a.permute(0, 2, 3, 1).reshape(pixels, 8), want_a, atol=0, rtol=0)
+    torch.testing.assert_close(segment.permute(0, 2, 3, 1).reshape(pixels, 4), want_b, atol=0, rtol=0)
 
 
 def test_the_fast_path_uses_the_kernels_on_the_cpu(ops):
