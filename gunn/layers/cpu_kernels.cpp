@@ -10,7 +10,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #ifdef __AVX2__
@@ -364,10 +367,98 @@ void copy_layout(const at::Tensor& dst, const at::Tensor& src) {
   });
 }
 
+
+// One GUNN update unit of the paper (1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU, 1x1 conv, BN,
+// plus the projection's 1x1 conv and BN), forward and backward, in channels_last. What
+// gunn/layers/fastpath.py computes op by op for the ATen backend, as one call: per unit that
+// saves about 15 calls from Python (0.3-0.5 ms of interpreter and dispatch per unit on the
+// reference CPU, more than the arithmetic on 8x8 and 16x16 inputs).
+
+at::Tensor empty_channels_last(const at::Tensor& like, int64_t channels) {
+  return at::empty({like.size(0), channels, like.size(2), like.size(3)},
+                   like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+// A contiguous channels_last (B, C, H, W) tensor as its (B*H*W, C) matrix, and back.
+at::Tensor pixels(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
+at::Tensor image(const at::Tensor& m, const at::Tensor& like) {
+  return m.view({like.size(0), like.size(2), like.size(3), m.size(1)}).permute({0, 3, 1, 2});
+}
+
+// Writes the unit's update into `state` (segment [start, start + width) += or = bn3 +
+// projection) and returns what its backward needs: a1, mean1, invstd1, h1, a2, mean2,
+// invstd2, h2, a3, mean3, invstd3. w1 (and its BatchNorm's parameters and statistics) holds
+// the first conv's rows, then the projection's; the first `hidden` of them feed the 3x3 conv.
+std::vector<at::Tensor> unit_forward(
+    const at::Tensor& state, const at::Tensor& w1, const at::Tensor& gamma1, const at::Tensor& beta1,
+    const std::optional<at::Tensor>& mean1, const std::optional<at::Tensor>& var1, double momentum1, double eps1,
+    int64_t hidden, const at::Tensor& w2, const at::Tensor& gamma2, const at::Tensor& beta2,
+    const std::optional<at::Tensor>& mean2, const std::optional<at::Tensor>& var2, double momentum2, double eps2,
+    const at::Tensor& w3, const at::Tensor& gamma3, const at::Tensor& beta3,
+    const std::optional<at::Tensor>& mean3, const std::optional<at::Tensor>& var3, double momentum3, double eps3,
+    int64_t start, bool residual) {
+  TORCH_CHECK(state.dim() == 4 && state.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "gunn cpu kernels: unit_forward needs a channels_last state");
+  TORCH_CHECK(start >= 0 && start + w3.size(0) <= state.size(1), "gunn cpu kernels: the unit's segment [", start,
+              ", ", start + w3.size(0), ") exceeds the state's ", state.size(1), " channels");
+  auto a1 = at::conv2d(state, w1);
+  auto h1 = empty_channels_last(a1, hidden);
+  auto projected = empty_channels_last(a1, a1.size(1) - hidden);
+  auto [m1, v1] = bn_forward(a1, gamma1, beta1, mean1, var1, momentum1, eps1, h1, projected, std::nullopt, false);
+  auto a2 = at::conv2d(h1, w2, std::nullopt, 1, 1);
+  auto h2 = empty_channels_last(a2, a2.size(1));
+  auto nothing = empty_channels_last(a2, 0);
+  auto [m2, v2] = bn_forward(a2, gamma2, beta2, mean2, var2, momentum2, eps2, h2, nothing, std::nullopt, false);
+  auto a3 = image(at::mm(pixels(h2), w3.view({w3.size(0), -1}).t()), h2);
+  auto segment = state.narrow(1, start, a3.size(1));
+  std::optional<at::Tensor> add;
+  if (projected.size(1)) add = projected;
+  auto [m3, v3] = bn_forward(a3, gamma3, beta3, mean3, var3, momentum3, eps3, nothing, segment, add, residual);
+  return {a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3};
+}
+
+// Backward of unit_forward for the gradient of its update (grad_delta): writes the gradient
+// of the first conv's output (its rows, then the projection's) into `out` and returns the
+// gradients of gamma1, beta1, w2, gamma2, beta2, w3, gamma3, beta3 and, with a projection,
+// of its BatchNorm's gamma and beta (the order of gunn/layers/fastpath.py).
+std::vector<at::Tensor> unit_backward(
+    at::TensorList saved, const at::Tensor& grad_delta, const at::Tensor& out, const at::Tensor& gamma1,
+    const at::Tensor& w2, const at::Tensor& gamma2, const at::Tensor& w3, const at::Tensor& gamma3) {
+  TORCH_CHECK(saved.size() == 11, "gunn cpu kernels: unit_backward needs unit_forward's 11 tensors");
+  const at::Tensor &a1 = saved[0], &m1 = saved[1], &v1 = saved[2], &h1 = saved[3], &a2 = saved[4];
+  const at::Tensor &m2 = saved[5], &v2 = saved[6], &h2 = saved[7], &a3 = saved[8], &m3 = saved[9], &v3 = saved[10];
+  auto none = at::empty({0, 0}, a1.options());
+  auto g3 = empty_channels_last(a3, a3.size(1));
+  auto [gw_bn3, gb_bn3] = bn_backward(none, none, grad_delta, a3, m3, v3, gamma3, g3);
+  auto g3m = pixels(g3);
+  auto w3m = w3.view({w3.size(0), -1});
+  auto gh2 = image(at::mm(g3m, w3m), h2);
+  auto gw3 = at::mm(g3m.t(), pixels(h2)).view(w3.sizes());
+  auto g2 = empty_channels_last(a2, a2.size(1));
+  auto [gw_bn2, gb_bn2] = bn_backward(gh2, h2, none, a2, m2, v2, gamma2, g2);
+  auto gh1_gw2 = at::convolution_backward(g2, h1, w2, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+                                          {true, true, false});
+  // delta = bottleneck + projection: the projection's BatchNorm gets delta's gradient.
+  const bool projection = a1.size(1) > h1.size(1);
+  auto [gw_bn1, gb_bn1] =
+      bn_backward(std::get<0>(gh1_gw2), h1, projection ? grad_delta : none, a1, m1, v1, gamma1, out);
+  const int64_t hidden = h1.size(1), rest = a1.size(1) - hidden;
+  std::vector<at::Tensor> grads = {gw_bn1.narrow(0, 0, hidden), gb_bn1.narrow(0, 0, hidden), std::get<1>(gh1_gw2),
+                                   gw_bn2, gb_bn2, gw3, gw_bn3, gb_bn3};
+  if (projection) {
+    grads.push_back(gw_bn1.narrow(0, hidden, rest));
+    grads.push_back(gb_bn1.narrow(0, hidden, rest));
+  }
+  return grads;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gunn_cpu, m) {
   m.def("bn_forward", bn_forward);
   m.def("bn_backward", bn_backward);
   m.def("copy_layout", copy_layout);
+  m.def("unit_forward", unit_forward);
+  m.def("unit_backward", unit_backward);
 }

@@ -201,15 +201,14 @@ def _image(m: Tensor, like: Tensor) -> Tensor:
 
 
 def _norm(
-    kernels: bool, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor | None, var: Tensor | None,
-    momentum: float, eps: float, relu_out: Tensor, out: Tensor, add: Tensor | None = None, accumulate: bool = False,
+    x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor | None, var: Tensor | None, momentum: float, eps: float,
+    relu_out: Tensor, out: Tensor, add: Tensor | None = None, accumulate: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Training-mode BatchNorm of x. Its first ``relu_out.shape[1]`` channels go through a
-    ReLU into ``relu_out``, the others (plus ``add``) into ``out``, or are added to ``out``
-    if ``accumulate``. Updates the running statistics; returns the batch mean and invstd.
+    """Training-mode BatchNorm of x (ATen's; ``bn_forward`` of the C++ kernels does the same).
+    Its first ``relu_out.shape[1]`` channels go through a ReLU into ``relu_out``, the others
+    (plus ``add``) into ``out``, or are added to ``out`` if ``accumulate``. Updates the
+    running statistics; returns the batch mean and invstd.
     """
-    if kernels:  # channels_last tensors, which the kernels see as (pixels, channels) matrices
-        return torch.ops.gunn_cpu.bn_forward(x, gamma, beta, mean, var, momentum, eps, relu_out, out, add, accumulate)
     o, m, v = aten.native_batch_norm(x, gamma, beta, mean, var, True, momentum, eps)
     a = relu_out.shape[1]
     if a:
@@ -226,23 +225,14 @@ def _norm(
 
 
 def _norm_backward(
-    kernels: bool, grad_a: Tensor | None, relu_a: Tensor | None, grad_b: Tensor | None,
-    x: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, eps: float, out: Tensor | None = None,
+    grad_a: Tensor | None, relu_a: Tensor | None, grad_b: Tensor | None, x: Tensor, mean: Tensor, invstd: Tensor,
+    gamma: Tensor, eps: float, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of ``_norm`` for the gradients of its ReLU part (``grad_a``, through
     ``relu_a``) and of its other part (``grad_b``): the gradients of x (into ``out`` if
     given), gamma and beta.
     """
     a = 0 if grad_a is None else grad_a.shape[1]
-    if kernels:
-        if out is None:
-            out = torch.empty_like(x, memory_format=torch.channels_last)
-        empty = x.new_empty(0, 0)
-        gw, gb = torch.ops.gunn_cpu.bn_backward(
-            empty if grad_a is None else grad_a, empty if relu_a is None else relu_a,
-            empty if grad_b is None else grad_b, x, mean, invstd, gamma, out,
-        )  # fmt: skip
-        return out, gw, gb
     if grad_b is None:
         grad = aten.threshold_backward(grad_a, relu_a, 0)
     elif grad_a is None:
@@ -328,6 +318,39 @@ def _empty_like(x: Tensor, channels: int, layout: torch.memory_format) -> Tensor
     return torch.empty((b, channels, h, w), dtype=x.dtype, device=x.device, memory_format=layout)
 
 
+def _unit_forward(
+    kernels: bool, matrices: bool, state: Tensor, unit: _Unit, first_conv: Sequence[Tensor | None],
+    factors: tuple[float, float, float], start: int, residual: bool,
+) -> list[Tensor]:
+    """Writes one unit's update into the state's segment at ``start`` (Eq. 4: added, or
+    without the residual, replacing it) and returns what its backward needs. ``first_conv``:
+    the unit's rows of the concatenated first convs (weight, gamma, beta, running mean and
+    variance). With the kernels, one call of the C++ ``unit_forward``, which does exactly this.
+    """
+    weight, gamma, beta, mean, var = first_conv
+    f1, f2, f3 = factors
+    w2, gamma2, beta2, w3, gamma3, beta3 = unit.params[3:9]
+    if kernels:
+        return torch.ops.gunn_cpu.unit_forward(
+            state, weight, gamma, beta, mean, var, f1, unit.bn1.eps, unit.hidden,
+            w2, gamma2, beta2, *_stats(unit.bn2), f2, unit.bn2.eps,
+            w3, gamma3, beta3, *_stats(unit.bn3), f3, unit.bn3.eps, start, residual,
+        )  # fmt: skip
+    layout = torch.channels_last if matrices else torch.contiguous_format
+    nothing = _empty_like(state, 0, layout)  # the unused output of a BatchNorm
+    a1 = F.conv2d(state, weight)
+    h1, projected = _empty_like(a1, unit.hidden, layout), _empty_like(a1, a1.shape[1] - unit.hidden, layout)
+    m1, v1 = _norm(a1, gamma, beta, mean, var, f1, unit.bn1.eps, h1, projected)
+    a2 = F.conv2d(h1, w2, None, *_CONV_3X3)
+    h2 = _empty_like(a2, a2.shape[1], layout)
+    m2, v2 = _norm(a2, gamma2, beta2, *_stats(unit.bn2), f2, unit.bn2.eps, h2, nothing)
+    a3 = _conv1x1(h2, w3, matrices)
+    segment = state.narrow(1, start, a3.shape[1])
+    add = None if unit.proj_bn is None else projected
+    m3, v3 = _norm(a3, gamma3, beta3, *_stats(unit.bn3), f3, unit.bn3.eps, nothing, segment, add, residual)
+    return [a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3]
+
+
 class _GradualBottlenecks(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: nn.Module, units: Sequence[_Unit], *params: Tensor) -> Tensor:
@@ -337,35 +360,19 @@ class _GradualBottlenecks(torch.autograd.Function):
         # costs two copies of the state and is much faster than NCHW on the CPU), elsewhere
         # when the input already is channels_last.
         matrices = (x.device.type == "cpu" and CPU_CHANNELS_LAST) or x.is_contiguous(memory_format=torch.channels_last)
-        layout = torch.channels_last if matrices else torch.contiguous_format
-        # BatchNorm (and layout changes) by the C++ kernels where they apply: on the CPU.
+        # The units (and layout changes) by the C++ kernels where they apply: on the CPU.
         kernels = matrices and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and cpu_kernels.available()
         state = torch.empty_like(x, memory_format=torch.channels_last if matrices else torch.preserve_format)
         _copy(state, x, kernels)
-        nothing = _empty_like(x, 0, layout)  # the unused output of a BatchNorm
         factors = _count_batches(units)
         saved: list[Tensor] = []
         starts = [0]
         parts = zip(*(first.split(t) for t in (first.weight, first.gamma, first.beta, first.mean, first.var)))
-        for unit, (weight, gamma, beta, mean, var), (f1, f2, f3) in zip(units, parts, factors):
-            w2, gamma2, beta2, w3, gamma3, beta3 = unit.params[3:9]
-            a1 = F.conv2d(state, weight)
-            h1, projected = _empty_like(a1, unit.hidden, layout), _empty_like(a1, a1.shape[1] - unit.hidden, layout)
-            m1, v1 = _norm(kernels, a1, gamma, beta, mean, var, f1, unit.bn1.eps, h1, projected)
-            a2 = F.conv2d(h1, w2, None, *_CONV_3X3)
-            h2 = _empty_like(a2, a2.shape[1], layout)
-            m2, v2 = _norm(kernels, a2, gamma2, beta2, *_stats(unit.bn2), f2, unit.bn2.eps, h2, nothing)
-            a3 = _conv1x1(h2, w3, matrices)
-            width = a3.shape[1]
+        for unit, first_conv, factor in zip(units, parts, factors):
+            width = unit.params[6].shape[0]
             _check_fits(state.shape[1], starts[-1], width, 1)
-            # Eq. 4: the segment gets bn3 (+ the projection) added (or, without the residual, replaced).
-            segment = state.narrow(1, starts[-1], width)
-            m3, v3 = _norm(
-                kernels, a3, gamma3, beta3, *_stats(unit.bn3), f3, unit.bn3.eps, nothing, segment,
-                None if unit.proj_bn is None else projected, layer.residual,
-            )  # fmt: skip
+            saved += _unit_forward(kernels, matrices, state, unit, first_conv, factor, starts[-1], layer.residual)
             starts.append(starts[-1] + width)
-            saved += [a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3]
         layer._check_width(x, starts[-1])
         first.write_back()
         ctx.save_for_backward(x, first.weight, first.gamma, *saved)
@@ -401,22 +408,25 @@ def _unit_backward(
     matrices: bool, kernels: bool, unit: _Unit, saved: Sequence[Tensor], grad_delta: Tensor, gamma: Tensor,
     out: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Backward of one unit down to its first BatchNorm's input.
+    """Backward of one unit down to its first BatchNorm's input (the C++ ``unit_backward``
+    with the kernels, which needs ``out``).
 
     Returns the gradient of the first conv's output (conv1 and projection rows; written
     into ``out`` if given) and the gradients of every parameter of the unit except that
     conv's weight, in ``_unit_parameters`` order with the weight left out.
     """
-    a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3 = saved
     w2, gamma2, _, w3, gamma3, _ = unit.params[3:9]
-    g3, gw_bn3, gb_bn3 = _norm_backward(kernels, None, None, grad_delta, a3, m3, v3, gamma3, unit.bn3.eps)
+    if kernels and out is not None:
+        return out, torch.ops.gunn_cpu.unit_backward(saved, grad_delta, out, gamma, w2, gamma2, w3, gamma3)
+    a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3 = saved
+    g3, gw_bn3, gb_bn3 = _norm_backward(None, None, grad_delta, a3, m3, v3, gamma3, unit.bn3.eps)
     gh2, gw3 = _conv1x1_backward(g3, h2, w3, matrices)
-    g2, gw_bn2, gb_bn2 = _norm_backward(kernels, gh2, h2, None, a2, m2, v2, gamma2, unit.bn2.eps)
+    g2, gw_bn2, gb_bn2 = _norm_backward(gh2, h2, None, a2, m2, v2, gamma2, unit.bn2.eps)
     gh1, gw2, _ = aten.convolution_backward(g2, h1, w2, None, *_CONV_3X3, False, (0, 0), 1, [True, True, False])
     hidden = unit.hidden
     # delta = bottleneck + projection: the projection's BatchNorm gets delta's gradient.
     g1, gw_bn1, gb_bn1 = _norm_backward(
-        kernels, gh1, h1, None if unit.proj_bn is None else grad_delta, a1, m1, v1, gamma, unit.bn1.eps, out
+        gh1, h1, None if unit.proj_bn is None else grad_delta, a1, m1, v1, gamma, unit.bn1.eps, out
     )
     grads = [gw_bn1[:hidden], gb_bn1[:hidden], gw2, gw_bn2, gb_bn2, gw3, gw_bn3, gb_bn3]
     if unit.proj_bn is not None:
