@@ -14,10 +14,12 @@ of the first convs of a block of consecutive units is computed together: one in-
 ``addmm_`` adds the block's input gradients to the state gradient, and one product gives
 its weight gradients, corrected on the block's own segments. Autograd would instead make
 two passes over the N-channel state per unit, and allocate and add an N-channel input
-gradient per unit. (Doing the same for the forward convs measured slower: 1.05x.) There
-the BatchNorms run as C++ kernels (``cpu_kernels.py``; ATen's where they cannot be built),
-each fused with the ReLU after it, the projection's sum and the write into the state, and
-the units' last 1x1 convs are matrix products.
+gradient per unit. (Doing the same for the forward convs measured slower: 1.05x.) The
+units' last 1x1 convs are matrix products there too. On the CPU each unit's forward and
+backward is one call of the C++ kernels (``cpu_kernels.py``: ATen's convolutions, and
+BatchNorms fused with the ReLU after them, the projection's sum and the write into the
+state); where they cannot be built, ``_unit_forward`` and ``_unit_backward`` compose the
+same unit from ATen ops.
 
 It keeps exactly the tensors a plain autograd loop keeps inside each unit, never the
 intermediate states, and gives the same numbers up to rounding (the tests compare with
