@@ -12,7 +12,9 @@ Corrupt images stop the run: the first unreadable image raises a ``DataError`` t
 under either loader. Nothing is skipped silently, because a skipped image would change the
 number of batches of one rank (and hang distributed training) and the data a result was
 trained on. ``python -m gunn.data verify ROOT`` lists every unreadable image at once so that
-they can be removed before a run.
+they can be removed before a run. Other DALI failures (a pipeline that cannot start, e.g. on a
+driver too old for the installed DALI wheel, or an error while PIL decodes every image of the
+batches in flight) are a plain ``RuntimeError`` that says what DALI was doing, never a ``DataError``.
 
 DALI (``DaliLoader``) decodes on the GPU (``mixed`` decoder) when the target device is CUDA and
 entirely on the CPU otherwise, so it also runs on machines without a GPU. It reads exactly
@@ -28,6 +30,7 @@ so its resumed batches equal the uninterrupted ones exactly.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -175,25 +178,38 @@ class DaliLoader:
         indices = self.plan.indices(epoch, start)
         if not indices:
             return iter(())
-        return self._batches([self.files[i] for i in indices], [self.labels[i] for i in indices], epoch)
+        return self._batches([self.files[i] for i in indices], [self.labels[i] for i in indices], epoch, start)
 
-    def _batches(self, files: list[str], labels: list[int], epoch: int) -> Iterator[Batch]:
+    def _batches(self, files: list[str], labels: list[int], epoch: int, start: int) -> Iterator[Batch]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        read = 0
         try:
             # A fresh pipeline per epoch: its reader gets this epoch's file order (building takes
-            # milliseconds) and its random streams restart from (seed, epoch, rank).
-            batches = DALIGenericIterator(
-                self._pipeline(files, labels, epoch), ["images", "labels"], reader_name=_READER,
-                last_batch_policy=LastBatchPolicy.PARTIAL,
+            # milliseconds) and its random streams restart from (seed, epoch, rank). Building it
+            # starts DALI on the device: a missing GPU or a driver too old for DALI's CUDA fails here.
+            pipe = self._pipeline(files, labels, epoch)
+            pipe.build()
+        except RuntimeError as err:  # before any image is read: never a data error
+            raise self._dali_failure(f"could not start its pipeline on {self.device}", err) from err
+        read = 0
+        try:
+            batches = DALIGenericIterator(  # decodes the first batch already
+                pipe, ["images", "labels"], reader_name=_READER, last_batch_policy=LastBatchPolicy.PARTIAL,
             )
             for out in batches:
-                images, targets = out[0]["images"], out[0]["labels"]
+                images, targets = out[0]["images"], out[0]["labels"]  # labels: int32 (B, 1)
                 yield images, targets.view(-1).to(device=self.device, dtype=torch.int64)
                 read += 1
         except RuntimeError as err:  # DALI reports every failure of its operators as RuntimeError
-            raise self._error(err, files, read) from err
+            # A data error only if PIL cannot decode some image of the batches DALI was working on.
+            window = self._in_flight(files, read)
+            bad = [(path, why) for path, why in zip(window, map(_unreadable, window)) if why is not None]
+            if bad:
+                raise self._data_error(bad, err) from err
+            raise self._dali_failure(
+                f"failed while reading batch {start + read} of epoch {epoch} on {self.device} (PIL decodes all "
+                f"{len(window)} files of the batches in flight, so this is not a bad image)", err,
+            ) from err
 
     def _pipeline(self, files: list[str], labels: list[int], epoch: int):
         from nvidia.dali import fn, types
@@ -229,29 +245,46 @@ class DaliLoader:
                 images, device=ops, dtype=types.FLOAT, output_layout="CHW",
                 mean=[255 * m for m in MEAN], std=[255 * s for s in STD], **extra,
             )
+            if gpu:
+                # Labels as a GPU output, as in NVIDIA's examples: DALIGenericIterator then delivers
+                # them on the device instead of us copying them from unpinned host memory every batch.
+                # Not exercised by the tests, which run on machines without a GPU.
+                targets = targets.gpu()
             pipe.set_outputs(images, targets)
         return pipe
 
-    def _error(self, err: RuntimeError, files: list[str], read: int) -> DataError:
-        """A DataError naming the undecodable files among the batches DALI was working on."""
+    def _in_flight(self, files: list[str], read: int) -> list[str]:
+        """The files of the batches DALI may have been working on after ``read`` delivered batches."""
         # DALI's message does not name the file. The failing batch is the next one or one of
-        # those it had prefetched; decode their files with PIL to find the culprit.
+        # those it had prefetched.
         b = self.batch_size
-        window = files[read * b : (read + self.prefetch + 2) * b]
-        bad = [(path, why) for path, why in zip(window, map(_unreadable, window)) if why is not None]
-        dali = str(err).strip().splitlines()
-        summary = next((line for line in reversed(dali) if "no longer valid" not in line and line.strip()), "")
-        if bad:
-            listed = "\n".join(f"    {path}: {why}" for path, why in bad)
-            return DataError(
-                f"DALI cannot decode {len(bad)} image(s):\n{listed}\nFind every unreadable image with "
-                f"`python -m gunn.data verify ROOT` and remove them (DALI said: {summary})"
-            )
-        first, last = (window[0], window[-1]) if window else ("-", "-")
+        return files[read * b : (read + self.prefetch + 2) * b]
+
+    def _data_error(self, bad: list[tuple[str, str]], err: RuntimeError) -> DataError:
+        """A DataError listing the files that neither DALI nor PIL can decode."""
+        listed = "\n".join(f"    {path}: {why}" for path, why in bad)
         return DataError(
-            f"DALI failed on the batches of files {first} .. {last}, although PIL decodes all "
-            f"{len(window)} of them; DALI said: {summary}"
+            f"DALI cannot decode {len(bad)} image(s):\n{listed}\nFind every unreadable image with "
+            f"`python -m gunn.data verify ROOT` and remove them (DALI said: {_dali_summary(err)})"
         )
+
+    def _dali_failure(self, doing: str, err: RuntimeError) -> RuntimeError:
+        """A RuntimeError (not a DataError) saying what DALI was doing when it failed, and why."""
+        summary = _dali_summary(err)
+        hint = ""
+        if self.device.type == "cuda" and re.search(r"cuda|driver|nvml", str(err), re.IGNORECASE):
+            hint = (
+                "\nThe DALI wheel must match the CUDA version of the NVIDIA driver (nvidia-smi shows it): "
+                "nvidia-dali-cuda130 (the extra `dali`) for CUDA 13 drivers, nvidia-dali-cuda120 (the "
+                "extra `dali-cuda12`) for CUDA 12 drivers."
+            )
+        return RuntimeError(f"DALI {doing}; DALI said: {summary}{hint}")
+
+
+def _dali_summary(err: RuntimeError) -> str:
+    """The last informative line of a DALI error (its message ends with boilerplate and tracebacks)."""
+    lines = str(err).strip().splitlines()
+    return next((line for line in reversed(lines) if "no longer valid" not in line and line.strip()), "")
 
 
 def _pipeline_seed(seed: int, epoch: int, rank: int) -> int:

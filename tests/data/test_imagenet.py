@@ -53,13 +53,15 @@ def corrupt_tree(tree: Path, tmp_path: Path) -> tuple[Path, Path]:
     return root, bad
 
 
-def _dali(root: Path, split: str, *, rank: int = 0, world_size: int = WORLD, indices: bool = False) -> DaliLoader:
+def _dali(
+    root: Path, split: str, *, rank: int = 0, world_size: int = WORLD, indices: bool = False, device: torch.device = CPU
+) -> DaliLoader:
     """A DALI loader; with ``indices`` its labels are the file indices, which shows the order read."""
     files, labels, _ = find_images(root, split)
     labels = list(range(len(files))) if indices else labels
     return DaliLoader(
         files, labels, batch_size=BATCH, rank=rank, world_size=world_size, seed=SEED,
-        train=split == "train", device=CPU, workers=2,
+        train=split == "train", device=device, workers=2,
     )
 
 
@@ -176,6 +178,47 @@ def test_a_corrupt_image_stops_the_loader_with_its_path(corrupt_tree: tuple[Path
     loader = LOADERS[name](root, "val", world_size=1)
     with pytest.raises(DataError, match=re.escape(str(bad))):
         list(loader.iterate(0))
+
+
+def _quotes_dali(message: str, dali: BaseException | None) -> bool:
+    """Whether ``message`` quotes a line of DALI's own error message."""
+    return dali is not None and any(line.strip() and line.strip() in message for line in str(dali).splitlines())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine whose CUDA driver DALI cannot use")
+def test_dali_that_cannot_start_on_the_gpu_blames_dali_and_the_device_not_the_data(tree: Path) -> None:
+    loader = _dali(tree, "val", world_size=1, device=torch.device("cuda", 0))
+    with pytest.raises(RuntimeError) as failure:
+        list(loader.iterate(0))
+    assert not isinstance(failure.value, DataError)
+    message = str(failure.value)
+    assert "DALI could not start its pipeline on cuda:0" in message
+    assert _quotes_dali(message, failure.value.__cause__)
+    assert "nvidia-dali-cuda120" in message and "nvidia-dali-cuda130" in message  # the wheel/driver hint
+
+
+def test_a_dali_failure_on_images_pil_decodes_is_not_a_data_error(tree: Path, tmp_path: Path) -> None:
+    root = tmp_path / "imagenet"
+    shutil.copytree(tree, root)
+    odd = root / "val" / "n00000001" / "n00000001_0.JPEG"  # file 5 of the validation order: batch 1
+    Image.open(odd).convert("RGB").save(odd, format="GIF")  # PIL decodes GIFs, DALI does not
+    with pytest.raises(RuntimeError) as failure:
+        list(_dali(root, "val", world_size=1).iterate(0))
+    assert not isinstance(failure.value, DataError)
+    message = str(failure.value)
+    assert "DALI failed while reading batch 1 of epoch 0 on cpu" in message and "not a bad image" in message
+    assert _quotes_dali(message, failure.value.__cause__)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_dali_labels_are_int64_vectors_on_the_cpu(tree: Path, split: str) -> None:
+    # The CUDA path (labels moved to the GPU inside the pipeline) needs a GPU and is not tested here.
+    batches = list(_dali(tree, split, world_size=1).iterate(0))
+    if split == "val":
+        assert len(batches[-1][1]) == CLASSES * VAL % BATCH  # a partial last batch
+    for images, labels in batches:
+        assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],)
+        assert labels.device == images.device == CPU
 
 
 def test_verify_lists_the_corrupt_image(corrupt_tree: tuple[Path, Path]) -> None:
