@@ -21,15 +21,20 @@ BatchNorms fused with the ReLU after them, the projection's sum and the write in
 state); where they cannot be built, ``_unit_forward`` and ``_unit_backward`` compose the
 same unit from ATen ops.
 
-It keeps exactly the tensors a plain autograd loop keeps inside each unit, never the
-intermediate states, and gives the same numbers up to rounding (the tests compare with
-the plain loop in float64). What it does not cover (M >= 2, SyncBatchNorm or other norms,
-BatchNorm in eval mode, autocast, hooks on the units, second-order gradients) runs on the
-generic path instead.
+Under autocast (bfloat16, or float16 with a gradient scaler) it computes what autocast
+would: the convolutions and matrix products in the lower precision from weights cast once
+per step, BatchNorm on the lower-precision activations with float32 statistics, and the
+segment writes into the state in the state's own dtype; gradients come back in the
+parameters' dtype. It keeps exactly the tensors a plain autograd loop keeps inside each
+unit, never the intermediate states, and gives the same numbers up to rounding (the tests
+compare with the plain loop in float64, and under autocast with the generic path in the
+same precision). What it does not cover (M >= 2, SyncBatchNorm or other norms, BatchNorm
+in eval mode, hooks on the units, second-order gradients) runs on the generic path instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -54,14 +59,29 @@ CPU_CHANNELS_LAST = True
 BLOCK_ROWS = 192
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_LOWER_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast gives the convolutions of input x, or None where autocast is off for it."""
+    device = x.device.type
+    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)  # autocast leaves float64 alone
+    return None
 
 
 def supported(layer: nn.Module, x: Tensor) -> bool:
     """Whether ``gradual_update(layer, x)`` computes exactly what the generic path would."""
     if not getattr(layer, "fast_path", False) or layer.depth != 1 or x.dim() != 4:
         return False
-    if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+    if not x.is_floating_point():
         return False
+    lower = autocast_dtype(x)
+    if lower is not None and lower not in _LOWER_PRECISION:
+        return False
+    # Under autocast the weights are float32, cast to the lower precision as autocast does.
+    weights = None if lower is None else torch.float32
     if _global_hooks():
         return False
     from gunn.layers.bottleneck import Bottleneck, UpdateUnit  # noqa: PLC0415 (imports this module)
@@ -80,6 +100,8 @@ def supported(layer: nn.Module, x: Tensor) -> bool:
                 reference = settings
             if settings != reference or not module.training or not module.affine:
                 return False
+            if weights is not None and module.weight.dtype != weights:
+                return False
         elif kind is nn.Conv2d:
             k = module.kernel_size
             if (
@@ -90,6 +112,7 @@ def supported(layer: nn.Module, x: Tensor) -> bool:
                 or module.padding != (k[0] // 2, k[1] // 2)
                 or module.stride != (1, 1)
                 or module.dilation != (1, 1)
+                or weights is not None and module.weight.dtype != weights
             ):
                 return False
         elif kind not in containers:
@@ -157,7 +180,7 @@ class _Unit:
 def gradual_update(layer: nn.Module, x: Tensor) -> Tensor:
     """The layer's output in GUNN mode (train mode, with autograd), see the module docstring."""
     units = [_Unit(unit) for unit in layer.units]
-    return _GradualBottlenecks.apply(x, layer, units, *[p for unit in units for p in unit.params])
+    return _GradualBottlenecks.apply(x, layer, units, autocast_dtype(x), *[p for unit in units for p in unit.params])
 
 
 class _FirstConvs:
@@ -320,14 +343,39 @@ def _empty_like(x: Tensor, channels: int, layout: torch.memory_format) -> Tensor
     return torch.empty((b, channels, h, w), dtype=x.dtype, device=x.device, memory_format=layout)
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _like(grad: Tensor, param: Tensor) -> Tensor:
+    """``grad`` in the dtype (under autocast: float32, as autocast's casts give) and the strides of
+    ``param``, as autograd's gradients are: DDP copies gradients whose strides differ from its
+    buckets' (and warns). A 1x1 conv weight's strides differ only in dimensions of size 1, where
+    a view fixes them."""
+    grad = _cast(grad, param.dtype)
+    if grad.stride() == param.stride():
+        return grad
+    if all(g == p for g, p, n in zip(grad.stride(), param.stride(), param.shape) if n != 1):
+        return grad.as_strided(param.shape, param.stride())  # the same elements at the same places
+    return torch.empty_like(param).copy_(grad)
+
+
+def _explicit_precision(device_type: str, lower: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast off inside the fast path, which casts explicitly what autocast would cast, so that its
+    forward and its backward (wherever that runs) compute the same way."""
+    return torch.autocast(device_type, enabled=False) if lower is not None else contextlib.nullcontext()
+
+
 def _unit_forward(
-    kernels: bool, matrices: bool, state: Tensor, unit: _Unit, first_conv: Sequence[Tensor | None],
+    kernels: bool, matrices: bool, state: Tensor, conv_in: Tensor, unit: _Unit, first_conv: Sequence[Tensor | None],
     factors: tuple[float, float, float], start: int, residual: bool,
 ) -> list[Tensor]:
     """Writes one unit's update into the state's segment at ``start`` (Eq. 4: added, or
-    without the residual, replacing it) and returns what its backward needs. ``first_conv``:
-    the unit's rows of the concatenated first convs (weight, gamma, beta, running mean and
-    variance). With the kernels, one call of the C++ ``unit_forward``, which does exactly this.
+    without the residual, replacing it) and returns what its backward needs. ``conv_in``: the
+    state as the convolutions read it (``state`` itself, or under autocast its copy in the
+    lower precision, whose segment is updated too); ``first_conv``: the unit's rows of the
+    concatenated first convs (weight in the convolutions' dtype, gamma, beta, running mean
+    and variance). With the kernels, one call of the C++ ``unit_forward``, which does exactly this.
     """
     weight, gamma, beta, mean, var = first_conv
     f1, f2, f3 = factors
@@ -340,70 +388,97 @@ def _unit_forward(
         )  # fmt: skip
     layout = torch.channels_last if matrices else torch.contiguous_format
     nothing = _empty_like(state, 0, layout)  # the unused output of a BatchNorm
-    a1 = F.conv2d(state, weight)
+    a1 = F.conv2d(conv_in, weight)
     h1, projected = _empty_like(a1, unit.hidden, layout), _empty_like(a1, a1.shape[1] - unit.hidden, layout)
     m1, v1 = _norm(a1, gamma, beta, mean, var, f1, unit.bn1.eps, h1, projected)
-    a2 = F.conv2d(h1, w2, None, *_CONV_3X3)
+    a2 = F.conv2d(h1, _cast(w2, a1.dtype), None, *_CONV_3X3)
     h2 = _empty_like(a2, a2.shape[1], layout)
     m2, v2 = _norm(a2, gamma2, beta2, *_stats(unit.bn2), f2, unit.bn2.eps, h2, nothing)
-    a3 = _conv1x1(h2, w3, matrices)
+    a3 = _conv1x1(h2, _cast(w3, a1.dtype), matrices)
     segment = state.narrow(1, start, a3.shape[1])
     add = None if unit.proj_bn is None else projected
+    # The update (bn3 + projection) in the convolutions' dtype, added to the state in its own.
     m3, v3 = _norm(a3, gamma3, beta3, *_stats(unit.bn3), f3, unit.bn3.eps, nothing, segment, add, residual)
+    if conv_in is not state:
+        conv_in.narrow(1, start, a3.shape[1]).copy_(segment)
     return [a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3]
 
 
 class _GradualBottlenecks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, layer: nn.Module, units: Sequence[_Unit], *params: Tensor) -> Tensor:
-        first = _FirstConvs(units)
-        # The state runs in channels_last wherever a 1x1 conv can be a matrix product: on the
-        # CPU always (an NCHW input is converted here and the output converted back, which
-        # costs two copies of the state and is much faster than NCHW on the CPU), elsewhere
-        # when the input already is channels_last.
-        matrices = (x.device.type == "cpu" and CPU_CHANNELS_LAST) or x.is_contiguous(memory_format=torch.channels_last)
-        # The units (and layout changes) by the C++ kernels where they apply: on the CPU.
-        kernels = matrices and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and cpu_kernels.available()
-        state = torch.empty_like(x, memory_format=torch.channels_last if matrices else torch.preserve_format)
-        _copy(state, x, kernels)
-        factors = _count_batches(units)
-        saved: list[Tensor] = []
-        starts = [0]
-        parts = zip(*(first.split(t) for t in (first.weight, first.gamma, first.beta, first.mean, first.var)))
-        for unit, first_conv, factor in zip(units, parts, factors):
-            width = unit.params[6].shape[0]
-            _check_fits(state.shape[1], starts[-1], width, 1)
-            saved += _unit_forward(kernels, matrices, state, unit, first_conv, factor, starts[-1], layer.residual)
-            starts.append(starts[-1] + width)
-        layer._check_width(x, starts[-1])
-        first.write_back()
-        ctx.save_for_backward(x, first.weight, first.gamma, *saved)
-        ctx.layer, ctx.units, ctx.offsets, ctx.sizes, ctx.starts = layer, units, first.offsets, first.sizes, starts
-        if matrices and not x.is_contiguous(memory_format=torch.channels_last):
-            state = _contiguous(state, kernels)  # back to the input's layout
-        ctx.matrices, ctx.kernels = matrices, kernels
-        # Detached aliases share the version counters: backward checks that x and y are intact.
-        ctx.x, ctx.y = x.detach(), state.detach()
-        ctx.versions = (x._version, state._version)
-        return state
+    def forward(
+        ctx: Any, x: Tensor, layer: nn.Module, units: Sequence[_Unit], lower: torch.dtype | None, *params: Tensor
+    ) -> Tensor:
+        # ``lower``: autocast's dtype (the convolutions run in it), or None without autocast.
+        with _explicit_precision(x.device.type, lower):
+            return _forward(ctx, x, layer, units, lower)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         check_unchanged(ctx.x, ctx.y, ctx.versions)
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_y)
-        x, weight, gamma, *saved = ctx.saved_tensors
-        if ctx.matrices:
-            grad = torch.empty_like(ctx.y, memory_format=torch.channels_last)
-            _copy(grad, grad_y, ctx.kernels)
-            unit_grads = _backward_as_matrices(ctx, grad, weight, gamma, saved)
-            if not x.is_contiguous(memory_format=torch.channels_last):
-                grad = _contiguous(grad, ctx.kernels)
-        else:
-            grad = torch.empty_like(ctx.y)
-            grad.copy_(grad_y)
-            unit_grads = _backward_as_convs(ctx, grad, weight, gamma, saved)
-        return (grad, None, None, *[g for grads in unit_grads for g in grads])
+        with _explicit_precision(ctx.y.device.type, ctx.lower):
+            grad, unit_grads = _backward(ctx, grad_y)
+        grads = [_like(g, p) for unit, ugrads in zip(ctx.units, unit_grads) for g, p in zip(ugrads, unit.params)]
+        return (grad, None, None, None, *grads)
+
+
+def _forward(ctx: Any, x: Tensor, layer: nn.Module, units: Sequence[_Unit], lower: torch.dtype | None) -> Tensor:
+    """``_GradualBottlenecks.forward``."""
+    first = _FirstConvs(units)
+    # The state runs in channels_last wherever a 1x1 conv can be a matrix product: on the
+    # CPU always (an NCHW input is converted here and the output converted back, which
+    # costs two copies of the state and is much faster than NCHW on the CPU), elsewhere
+    # when the input already is channels_last.
+    matrices = (x.device.type == "cpu" and CPU_CHANNELS_LAST) or x.is_contiguous(memory_format=torch.channels_last)
+    # The units (and layout changes) by the C++ kernels where they apply: on the CPU, without autocast.
+    kernels = (matrices and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and lower is None
+               and cpu_kernels.available())
+    dtype = lower or x.dtype
+    state = torch.empty_like(x, memory_format=torch.channels_last if matrices else torch.preserve_format)
+    _copy(state, x, kernels)
+    # What autocast casts for every unit's first conv: the state, kept up to date segment by
+    # segment, and the weights, cast once here.
+    conv_in = state if dtype == x.dtype else state.to(dtype)
+    factors = _count_batches(units)
+    saved: list[Tensor] = []
+    starts = [0]
+    weight = _cast(first.weight, dtype)
+    parts = zip(*(first.split(t) for t in (weight, first.gamma, first.beta, first.mean, first.var)))
+    for unit, first_conv, factor in zip(units, parts, factors):
+        width = unit.params[6].shape[0]
+        _check_fits(state.shape[1], starts[-1], width, 1)
+        saved += _unit_forward(kernels, matrices, state, conv_in, unit, first_conv, factor, starts[-1], layer.residual)
+        starts.append(starts[-1] + width)
+    layer._check_width(x, starts[-1])
+    first.write_back()
+    ctx.save_for_backward(x, first.weight, first.gamma, *saved)
+    ctx.layer, ctx.units, ctx.offsets, ctx.sizes, ctx.starts = layer, units, first.offsets, first.sizes, starts
+    if matrices and not x.is_contiguous(memory_format=torch.channels_last):
+        state = _contiguous(state, kernels)  # back to the input's layout
+    ctx.matrices, ctx.kernels, ctx.lower, ctx.dtype = matrices, kernels, lower, dtype
+    # Detached aliases share the version counters: backward checks that x and y are intact.
+    ctx.x, ctx.y = x.detach(), state.detach()
+    ctx.versions = (x._version, state._version)
+    return state
+
+
+def _backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, list[list[Tensor]]]:
+    """The gradient of the layer's input and every unit's parameter gradients (``_unit_parameters`` order)."""
+    x, weight, gamma, *saved = ctx.saved_tensors
+    weight = _cast(weight, ctx.dtype)
+    if ctx.matrices:
+        grad = torch.empty_like(ctx.y, memory_format=torch.channels_last)
+        _copy(grad, grad_y, ctx.kernels)
+        unit_grads = _backward_as_matrices(ctx, grad, weight, gamma, saved)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            grad = _contiguous(grad, ctx.kernels)
+    else:
+        grad = torch.empty_like(ctx.y)
+        grad.copy_(grad_y)
+        unit_grads = _backward_as_convs(ctx, grad, weight, gamma, saved)
+    return grad, unit_grads
 
 
 def _unit_backward(
@@ -421,6 +496,7 @@ def _unit_backward(
     if kernels and out is not None:
         return out, torch.ops.gunn_cpu.unit_backward(saved, grad_delta, out, gamma, w2, gamma2, w3, gamma3)
     a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3 = saved
+    w2, w3 = _cast(w2, a1.dtype), _cast(w3, a1.dtype)  # as the forward used them (autocast)
     g3, gw_bn3, gb_bn3 = _norm_backward(None, None, grad_delta, a3, m3, v3, gamma3, unit.bn3.eps)
     gh2, gw3 = _conv1x1_backward(g3, h2, w3, matrices)
     g2, gw_bn2, gb_bn2 = _norm_backward(gh2, h2, None, a2, m2, v2, gamma2, unit.bn2.eps)
@@ -454,12 +530,13 @@ def _backward_as_convs(
 ) -> list[list[Tensor]]:
     """Units in reverse order, each first conv's gradients by ``convolution_backward``."""
     units = ctx.units
-    state = ctx.y.clone()  # becomes the state before unit i, one segment at a time
+    state = ctx.y.to(ctx.dtype, copy=True)  # becomes the state before unit i, one segment at a time
     weights, gammas = weight.split(ctx.sizes), gamma.split(ctx.sizes)
     out: list[list[Tensor]] = [[] for _ in units]
     for i in reversed(range(len(units))):
         start, end = ctx.starts[i], ctx.starts[i + 1]
-        grad_delta = grad[:, start:end].clone(memory_format=torch.contiguous_format)  # BatchNorm is slow on strided
+        # Contiguous: BatchNorm is slow on strided tensors. In the update's dtype (autocast).
+        grad_delta = grad[:, start:end].to(ctx.dtype, memory_format=torch.contiguous_format, copy=True)
         if not ctx.layer.residual:
             grad[:, start:end].zero_()
         g1, grads = _unit_backward(False, False, units[i], _saved(saved, i), grad_delta, gammas[i])
@@ -483,11 +560,14 @@ def _backward_as_matrices(
     before the block, corrected on the block's own segments. Inside a block a unit's
     update gradient adds the pending input gradients of the later units on its segment.
     """
-    units = ctx.units
+    units, dtype = ctx.units, ctx.dtype
     offsets, starts = ctx.offsets, ctx.starts
     gammas = gamma.split(ctx.sizes)
     gm = _pixels(grad)
-    state = torch.empty_like(ctx.y, memory_format=torch.channels_last)
+    # Under autocast the state gradient keeps the state's dtype; everything the convolutions
+    # touch (their inputs, weights and output gradients) is in the lower precision.
+    mixed = gm.dtype != dtype
+    state = torch.empty_like(ctx.y, dtype=dtype, memory_format=torch.channels_last)
     _copy(state, ctx.y, ctx.kernels)
     sm = _pixels(state)
     w = weight.reshape(weight.shape[0], -1)
@@ -498,21 +578,26 @@ def _backward_as_matrices(
     while end > 0:
         begin = max(0, end - per_block)
         r0, r1 = offsets[begin], offsets[end]
-        g_block = gm.new_empty(gm.shape[0], r1 - r0)
+        g_block = gm.new_empty(gm.shape[0], r1 - r0, dtype=dtype)
         inner: list[list[Tensor]] = []
         for i in reversed(range(begin, end)):
             cols = slice(starts[i], starts[i + 1])
             if offsets[i + 1] < r1:
-                grad_delta = torch.addmm(gm[:, cols], g_block[:, offsets[i + 1] - r0 :], w[offsets[i + 1] : r1, cols])
+                pending, w_pending = g_block[:, offsets[i + 1] - r0 :], w[offsets[i + 1] : r1, cols]
+                if mixed:
+                    grad_delta = (gm[:, cols] + torch.mm(pending, w_pending)).to(dtype)
+                else:
+                    grad_delta = torch.addmm(gm[:, cols], pending, w_pending)
             else:
                 grad_delta = gm[:, cols]
                 if not ctx.layer.residual:
                     grad_delta = grad_delta.clone()
                     gm[:, cols].zero_()
-                elif not ctx.kernels:
+                elif not ctx.kernels and not mixed:
                     # ATen's channels_last BatchNorm backward is several times slower on a
                     # strided gradient (the C++ kernels are not).
                     grad_delta = grad_delta.clone()
+                grad_delta = _cast(grad_delta, dtype)
             g_rows = _image(g_block[:, offsets[i] - r0 : offsets[i + 1] - r0], ctx.y)
             _, grads = _unit_backward(
                 True, ctx.kernels, units[i], _saved(saved, i), _image(grad_delta, ctx.y), gammas[i], g_rows
@@ -526,7 +611,10 @@ def _backward_as_matrices(
         ]
         block_cols = slice(starts[begin], starts[end])
         _copy(state[:, block_cols], ctx.x[:, block_cols], ctx.kernels)  # the state before unit `begin`
-        gm.addmm_(g_block, w[r0:r1])
+        if mixed:
+            gm.add_(torch.mm(g_block, w[r0:r1]))
+        else:
+            gm.addmm_(g_block, w[r0:r1])
         grad_weight = torch.mm(g_block.t(), sm)
         for i in range(begin, end):
             rows = slice(offsets[i] - r0, offsets[i + 1] - r0)
@@ -551,15 +639,16 @@ def _differentiable_backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, .
     originals = [(m, dict(m._buffers)) for m in layer.units.modules() if m._buffers]
     for module, buffers in originals:
         module._buffers.update({k: None if b is None else b.clone() for k, b in buffers.items()})
+    autocast = contextlib.nullcontext() if ctx.lower is None else torch.autocast(x.device.type, dtype=ctx.lower)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast:  # the forward's precision
             inp = x if x.requires_grad else x.detach().requires_grad_()
             y = layer._gradual_autograd(inp)
     finally:
         for module, buffers in originals:
             module._buffers.update(buffers)
-    needs = ctx.needs_input_grad[:1] + ctx.needs_input_grad[3:]  # x and the parameters
+    needs = ctx.needs_input_grad[:1] + ctx.needs_input_grad[4:]  # x and the parameters
     wanted = [t for t, need in zip([inp, *params], needs) if need]
     got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
     grads = [next(got) if need else None for need in needs]
-    return (grads[0], None, None, *grads[1:])
+    return (grads[0], None, None, None, *grads[1:])

@@ -47,8 +47,26 @@ def count_batch(norms: Sequence[nn.BatchNorm2d]) -> float:
     if first.training and first.track_running_stats:
         torch._foreach_add_([norm.num_batches_tracked for norm in norms], 1)
         if first.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(first.num_batches_tracked)
+            factor = 1.0 / _batches_counted(first)
     return factor
+
+
+def _batches_counted(norm: nn.BatchNorm2d) -> int:
+    """``norm.num_batches_tracked`` as a number, read from the device only when something other
+    than ``count_batch`` changed it (a checkpoint load, the module's own forward): reading it
+    every step would wait for the device every step."""
+    counter = norm.num_batches_tracked
+    known = getattr(norm, "_gunn_batches", None)  # (counter's version, value) after our last count
+    if known is not None and known[0] + 1 == counter._version:  # only our increment since
+        value = known[1] + 1
+    else:
+        value = _read(counter)
+    norm._gunn_batches = (counter._version, value)
+    return value
+
+
+def _read(counter: Tensor) -> int:
+    return int(counter)
 
 
 def write_running_stats(norms: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor) -> None:

@@ -142,7 +142,10 @@ def test_bfloat16_autocast_stays_close_to_float32(mode, memory):
 
 @pytest.mark.parametrize("memory", ["efficient", "recompute"])
 def test_bfloat16_autocast_backward_matches_the_plain_loop_under_autocast(memory):
+    # The generic container computes what the plain loop computes, cast for cast. (The fast path
+    # rounds in other places; test_fastpath holds it to the same accuracy instead.)
     layer = GunnLayer(32, 4, memory=memory).to(DEVICE)
+    layer.fast_path = False
     twin = copy.deepcopy(layer)
     x = torch.randn(4, 32, 8, 8, device=DEVICE)
     got = forward_backward(autocast(layer), layer, x)

@@ -114,7 +114,7 @@ def _with_forward_hook(layer):
 
 @pytest.mark.parametrize(
     "change",
-    ["fast_path off", "forward hook", "batch norm in eval mode", "depth 2", "autocast", "recompute"],
+    ["fast_path off", "forward hook", "batch norm in eval mode", "depth 2", "recompute"],
 )
 def test_what_the_fast_path_does_not_cover_runs_on_the_generic_path(change):
     layer = GunnLayer(16, 4, depth=2 if change == "depth 2" else 1).to(DEVICE)
@@ -128,10 +128,9 @@ def test_what_the_fast_path_does_not_cover_runs_on_the_generic_path(change):
     elif change == "recompute":
         layer.memory = "recompute"
     x = torch.randn(2, 16, 4, 4, device=DEVICE, requires_grad=True)
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=change == "autocast"):
-        out = layer(x)
+    out = layer(x)
     assert type(out.grad_fn).__name__ != FAST
-    out.float().sum().backward()
+    out.sum().backward()
     assert x.grad is not None
     if calls is not None:
         assert calls == [1]
@@ -144,3 +143,139 @@ def test_fast_path_keeps_no_more_activations_than_the_generic_path():
     layer.fast_path = False
     generic = activation_bytes(layer, x)
     assert fast <= generic
+
+
+# -- autocast ---------------------------------------------------------------------------------
+
+def _step(fn, module, x, grad):
+    """Output, input gradient, parameter gradients and buffers of one training step of ``fn``."""
+    x = x.detach().clone().requires_grad_()
+    out = fn(x)
+    out.backward(grad.to(out.dtype))
+    return {"out": out.detach(), "x.grad": x.grad, **{n: p.grad for n, p in module.named_parameters()},
+            **{f"buffer {n}": b.clone() for n, b in module.named_buffers()}}
+
+
+def _relative_error(got: dict, want: dict, keys: list[str]) -> float:
+    """Root of the summed squared errors over the summed squares of ``want`` (float64)."""
+    error = sum(((got[k].double() - want[k].double()) ** 2).sum() for k in keys)
+    return float((error / sum((want[k].double() ** 2).sum() for k in keys)).sqrt())
+
+
+@pytest.mark.parametrize("block_rows", [1, 10**6])
+@pytest.mark.parametrize("input_dtype", ["float32", "autocast's"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("channels,segments,projection", [(30, 5, True), (30, 5, False), (12, 12, True)])
+def test_fast_path_under_autocast_is_as_accurate_as_the_plain_loop_in_that_precision(
+    channels, segments, projection, dtype, channels_last, input_dtype, block_rows, monkeypatch
+):
+    # Both paths are held to the exact answer (the plain loop in float64): the fast path's
+    # error must be that of autocast itself, which the generic path (same numbers as the
+    # plain loop) shows. Summed over all parameters, since small bias gradients are sums
+    # with cancellation whose relative error says little.
+    monkeypatch.setattr(fastpath, "BLOCK_ROWS", block_rows)
+    torch.manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layer = GunnLayer(channels, segments, projection=projection).to(DEVICE, memory_format=layout)
+    exact, generic = copy.deepcopy(layer).double(), copy.deepcopy(layer)
+    generic.fast_path = False
+    x = torch.randn(4, channels, 6, 7, device=DEVICE).to(memory_format=layout)
+    grad = torch.randn(4, channels, 6, 7, device=DEVICE)
+
+    def under_autocast(module):
+        def run(t):
+            with torch.autocast(DEVICE.type, dtype=dtype):
+                return module(t if input_dtype == "float32" else t.to(dtype))
+        return run
+
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        assert grad_fn_name(layer, x) == FAST
+    layer.load_state_dict(generic.state_dict())  # undo that step's statistics
+    got, ref = _step(under_autocast(layer), layer, x, grad), _step(under_autocast(generic), generic, x, grad)
+    want = _step(lambda t: gradual_reference(exact.units, t.double()), exact, x.double(), grad.double())
+    assert got["out"].dtype == ref["out"].dtype == (torch.float32 if input_dtype == "float32" else dtype)
+    params = [k for k, _ in layer.named_parameters()]
+    assert all(got[k].dtype == torch.float32 for k in params)
+    statistics = [f"buffer {k}" for k, b in layer.named_buffers() if b.is_floating_point()]
+    for keys in (["out"], ["x.grad"], params, statistics):
+        assert _relative_error(got, want, keys) <= 1.5 * _relative_error(ref, want, keys) + 1e-6, keys
+    counts = [f"buffer {k}" for k, b in layer.named_buffers() if not b.is_floating_point()]
+    assert all(torch.equal(got[k], ref[k]) and int(got[k]) == 1 for k in counts)  # each BatchNorm counted once
+
+
+def test_fast_path_under_fp16_autocast_with_a_gradient_scaler_matches_the_plain_loop():
+    torch.manual_seed(0)
+    layer = GunnLayer(30, 5).to(DEVICE, memory_format=torch.channels_last)
+    generic = copy.deepcopy(layer)
+    generic.fast_path = False
+    x = torch.randn(8, 30, 6, 6, device=DEVICE).to(memory_format=torch.channels_last)
+    target = torch.randn(8, 30, 6, 6, device=DEVICE)
+    results = []
+    for module in (layer, generic):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**16)
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            out = module(x)
+        assert (type(out.grad_fn).__name__ == FAST) == (module is layer)
+        scaler.scale((out.float() - target).pow(2).mean()).backward()
+        scaler.unscale_(optimizer)  # the gradients divided by the scale, as the optimiser sees them
+        found_inf = sum(v.item() for v in scaler._found_inf_per_device(optimizer).values())
+        results.append((found_inf, {n: p.grad for n, p in module.named_parameters()}))
+    (inf_fast, fast), (inf_generic, slow) = results
+    assert inf_fast == inf_generic == 0
+    for name, value in slow.items():
+        torch.testing.assert_close(fast[name], value, atol=2e-3, rtol=5e-2, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_training_step_of_the_fast_path_reads_nothing_back_from_the_device(channels_last):
+    # Meta tensors hold no data: a host read (.item(), float(), .tolist()) raises. On a GPU
+    # such a read would stop the host until the device caught up, and break CUDA graphs.
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layer = GunnLayer(16, 4).to("meta", memory_format=layout)
+    x = torch.empty(2, 16, 4, 4, device="meta").to(memory_format=layout).requires_grad_()
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == FAST
+    out.sum().backward()
+    assert x.grad.shape == x.shape and all(p.grad is not None for p in layer.parameters())
+
+
+def test_cumulative_batch_norm_counts_are_read_from_the_device_only_when_changed_elsewhere(monkeypatch):
+    from gunn.layers import fused
+
+    reads = []
+    monkeypatch.setattr(fused, "_read", lambda counter: reads.append(1) or int(counter))
+    layer = GunnLayer(16, 4).double()
+    for m in layer.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: the factor is 1 / batches counted so far
+    start, generic = copy.deepcopy(layer.state_dict()), copy.deepcopy(layer)
+    generic.fast_path = False
+    x = double_input(16, True)
+    for module in (generic, layer):
+        reads.clear()
+        for _ in range(3):
+            module(x).sum().backward()
+    assert len(reads) == 3 * 4  # three counting groups per unit, read on the fast path's first step only
+    for module in (generic, layer):
+        module.load_state_dict(start)  # counters changed outside the fast path: read once more
+        reads.clear()
+        for _ in range(2):
+            module(x).sum().backward()
+    assert len(reads) == 3 * 4
+    for (name, got), want in zip(layer.named_buffers(), generic.buffers()):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_path_gradients_have_their_parameters_strides(channels_last):
+    # As autograd's do: DDP's gradient buckets are views with the parameters' strides.
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layer = GunnLayer(16, 4).to(DEVICE, memory_format=layout)
+    x = torch.randn(2, 16, 5, 5, device=DEVICE).to(memory_format=layout)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == FAST
+    out.sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad.stride() == p.stride(), name

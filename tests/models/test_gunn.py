@@ -11,6 +11,7 @@ from torch import nn
 from gunn.bench.measure import activation_bytes, flops
 from gunn.layers import GunnLayer, set_mode
 from gunn.models import create_model, list_models
+from tests.reference import DEVICE
 
 PARAMETERS = [
     ("gunn15", 10, 1_585_746),
@@ -48,12 +49,12 @@ def gunn_layers(model: nn.Module) -> list[GunnLayer]:
     ],
 )
 def test_gunn_layers_have_the_specified_widths_segments_and_resolutions(name, size, layers):
-    model = create_model(name).eval()
+    model = create_model(name).to(DEVICE).eval()
     seen = []
     for layer in gunn_layers(model):
         layer.register_forward_pre_hook(lambda m, inp: seen.append((m.channels, m.segments, inp[0].shape[-1])))
     with torch.no_grad():
-        out = model(torch.randn(1, 3, size, size))
+        out = model(torch.randn(1, 3, size, size, device=DEVICE))
     assert seen == layers
     assert out.shape == (1, model.num_classes)
 
@@ -136,10 +137,10 @@ def test_initialisation_is_resnets():
 
 def test_a_state_dict_saved_in_one_mode_loads_in_the_other():
     torch.manual_seed(0)
-    gunn = create_model("gunn15").eval()
-    sunn = create_model("sunn15").eval()
+    gunn = create_model("gunn15").to(DEVICE).eval()
+    sunn = create_model("sunn15").to(DEVICE).eval()
     sunn.load_state_dict(gunn.state_dict(), strict=True)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(sunn(x), set_mode(gunn, "sunn")(x), atol=0, rtol=0)
         gunn_out = set_mode(gunn, "gunn")(x)
@@ -153,8 +154,8 @@ def test_gunn_and_sunn_have_the_same_flops():
 
 
 def test_gunn15_exports_with_torch_export():
-    model = create_model("gunn15").eval()
-    x = torch.randn(2, 3, 32, 32)
+    model = create_model("gunn15").to(DEVICE).eval()
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x), atol=1e-5, rtol=1e-5)
@@ -162,8 +163,24 @@ def test_gunn15_exports_with_torch_export():
 
 def test_whole_gunn15_keeps_about_the_activation_memory_of_sunn15():
     torch.manual_seed(0)
-    model = create_model("gunn15")
-    x = torch.randn(32, 3, 32, 32)
+    model = create_model("gunn15").to(DEVICE)
+    x = torch.randn(32, 3, 32, 32, device=DEVICE)
     gunn = activation_bytes(model, x)
     sunn = activation_bytes(set_mode(model, "sunn"), x)
     assert gunn <= 1.15 * sunn
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_gunn_layer_of_a_model_trains_on_the_fast_path_under_bf16_autocast(channels_last):
+    # As the ImageNet recipes train (runtime.amp=bf16): the layers then get bf16 inputs.
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model("gunn_tiny").to(DEVICE, memory_format=layout)
+    backward_kinds = []
+    for layer in gunn_layers(model):
+        layer.register_forward_hook(lambda m, inp, out: backward_kinds.append(type(out.grad_fn).__name__))
+    x = torch.randn(4, 3, 16, 16, device=DEVICE).to(memory_format=layout)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x).float(), torch.arange(4, device=DEVICE))
+    loss.backward()
+    assert backward_kinds == ["_GradualBottlenecksBackward"] * 3
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
