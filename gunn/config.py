@@ -95,7 +95,11 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_meta("auto: cuda when available"))
     amp: Literal["none", "bf16", "fp16"] = field(default="none", metadata=_meta("autocast dtype"))
     channels_last: bool = field(default=True, metadata=_meta("channels_last memory format"))
+    tf32: bool = field(default=True, metadata=_meta(
+        "CUDA: TF32 tensor cores for float32 matrix products and convolutions alike (false: full float32)"))
     compile: bool = field(default=False, metadata=_meta("torch.compile the model"))
+    cuda_graphs: bool = field(default=False, metadata=_meta(
+        "CUDA: capture the model's training forward and backward once and replay them as CUDA graphs"))
     threads: int = field(default=0, metadata=_meta(
         "CPU threads per process (0: torch's default for a node's only rank or with OMP_NUM_THREADS set; "
         "else Slurm's CPUs per task, or the CPUs shared out among this node's ranks)", min=0))

@@ -105,8 +105,13 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_argument("--wait", action="store_true", help="follow the job(s) to the end; exit with their status")
 
 
-def resolve(args: argparse.Namespace, world_size: int) -> list[RunConfig]:
-    """The checked configuration of every run, each with its run directory fixed."""
+def resolve(args: argparse.Namespace, world_size: int, gpus_per_node: int = 0) -> list[RunConfig]:
+    """The checked configuration of every run, each with its run directory fixed.
+
+    A Slurm job that asks for GPUs trains on them (runtime.device ``auto`` becomes ``cuda``), so that a
+    job whose GPUs CUDA cannot use stops with the reason instead of training on the CPU. Whether
+    the device is usable is checked here only for local runs: a login node may have no GPU.
+    """
     from gunn.train.engine import default_run_dir, validate
 
     seeds: list[int | None] = list(args.seeds) if args.seeds else [None]
@@ -116,7 +121,9 @@ def resolve(args: argparse.Namespace, world_size: int) -> list[RunConfig]:
         config = cfgmod.load(source, overrides)
         if seed is not None and len(seeds) > 1:
             config.name = f"{config.name}-seed{seed}"
-        validate(config, world_size=world_size)
+        if gpus_per_node > 0 and config.runtime.device == "auto":
+            config.runtime.device = "cuda"
+        validate(config, world_size=world_size, check_device=args.cluster != "slurm")
         configs.append(config)
     if len(configs) > 1 and any(c.checkpoint.dir for c in configs):
         raise ConfigError("checkpoint.dir names one directory, but this call starts several runs; leave it unset")
@@ -405,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = cluster_options(args) if args.cluster == "slurm" else {}
         world = options["nodes"] * options["tasks_per_node"] if options else args.nproc
-        configs = resolve(args, world)
+        configs = resolve(args, world, options.get("gpus_per_node") or 0)
     except (ConfigError, DataError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -89,8 +89,10 @@ def trial_key(point: dict[str, Any], seed: int) -> str:
     return "_".join(parts + [f"seed={seed}"]).replace('"', "").replace("/", "-")
 
 
-def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str, tracking_uri: str) -> list[dict]:
-    """Every trial's fully resolved configuration, checked before Ray starts."""
+def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str, tracking_uri: str,
+                  check_device: bool = True) -> list[dict]:
+    """Every trial's fully resolved configuration, checked before Ray starts (``check_device``: that
+    the device is usable; not on a Slurm login node). Trials given GPUs train on them."""
     from gunn.train.engine import validate
 
     base = cfgmod.load(args.preset, args.overrides)
@@ -108,7 +110,9 @@ def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str,
         config = cfgmod.load(args.preset, overrides)
         if config.data.root:  # trials run elsewhere (Ray workers change directory)
             config.data.root = str(Path(config.data.root).expanduser().resolve())
-        validate(config)
+        if args.gpus_per_trial > 0 and config.runtime.device == "auto":
+            config.runtime.device = "cuda"  # a GPU CUDA cannot use is an error, not a CPU run
+        validate(config, check_device=check_device)
         trials.append({"key": key, "config": cfgmod.to_dict(config)})
     return trials
 
@@ -381,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{args.study}-{base.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
             args.dir = (args.dir or Path("sweeps") / name).resolve()
             # Checked now, before Ray or Slurm: every trial's configuration and the data.
-            trial_configs(args, args.dir, "unknown", "unknown")
+            trial_configs(args, args.dir, "unknown", "unknown", check_device=args.cluster != "slurm")
         options = launch.cluster_options(args) if args.cluster == "slurm" else {}
     except (ConfigError, DataError, launch.LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)

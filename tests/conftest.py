@@ -6,7 +6,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from gunn.train.device import set_tf32
 from tests.mlflow_server import MlflowServer
+from tests.reference import DEVICE
+
+if DEVICE.type == "cuda":
+    # The tests compare paths to tight tolerances: full float32 matrix products and convolutions
+    # (training turns TF32 on: runtime.tf32).
+    set_tf32(False)
 
 
 @pytest.fixture(scope="session")

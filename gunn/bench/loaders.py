@@ -21,10 +21,11 @@ def loader_throughput(root: Path, *, batch_size: int, batches: int, workers: int
         "dali_cpu": DaliLoader(files, labels, train=True, device=torch.device("cpu"), **common),
         "torchvision": ShardedLoader(ImageFolderSamples(Path(root), "train", train=True), train=True, **common),
     }
-    return {name: _images_per_s(loader, batches) for name, loader in loaders.items()}
+    return {name: images_per_s(loader, batches) for name, loader in loaders.items()}
 
 
-def _images_per_s(loader: EpochLoader, batches: int) -> float:
+def images_per_s(loader: EpochLoader, batches: int) -> float:
+    """Images per second that ``loader`` delivers over ``batches`` batches, after one batch of warm-up."""
     if len(loader) == 0:
         raise ValueError("the training set holds less than one batch; use a larger tree or a smaller batch size")
     # Epochs follow each other as in training: a tree smaller than the run includes epoch starts.

@@ -50,16 +50,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_latest(directory: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint that loads, or None if there is none; a bad newer one is skipped with a warning.
 
-    Loads with ``weights_only=True``: a checkpoint from a stranger cannot run code.
+    Loads with ``weights_only=True`` (a checkpoint from a stranger cannot run code) and onto
+    the CPU, whichever device wrote it: ``load_state_dict`` moves weights to the model's
+    device, and random-generator states must be CPU tensors.
     """
     candidates = list_checkpoints(directory) if directory.is_dir() else []
     failures = []
     for path in reversed(candidates):
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated, corrupt, or holding objects that are not plain data
             failures.append(path)
             warnings.warn(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); trying the previous one",
@@ -74,23 +76,27 @@ def load_latest(directory: Path, map_location: str | torch.device = "cpu") -> tu
     return None
 
 
-def rng_state() -> dict[str, Any]:
-    """The state of every random generator a run uses (torch CPU and CUDA, NumPy, Python)."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The state of every random generator a run uses: torch's CPU one, the CUDA one of ``device`` (this
+    rank's own GPU only, so that a run resumes whatever GPUs are visible then), NumPy's and Python's."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         # NumPy's key array as a tensor: weights_only loading accepts tensors, not arrays.
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what ``rng_state`` captured."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restores what ``rng_state`` captured; the CUDA state goes to ``device`` (if it is a GPU)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written before 2026-12: every visible GPU's state; rank 0 trained on the first
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda.cpu(), device)
     name, key, *rest = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]

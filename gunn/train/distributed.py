@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from gunn.train.device import choose as choose_device
 
 
 @dataclass(frozen=True)
@@ -26,17 +30,29 @@ class DistInfo:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compressed host list (``node[01-03,7],gpu5``) as host names, in order."""
+    """Slurm's compressed host list (``node[01-03,7],gpu5``, ``rack[1-2]-node[01-02]-ib``) as host names, in the
+    order ``scontrol show hostnames`` gives them."""
+    if not re.fullmatch(r"[^\[\]]*(\[[^\[\]]*\][^\[\]]*)*", nodelist):
+        raise ValueError(f"Slurm host list {nodelist!r}: unbalanced or nested brackets")
     hosts: list[str] = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            width = len(lo)
-            for n in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{n:0{width}d}")
+    # Commas and whitespace separate host expressions, except inside brackets.
+    for expression in re.findall(r"(?:[^\s,\[]|\[[^\]]*\])+", nodelist):
+        texts_and_groups = re.split(r"\[([^\]]*)\]", expression)
+        texts, groups = texts_and_groups[0::2], []
+        for group in texts_and_groups[1::2]:
+            numbers: list[str] = []
+            for item in group.split(","):
+                match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", item)
+                if not match or int(match[2] or match[1]) < int(match[1]):
+                    raise ValueError(f"Slurm host list {nodelist!r}: bad range {item!r} (want N or LO-HI, LO <= HI)")
+                lo, hi = match[1], match[2] or match[1]
+                numbers += [f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1)]  # zero padded as lo is
+            groups.append(numbers)
+        # scontrol's order (hostlist.c, _push_range_list): the last group varies fastest, then the
+        # first, the second, ..., and the one before last slowest.
+        for combo in itertools.product(*groups[-2::-1], *groups[-1:]):
+            chosen = [*combo[-2::-1], *combo[-1:]]  # back in the order the groups are written
+            hosts.append("".join(text + number for text, number in zip(texts, [*chosen, ""])))
     return hosts
 
 
@@ -99,14 +115,8 @@ def setup(device: str = "auto", backend: str = "auto", threads: int = 0) -> Dist
     chosen_threads = cpu_threads(threads, int(env["LOCAL_WORLD_SIZE"]))
     if chosen_threads is not None:
         torch.set_num_threads(chosen_threads)
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
-        torch.cuda.set_device(local % torch.cuda.device_count())
-        target = torch.device("cuda", torch.cuda.current_device())
-    else:
-        target = torch.device("cpu")
+    target = choose_device(device, local)
+    use_cuda = target.type == "cuda"
     if world > 1 and not dist.is_initialized():
         chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
         if chosen == "nccl" and not use_cuda:
@@ -128,18 +138,58 @@ def teardown(together: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sums of ``values`` over all ranks (the values themselves with one process)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums ``tensor`` over all ranks, in place (nothing to do with one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """The largest of each of ``values`` over all ranks (one collective, one read from the device)."""
+    tensor = torch.tensor(values, dtype=torch.float64).to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank."""
-    return all_reduce_sum([float(flag)], device)[0] > 0
+def gather_to_main(value: object) -> list[object] | None:
+    """Every rank's ``value`` (picklable, CPU tensors only), in rank order, on rank 0; None elsewhere."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    main = dist.get_rank() == 0
+    gathered: list[object] | None = [None] * dist.get_world_size() if main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def sync_batch_norm(model: nn.Module) -> tuple[nn.Module, int, int]:
+    """Converts the BatchNorms outside GUNN/SUNN layers (stem, transitions, head) to SyncBatchNorm.
+
+    The update units inside a GUNN layer keep per-rank BatchNorm: synchronising them would add
+    two collectives per unit and step (hundreds per step on the paper's models) and turn off
+    the GUNN fast path and the fused SUNN path, which need plain ``BatchNorm2d``. Returns the
+    model and the numbers of converted and of per-rank BatchNorms.
+    """
+    from gunn.layers import GradualUpdate
+
+    def convert(module: nn.Module) -> tuple[int, int]:
+        converted = kept = 0
+        for name, child in module.named_children():
+            if isinstance(child, GradualUpdate):
+                kept += sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules())
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                converted += 1
+            else:
+                c, k = convert(child)
+                converted, kept = converted + c, kept + k
+        return converted, kept
+
+    if isinstance(model, GradualUpdate):
+        return model, 0, sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    converted, kept = convert(model)
+    return model, converted, kept
 
 
 def average_buffers(module: torch.nn.Module) -> None:

@@ -35,12 +35,18 @@ from gunn.layers import GunnLayer
 from gunn.models import create_model, list_models
 from gunn.train import checkpoint as ckpt
 from gunn.train import distributed
+from gunn.train.device import resolve as resolve_device
+from gunn.train.device import set_tf32
 from gunn.train.metrics import Meter
 from gunn.train.schedule import learning_rate, snapshot_epochs
 
 _STOP = threading.Event()
 # Settings that may change between the pieces of a resumed run without changing its result.
-_NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.every", "checkpoint.keep")
+_NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.every", "checkpoint.keep", "runtime.cuda_graphs")
+# With several ranks a stop request (a signal on any rank) is agreed on by a collective about
+# this often, not at every step: each check costs a host sync. Far below Slurm's warning time
+# (--signal-delay-s, default 120 s), so a checkpoint is written in time.
+STOP_POLL_S = 5.0
 
 
 def request_stop() -> None:
@@ -62,8 +68,9 @@ class RunResult:
     model: nn.Module | None = None  # the trained network (unwrapped from DDP and compile)
 
 
-def validate(config: RunConfig, world_size: int = 1) -> None:
-    """Checks what the schema cannot: values that depend on each other, the model, the data path."""
+def validate(config: RunConfig, world_size: int = 1, check_device: bool = True) -> None:
+    """Checks what the schema cannot: values that depend on each other, the model, the data path, and
+    (``check_device``, where the run will train) that the device it asks for is usable."""
     o = config.optim
     if o.schedule == "step" and any(not 0 < f <= 1 for f in o.lr_steps):
         raise ConfigError(f"optim.lr_steps must be fractions of the epochs in (0, 1], got {o.lr_steps}")
@@ -75,8 +82,16 @@ def validate(config: RunConfig, world_size: int = 1) -> None:
         raise ConfigError(f"optim.batch_size={o.batch_size} must be a multiple of the {world_size} ranks")
     if config.model.name not in list_models():
         raise ConfigError(f"model.name {config.model.name!r} is not a model; models: {', '.join(list_models())}")
-    if config.runtime.amp == "fp16" and config.runtime.device == "cpu":
+    r = config.runtime
+    if r.cuda_graphs and r.compile:
+        raise ConfigError("runtime.cuda_graphs and runtime.compile exclude each other: choose one")
+    kind = resolve_device(r.device) if check_device else r.device
+    if r.amp == "fp16" and kind == "cpu":
         raise ConfigError("runtime.amp='fp16' needs a GPU; use 'bf16' on the CPU")
+    if r.cuda_graphs and config.dist.sync_bn and world_size > 1:
+        raise ConfigError("runtime.cuda_graphs=true cannot capture dist.sync_bn's collectives; turn one of them off")
+    if r.cuda_graphs and kind == "cpu":
+        raise ConfigError("runtime.cuda_graphs=true needs a GPU (CUDA graphs); set it to false on the CPU")
     try:
         with torch.device("meta"):  # builds the architecture without allocating it
             create_model(config.model.name, **_model_overrides(config, num_classes=10, in_chans=3))
@@ -132,6 +147,7 @@ class _Run:
         torch.manual_seed(c.runtime.seed)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            set_tf32(c.runtime.tf32)
         self.data: DataBundle = build_data(
             c.data, batch_size=c.optim.batch_size // info.world_size, rank=info.rank,
             world_size=info.world_size, seed=c.runtime.seed, device=self.device,
@@ -145,13 +161,20 @@ class _Run:
         model = model.to(self.device, memory_format=self.memory_format)
         if c.dist.sync_bn and info.world_size > 1:
             if self.device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                model, synced, kept = distributed.sync_batch_norm(model)
+                self.log(f"dist.sync_bn: {synced} BatchNorm layers synchronised across ranks (stem, transitions, "
+                         f"head); the {kept} inside GUNN layers stay per rank")
             else:
                 warnings.warn("dist.sync_bn is ignored on the CPU: SyncBatchNorm needs CUDA", stacklevel=2)
         self.model = model
-        ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None) \
-            if info.world_size > 1 else model
+        # BatchNorm statistics are averaged over the ranks after every epoch (average_buffers),
+        # so DDP need not broadcast rank 0's buffers before every forward pass.
+        ddp = DistributedDataParallel(
+            model, device_ids=[self.device] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True, broadcast_buffers=False,
+        ) if info.world_size > 1 else model
         self.forward = torch.compile(ddp) if c.runtime.compile else ddp
+        self.graphs_pending = c.runtime.cuda_graphs  # captured on the first training batch
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=c.optim.lr, momentum=c.optim.momentum, dampening=0.0,
             weight_decay=c.optim.weight_decay, nesterov=c.optim.nesterov,
@@ -162,9 +185,9 @@ class _Run:
     def _resume(self) -> None:
         self.epoch, self.batch, self.step = 0, 0, 0
         self.history: list[dict[str, float]] = []
-        self.meter = Meter()
+        self.meter = Meter(self.device)
         self.train_seconds = 0.0
-        found = ckpt.load_latest(self.run_dir, map_location=self.device)
+        found = ckpt.load_latest(self.run_dir)
         if found is None:
             if self.info.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,10 +200,30 @@ class _Run:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.history = state["history"]
-        self.meter = Meter(**state["meter"])
         self.train_seconds = state["train_seconds"]
-        ckpt.set_rng_state(state["rng"])
+        own = self._rank_state(state)
+        self.meter = Meter(self.device, **own["meter"])
+        ckpt.set_rng_state(own["rng"], self.device)
+        if own.get("buffers"):  # this rank's BatchNorm statistics (they differ between ranks mid-epoch)
+            with torch.no_grad():
+                for name, buffer in self.model.named_buffers():
+                    buffer.copy_(own["buffers"][name])
         self.log(f"resuming {self.run_dir} from {path.name}: epoch {self.epoch + 1}, batch {self.batch}")
+
+    def _rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's running metrics, random state and buffers from a checkpoint."""
+        ranks = state.get("ranks")
+        if ranks is None:  # written before 2026-12: rank 0's metrics and random state only
+            return {"meter": state["meter"], "rng": state["rng"]}
+        if len(ranks) == self.info.world_size:
+            return ranks[self.info.rank]
+        if self.info.is_main and self.batch:
+            warnings.warn(f"{self.run_dir} was checkpointed mid-epoch by {len(ranks)} rank(s) and continues with "
+                          f"{self.info.world_size}: the rest of epoch {self.epoch + 1} is sharded differently",
+                          stacklevel=3)
+        # The epoch's running sums so far go to rank 0 (they are summed over ranks at its end).
+        totals = {k: sum(r["meter"][k] for r in ranks) if self.info.is_main else 0.0 for k in ranks[0]["meter"]}
+        return {"meter": totals, "rng": ranks[0]["rng"]}
 
     def _warn_config_changes(self, saved: dict[str, Any]) -> None:
         now = cfgmod.flatten(self.config)
@@ -235,12 +278,13 @@ class _Run:
                 if tracker is not None:
                     self.log(f"MLflow: run {tracker.run_id} at {tracker.tracking_uri}")
             self.done, self.stop_after = 0, stop_after
+            self.stop_poll = _StopPoll(self.device, self.info.world_size)
             already_finished = self.epoch >= self.config.optim.epochs and (self.run_dir / "model-final.pt").exists()
             while self.epoch < self.config.optim.epochs:
                 stopped = self._train_epoch()
                 if not stopped:
                     self._end_epoch(tracker)
-                    stopped = self._stop_requested() and self.epoch < self.config.optim.epochs
+                    stopped = self._stop_requested(now=True) and self.epoch < self.config.optim.epochs
                 if stopped:
                     self._save()
                     self.log(f"checkpointed at epoch {self.epoch + 1}, batch {self.batch}: run again to continue")
@@ -260,10 +304,12 @@ class _Run:
             if tracker is not None:
                 tracker.finish(status)
 
-    def _stop_requested(self) -> bool:
-        """A stop request (signal or ``stop_after``) on any rank; every rank gets the same answer."""
-        stop = _STOP.is_set() or (self.stop_after is not None and self.done >= self.stop_after)
-        return distributed.any_rank(stop, self.device) if self.info.world_size > 1 else stop
+    def _stop_requested(self, now: bool = False) -> bool:
+        """A stop request: ``stop_after`` reached (the same on every rank), or a signal on any rank (agreed
+        on every few seconds, or ``now``); every rank gets the same answer."""
+        if self.stop_after is not None and self.done >= self.stop_after:
+            return True
+        return self.stop_poll.requested(now)
 
     def _train_epoch(self) -> bool:
         """Trains the rest of the current epoch; True if it stopped early on request."""
@@ -277,8 +323,11 @@ class _Run:
             lr = learning_rate(c.optim, self.epoch, self.batch, per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if self.graphs_pending:
+                self._capture_graphs(x)
+            # CUDA graphs replay the casts they captured: autocast must not cache casts across steps.
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+                                enabled=self.amp_dtype is not None, cache_enabled=not c.runtime.cuda_graphs):
                 logits = self.forward(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
             self.optimizer.zero_grad(set_to_none=True)
@@ -297,6 +346,13 @@ class _Run:
         self.train_seconds += time.perf_counter() - start_time
         return stopped
 
+    def _capture_graphs(self, x: torch.Tensor) -> None:
+        from gunn.train.graphs import capture_training_step
+
+        self.log(f"capturing the training step of {self.config.model.name} as CUDA graphs (runtime.cuda_graphs)")
+        capture_training_step(self.model, x, self.amp_dtype)
+        self.graphs_pending = False
+
     def _batches(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in batches:
             yield x.to(self.device, non_blocking=True, memory_format=self.memory_format), y.to(self.device, non_blocking=True)
@@ -311,18 +367,19 @@ class _Run:
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
     def _update_bar(self, bar: Any, start_time: float) -> None:
+        if time.time() - bar.last_print_t >= bar.mininterval:  # the bar redraws now: read the meter once
+            loss, top1, _, count = self.meter.values()
+            n = max(count, 1)
+            rate = count * self.info.world_size / max(self.train_seconds + time.perf_counter() - start_time, 1e-9)
+            bar.set_postfix(loss=f"{loss / n:.3f}", acc=f"{100 * top1 / n:.1f}%", img_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
-        n = max(self.meter.count, 1)
-        rate = self.meter.count * self.info.world_size / max(self.train_seconds + time.perf_counter() - start_time, 1e-9)
-        bar.set_postfix(loss=f"{self.meter.loss / n:.3f}", acc=f"{100 * self.meter.top1 / n:.1f}%",
-                        img_s=f"{rate:.0f}", refresh=False)
 
     def _end_epoch(self, tracker: Any) -> None:
         c = self.config
         # Each rank's BatchNorm statistics saw only its own batches: average them, so that
         # every rank evaluates (and saves) the same model.
         distributed.average_buffers(self.model)
-        train = self.meter.reduced(self.device).summary("train")
+        train = self.meter.reduced().summary("train")
         evaluation = self.evaluate([self.model.state_dict()]).summary("eval")
         metrics = {"epoch": self.epoch + 1, **train, **evaluation,
                    "lr": learning_rate(c.optim, self.epoch, len(self.data.train) - 1, len(self.data.train)),
@@ -337,7 +394,7 @@ class _Run:
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=self.epoch + 1)
         self.log(_summary_line(metrics, c.optim.epochs))
-        self.epoch, self.batch, self.meter, self.train_seconds = self.epoch + 1, 0, Meter(), 0.0
+        self.epoch, self.batch, self.meter, self.train_seconds = self.epoch + 1, 0, Meter(self.device), 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.epoch % c.checkpoint.every == 0 or self.epoch == c.optim.epochs:
@@ -368,12 +425,12 @@ class _Run:
                     probs[i] += p
         if current is not None:
             model.load_state_dict(current)
-        meter = Meter()
+        meter = Meter(self.device)
         for p, y in zip(probs, targets):
             p = p / len(weights)
             meter.add(F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum"), p, y)
         model.train()
-        return meter.reduced(self.device)
+        return meter.reduced()
 
     def _diagnostics(self) -> dict[str, float]:
         """Overlap-singularity diagnostics of every GUNN layer on the first evaluation batch."""
@@ -395,18 +452,23 @@ class _Run:
             os.replace(tmp, folder / f"snapshot-{index:02d}.pt")
         distributed.broadcast_object(None)  # a barrier: the file exists before any rank reads it
         paths = [folder / f"snapshot-{k:02d}.pt" for k in range(1, index + 1)]
-        snapshots = [torch.load(p, map_location=self.device, weights_only=True) for p in paths]
+        snapshots = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
         ensemble = self.evaluate(snapshots).summary("ensemble")
         return {"snapshots": float(len(snapshots)), **ensemble}
 
     def _save(self) -> None:
+        # Every rank's own running metrics, random state and BatchNorm statistics (which differ
+        # between ranks mid-epoch), so that every rank continues exactly where it stopped.
+        own = {"meter": self.meter.state(), "rng": ckpt.rng_state(self.device),
+               "buffers": {name: b.detach().cpu() for name, b in self.model.named_buffers()}}
+        ranks = distributed.gather_to_main(own)
         if not self.info.is_main:
             return
         state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
-            "meter": self.meter.state(), "train_seconds": self.train_seconds, "history": self.history,
-            "rng": ckpt.rng_state(), "config": cfgmod.to_dict(self.config),
+            "train_seconds": self.train_seconds, "history": self.history, "ranks": ranks,
+            "config": cfgmod.to_dict(self.config),
         }
         ckpt.save(state, self.run_dir, ckpt.checkpoint_name(self.epoch, self.batch), self.config.checkpoint.keep)
 
@@ -434,6 +496,33 @@ class _Run:
             pointer = self.run_dir / "model-final.txt"
             pointer.write_text(f"{final}\n")
             tracker.log_artifact(pointer)
+
+
+class _StopPoll:
+    """Whether a stop was requested by a signal on any rank, agreed on by all ranks every few seconds.
+
+    One process reads its own flag at every step. Several ranks agree with a collective that
+    reads the answer on the host, so they do it every ``every`` steps, where ``every`` is
+    recomputed at each check from the slowest rank's time since the last one to keep checks
+    about ``STOP_POLL_S`` apart. Every rank gets the same reduced time, hence the same
+    ``every``, and so checks at the same steps.
+    """
+
+    def __init__(self, device: torch.device, world_size: int) -> None:
+        self.device, self.world_size = device, world_size
+        self.every, self.since, self.last = 1, 0, time.monotonic()
+
+    def requested(self, now: bool = False) -> bool:
+        """At a check (every ``every`` calls, or ``now``): whether any rank was asked to stop."""
+        if self.world_size == 1:
+            return _STOP.is_set()
+        self.since += 1
+        if self.since < self.every and not now:
+            return False
+        flag, slowest = distributed.all_reduce_max([float(_STOP.is_set()), time.monotonic() - self.last], self.device)
+        self.every = max(1, min(1000, int(self.since * STOP_POLL_S / max(slowest, 1e-6))))
+        self.since, self.last = 0, time.monotonic()
+        return flag > 0
 
 
 def _summary_line(m: dict[str, float], epochs: int) -> str:

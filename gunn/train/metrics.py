@@ -1,13 +1,11 @@
-"""Classification metrics accumulated over an epoch and summed across ranks."""
+"""Classification metrics accumulated over an epoch on the device and summed across ranks."""
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
-from gunn.train.distributed import all_reduce_sum
+from gunn.train.distributed import all_reduce_sum_
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
@@ -18,37 +16,47 @@ def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -
     return [hits[:, : min(k, k_max)].any(dim=1).sum() for k in ks]
 
 
-@dataclass
 class Meter:
-    """Sums over the samples seen so far: loss, top-1 and top-5 hits, count."""
+    """Sums over the samples seen so far: loss, top-1 and top-5 hits (on the device), and the count.
 
-    loss: float = 0.0
-    top1: float = 0.0
-    top5: float = 0.0
-    count: float = 0.0
+    Adding a batch never waits for the device: the sums stay there, in float64, until they are
+    read (``values``, ``summary``, ``state``), once per epoch or progress refresh.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", loss: float = 0.0, top1: float = 0.0,
+                 top5: float = 0.0, count: float = 0.0) -> None:
+        self.sums = torch.tensor([loss, top1, top5], dtype=torch.float64).to(device)
+        self.count = float(count)  # batch sizes are known on the host
 
     def add(self, loss_sum: Tensor, logits: Tensor, target: Tensor) -> None:
-        """Adds one batch (``loss_sum`` is the batch's summed loss); syncs with the device once."""
+        """Adds one batch (``loss_sum`` is the batch's summed loss) without a host sync."""
         top1, top5 = topk_correct(logits, target)
-        values = torch.stack([loss_sum.float(), top1.float(), top5.float()]).tolist()
-        self.loss += values[0]
-        self.top1 += values[1]
-        self.top5 += values[2]
+        self.sums += torch.stack([loss_sum.detach().double(), top1.double(), top5.double()])
         self.count += target.shape[0]
 
-    def reduced(self, device: torch.device) -> Meter:
+    def values(self) -> tuple[float, float, float, float]:
+        """(loss, top1, top5, count) as numbers: one read from the device."""
+        loss, top1, top5 = self.sums.tolist()
+        return loss, top1, top5, self.count
+
+    def reduced(self) -> Meter:
         """The sums over all ranks."""
-        return Meter(*all_reduce_sum([self.loss, self.top1, self.top5, self.count], device))
+        totals = torch.cat([self.sums, self.sums.new_full((1,), self.count)])
+        all_reduce_sum_(totals)
+        loss, top1, top5, count = totals.tolist()
+        return Meter(self.sums.device, loss, top1, top5, count)
 
     def summary(self, prefix: str) -> dict[str, float]:
         """Mean loss and top-1/top-5 error in percent, keyed ``<prefix>_loss`` and so on."""
-        n = max(self.count, 1.0)
+        loss, top1, top5, count = self.values()
+        n = max(count, 1.0)
         return {
-            f"{prefix}_loss": self.loss / n,
-            f"{prefix}_top1_error": 100.0 * (1 - self.top1 / n),
-            f"{prefix}_top5_error": 100.0 * (1 - self.top5 / n),
+            f"{prefix}_loss": loss / n,
+            f"{prefix}_top1_error": 100.0 * (1 - top1 / n),
+            f"{prefix}_top5_error": 100.0 * (1 - top5 / n),
         }
 
     def state(self) -> dict[str, float]:
         """Plain values for a checkpoint."""
-        return asdict(self)
+        loss, top1, top5, count = self.values()
+        return {"loss": loss, "top1": top1, "top5": top5, "count": count}

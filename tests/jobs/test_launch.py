@@ -63,6 +63,7 @@ def test_no_arguments_trains_the_digits_demo_to_95_percent_and_logs_it_locally(t
         (["gunn15-cifar10", "data.root=nowhere"], "error: cifar10 not found: expected nowhere/cifar-10-batches-py/"),
         (["no-such-preset"], "error: no preset or configuration file 'no-such-preset'"),
         (["model.segments=[5, 5, 5]"], "error: model: segments[0] must be a positive divisor"),
+        (["runtime.device=cuda"], "error: runtime.device='cuda' but CUDA is not usable: "),
     ],
 )
 def test_bad_input_is_reported_with_its_field_before_any_work(tmp_path, args, message):
@@ -80,6 +81,14 @@ def test_fields_and_the_resolved_configuration_can_be_printed(tmp_path):
     assert resolved.returncode == 2  # no CIFAR here: checked even before printing
     printed = launch(["optim.epochs=3", "--print-config"], tmp_path)
     assert printed.returncode == 0 and "epochs: 3" in printed.stdout and f"dir: {tmp_path}/runs/digits-" in printed.stdout
+
+
+def test_a_slurm_job_given_gpus_must_train_on_them_and_the_login_node_does_not_check_them(tmp_path):
+    printed = launch(["--cluster", "slurm", "--gpus-per-node", "1", "--print-config"], tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    assert "device: cuda" in printed.stdout  # in the job, a GPU that CUDA cannot use stops it with the reason
+    local = launch(["--cluster", "slurm", "--print-config"], tmp_path)
+    assert "device: auto" in local.stdout
 
 
 def test_sigterm_checkpoints_and_a_second_launch_finishes_the_run(tmp_path):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 
 import pytest
+import torch
 
 from gunn.train import distributed
 
@@ -47,3 +51,95 @@ def test_cpu_threads_are_shared_out_among_the_ranks_of_a_node(monkeypatch, reque
     if expected == "half":
         expected = max(1, len(os.sched_getaffinity(0)) // 2)
     assert distributed.cpu_threads(requested, local) == expected
+
+
+def test_commas_inside_brackets_do_not_split_a_host_expression():
+    assert distributed.expand_nodelist("node[01-03,7],gpu5") == ["node01", "node02", "node03", "node7", "gpu5"]
+
+
+def test_a_suffix_after_the_brackets_is_kept_on_every_host():
+    assert distributed.expand_nodelist("node[1-2]-ib") == ["node1-ib", "node2-ib"]
+
+
+def test_several_bracket_groups_expand_with_the_last_group_varying_fastest():
+    assert distributed.expand_nodelist("rack[1-2]-node[01-02]-ib") == [
+        "rack1-node01-ib", "rack1-node02-ib", "rack2-node01-ib", "rack2-node02-ib"]
+
+
+def test_with_three_bracket_groups_the_middle_one_varies_slowest_as_in_scontrol():
+    # Slurm's hostlist.c expands the groups before the last one from right to left, recursively:
+    # the last group varies fastest, then the first, and the middle one slowest.
+    assert distributed.expand_nodelist("a[1-2]b[3-4]c[5-6]") == [
+        "a1b3c5", "a1b3c6", "a2b3c5", "a2b3c6", "a1b4c5", "a1b4c6", "a2b4c5", "a2b4c6"]
+
+
+@pytest.mark.parametrize("nodelist,expected", [
+    ("n[01-03]", ["n01", "n02", "n03"]),
+    ("n[8-10]", ["n8", "n9", "n10"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+])
+def test_ranges_keep_the_zero_padding_of_their_start(nodelist, expected):
+    assert distributed.expand_nodelist(nodelist) == expected
+
+
+def test_a_bracket_list_mixes_single_numbers_and_ranges_in_the_order_written():
+    assert distributed.expand_nodelist("n[7,1,3-5]") == ["n7", "n1", "n3", "n4", "n5"]
+
+
+def test_plain_names_are_kept_as_written_dots_and_dashes_included():
+    assert distributed.expand_nodelist("login.cluster.org,gpu-a100-01,node07") == [
+        "login.cluster.org", "gpu-a100-01", "node07"]
+
+
+def test_whitespace_around_hosts_separates_them_like_commas():
+    assert distributed.expand_nodelist(" node1 , node2\tnode[3-4] ") == ["node1", "node2", "node3", "node4"]
+
+
+@pytest.mark.parametrize("nodelist", ["n[1-2", "n1-2]", "n[[1-2]]", "n[3-1]", "n[a-b]", "n[]", "n[1-]", "n[1,]"])
+def test_a_malformed_host_list_raises_value_error_naming_it(nodelist):
+    with pytest.raises(ValueError, match=re.escape(repr(nodelist))):
+        distributed.expand_nodelist(nodelist)
+
+
+@pytest.mark.parametrize("nodelist,has_suffix", [
+    ("node[01-03,7],gpu5", False),
+    ("rack[1-2]-node[01-02]", False),
+    ("a[1-2]b[3-4]c[5-6]d[7-8]", False),
+    ("n[1-2][3-4],m[9-11]", False),
+    ("node[8-10],node[098-101]", False),
+    ("n[7,1,3-5,1],n[01-2,1-02]", False),
+    (" login.cluster.org , gpu-a100-01\tnode07 ", False),
+    ("node[1-2]-ib", True),
+    ("rack[1-2]-node[01-02]-ib,a[1-2]b[3-4]c[5-6].x", True),
+])
+def test_host_lists_expand_as_scontrol_show_hostnames_does(tmp_path, nodelist, has_suffix):
+    if shutil.which("scontrol") is None:
+        pytest.skip("scontrol is not installed (apt-get install slurm-client)")
+    # scontrol reads a configuration before anything else, even to expand a host list; a minimal
+    # one suffices, and no Slurm daemon needs to run.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=hostlist\nSlurmctldHost=localhost\n")
+    done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SLURM_CONF": str(conf)}, check=False)
+    if has_suffix and "Invalid hostlist" in done.stderr:
+        # Slurm 22.05 (Debian 12's) rejects a suffix after the last bracket group; later Slurm accepts it.
+        pytest.skip(f"this scontrol rejects suffixes after brackets: {done.stderr.strip()}")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert distributed.expand_nodelist(nodelist) == done.stdout.split()
+
+
+def test_sync_batch_norm_converts_only_what_lies_outside_the_gunn_layers():
+    from torch import nn
+
+    from gunn.layers import GunnLayer, fastpath
+    from gunn.models import create_model
+
+    model, synced, kept = distributed.sync_batch_norm(create_model("gunn18"))
+    # Stem and four transitions; 3 per update unit inside the layers (10 + 20 + 40 + 50 units).
+    assert (synced, kept) == (5, 3 * 120)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 5
+    layers = [m for m in model.modules() if isinstance(m, GunnLayer)]
+    assert not any(isinstance(m, nn.SyncBatchNorm) for layer in layers for m in layer.modules())
+    # So the layers keep their fast path (and SUNN its fused path): it needs plain BatchNorm2d.
+    x = torch.randn(2, 400, 4, 4)
+    assert fastpath.supported(layers[0], x)

@@ -234,3 +234,69 @@ def test_running_a_finished_run_again_changes_nothing(tmp_path):
     again = train(small(tmp_path, "optim.epochs=1"))
     assert again.status == "finished" and again.epochs_done == 1
     assert final.stat().st_mtime_ns == stamp and again.history == first.history
+
+
+def test_a_run_checkpointed_on_a_gpu_continues_on_the_cpu(tmp_path):
+    from tests.train.test_checkpoint import gpu_written
+
+    straight = train(small(tmp_path / "a"))
+    assert train(small(tmp_path / "b"), stop_after=5).status == "interrupted"
+    (path,) = ckpt.list_checkpoints(tmp_path / "b" / "run")
+    gpu_written(torch.load(path, weights_only=True), path)  # as if a GPU job had written it
+    resumed = train(small(tmp_path / "b"))
+    assert same_weights(straight.model.state_dict(), resumed.model.state_dict())
+    assert without_timing(straight.history) == without_timing(resumed.history)
+
+
+def _ddp_rank_signalled(rank: int, port: int, config: dict, out: str, signal_in_batch: int) -> None:
+    """A rank of a 2-rank run; with ``signal_in_batch``, rank 1 alone is asked to stop during that batch."""
+    import itertools
+
+    from gunn.train import engine, metrics
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if signal_in_batch:
+        engine.STOP_POLL_S = 0.0  # agree at every step, so that the stop lands in that batch
+        if rank == 1:
+            batches, add = itertools.count(1), metrics.Meter.add
+
+            def add_then_signal(self, *args):
+                add(self, *args)
+                if next(batches) == signal_in_batch:
+                    engine.request_stop()  # what the launcher's SIGTERM/SIGUSR2 handler calls
+
+            metrics.Meter.add = add_then_signal
+    result = train(cfgmod.from_dict(config))
+    torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(
+        {"status": result.status, "epochs": result.epochs_done, "history": result.history}))
+
+
+def _two_ranks(config: cfgmod.RunConfig, out: Path, signal_in_batch: int = 0) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_rank_signalled, args=(port, cfgmod.to_dict(config), str(out), signal_in_batch),
+                       nprocs=2, start_method="spawn")
+    return [json.loads((out / f"rank{r}.json").read_text()) | {"weights": torch.load(out / f"rank{r}.pt")}
+            for r in (0, 1)]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_mid_epoch_and_the_resumed_run_matches_in_weights_and_metrics(
+    tmp_path,
+):
+    # 128 images, 8 per rank and step: 8 steps per epoch. Rank 1 is signalled in step 5.
+    straight = _two_ranks(small(tmp_path / "a"), tmp_path / "straight")
+    stopped = _two_ranks(small(tmp_path / "b"), tmp_path / "stopped", signal_in_batch=5)
+    assert [r["status"] for r in stopped] == ["interrupted", "interrupted"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b" / "run")] == [ckpt.checkpoint_name(0, 5)]
+    resumed = _two_ranks(small(tmp_path / "b"), tmp_path / "resumed")
+    for rank in (0, 1):
+        assert resumed[rank]["status"] == "finished"
+        assert same_weights(straight[rank]["weights"], resumed[rank]["weights"])
+    # Rank 0's running metrics, its BatchNorm statistics and rank 1's were all saved mid-epoch:
+    # the interrupted epoch's train loss and errors equal the uninterrupted run's.
+    assert without_timing(straight[0]["history"]) == without_timing(resumed[0]["history"])

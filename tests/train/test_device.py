@@ -1,0 +1,68 @@
+"""Which device a run trains on, and the error when it asks for a GPU that CUDA cannot use."""
+
+from __future__ import annotations
+
+import pytest
+
+from gunn import config as cfgmod
+from gunn.config import ConfigError
+from gunn.train import device
+from gunn.train.engine import validate
+
+pytestmark = pytest.mark.skipif(device.cuda_usable(), reason="these tests describe a machine without usable CUDA")
+
+
+@pytest.fixture
+def no_slurm_gpus(monkeypatch):
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_driver_too_old_for_the_torch_build_names_both_versions_and_the_cuda_12_packages():
+    message = device.cuda_problem(torch_cuda="13.0", driver_cuda=12040, driver="550.54.15", gpu_present=True)
+    assert "550.54.15 supports CUDA up to 12.4" in message and "built for CUDA 13.0" in message
+    assert "580.65.06" in message  # the driver CUDA 13 needs
+    assert "download.pytorch.org/whl/cu128" in message and ".[dali-cuda12]" in message
+
+
+def test_a_cpu_only_torch_build_says_to_install_a_cuda_build():
+    assert "CPU-only build" in device.cuda_problem(torch_cuda="", driver_cuda=None, driver=None, gpu_present=True)
+
+
+def test_no_gpu_at_all_says_where_to_run():
+    message = device.cuda_problem(torch_cuda="13.0", driver_cuda=None, driver=None, gpu_present=False)
+    assert "no NVIDIA GPU or driver" in message and "runtime.device=cpu" in message
+
+
+def test_asking_for_cuda_without_it_is_an_error_with_the_reason(no_slurm_gpus):
+    with pytest.raises(ConfigError, match=r"runtime.device='cuda' but CUDA is not usable: .*"):
+        device.resolve("cuda")
+
+
+def test_auto_refuses_to_fall_back_to_the_cpu_in_a_job_given_gpus(monkeypatch):
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    with pytest.raises(ConfigError, match=r"has an NVIDIA GPU but CUDA is not usable.*runtime.device=cpu"):
+        device.resolve("auto")
+    assert device.resolve("cpu") == "cpu"
+
+
+def test_auto_trains_on_the_cpu_where_there_is_no_gpu(no_slurm_gpus):
+    if device.gpu_expected():
+        pytest.skip("this machine has an NVIDIA driver or device node")
+    assert device.resolve("auto") == "cpu"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["runtime.device=cuda"], r"runtime.device='cuda' but CUDA is not usable"),
+    (["runtime.cuda_graphs=true"], r"runtime.cuda_graphs=true needs a GPU"),
+    (["runtime.cuda_graphs=true", "runtime.compile=true"], r"cuda_graphs and runtime.compile exclude each other"),
+])
+def test_gpu_only_settings_fail_validation_before_any_work(no_slurm_gpus, overrides, message):
+    if device.gpu_expected():
+        pytest.skip("this machine has an NVIDIA driver or device node")
+    with pytest.raises(ConfigError, match=message):
+        validate(cfgmod.load("digits", overrides))
+
+
+def test_a_login_node_does_not_check_the_device_of_a_job(no_slurm_gpus):
+    validate(cfgmod.load("digits", ["runtime.device=cuda"]), check_device=False)
