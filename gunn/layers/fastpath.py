@@ -59,14 +59,13 @@ CPU_CHANNELS_LAST = True
 BLOCK_ROWS = 192
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
-_AUTOCAST_DEVICES = ("cpu", "cuda")
 _LOWER_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast gives the convolutions of input x, or None where autocast is off for it."""
     device = x.device.type
-    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(device)  # autocast leaves float64 alone
     return None
 

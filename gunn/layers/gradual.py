@@ -393,6 +393,8 @@ def check_unchanged(x: Tensor, y: Tensor, versions: tuple[int, int]) -> None:
 
 
 def _autocast_state(device_type: str) -> dict[str, Any]:
+    if not torch.amp.is_autocast_available(device_type):  # e.g. the meta device
+        return {"enabled": False}
     return {
         "enabled": torch.is_autocast_enabled(device_type),
         "dtype": torch.get_autocast_dtype(device_type),

@@ -27,10 +27,13 @@ def capture_training_step(model: nn.Module, example: Tensor, amp_dtype: torch.dt
     lazy initialisation must not be captured) would count as training batches in the
     BatchNorm statistics; they are put back as they were.
     """
-    if example.device.type != "cuda":
-        raise ValueError(f"CUDA graphs need a CUDA device, got an input on {example.device}")
     if not model.training:
         raise ValueError("capture the training step with the model in train mode")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None for m in model.modules()):
+        # Its factor 1/batches changes every step, but a graph replays the first step's.
+        raise ValueError("CUDA graphs cannot replay BatchNorm with momentum=None (a cumulative average)")
+    if example.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got an input on {example.device}")
     saved = [b.detach().clone() for b in model.buffers()]
     with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
                         cache_enabled=False):
