@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,8 +32,14 @@ def test_the_gpu_check_scripts_are_valid_bash_and_pass_shellcheck():
 
 
 def test_a_dry_run_of_the_gpu_check_passes_every_step_and_writes_its_figures(tmp_path):
+    # The GPU machine has no MLflow, Ray or submitit: here they are made unimportable.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for name in ("mlflow", "ray", "submitit"):
+        (blocked / f"{name}.py").write_text(f"raise ImportError('the GPU check must not need {name}')\n")
     out = tmp_path / "figures"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(blocked)
     done = subprocess.run([str(SCRIPT), str(out), "--dry-run"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
@@ -41,6 +48,7 @@ def test_a_dry_run_of_the_gpu_check_passes_every_step_and_writes_its_figures(tmp
     assert [r["step"] for r in summary["steps"]] == list(gpu_check.STEPS)
     assert all(r["ok"] for r in summary["steps"])
     records = {r["step"]: r for r in summary["steps"]}
+    assert re.fullmatch(r"\d{3} tests collected in .*", records["tests"]["figures"]["pytest"])  # no MLflow needed
     assert set(records["syncfree"]["figures"].values()) == {"no host sync"}
     assert records["engine"]["figures"]["resumed steps"] == 3
     assert len(records["bench"]["figures"]["steps"]) >= 9
@@ -71,3 +79,12 @@ def test_the_report_fails_on_a_failed_step_a_missing_record_or_a_missed_target(t
     markdown = (tmp_path / "summary.md").read_text()
     assert "| ddp | FAILED |" in markdown and "| dali | FAILED (no record: crashed or timed out) |" in markdown
     assert "timed out after 150 s" in markdown
+
+
+def test_the_dali_step_is_skipped_where_dali_is_not_installed(tmp_path, monkeypatch):
+    import gunn.data.imagenet
+
+    monkeypatch.setattr(gunn.data.imagenet, "dali_available", lambda: False)
+    assert gpu_check.main(["dali", "--out", str(tmp_path), "--dry-run"]) == 0
+    record = json.loads((tmp_path / "dali.json").read_text())
+    assert record["ok"] and record["notes"] == ["skipped: DALI not installed"]
