@@ -56,39 +56,51 @@ def driver_cuda_version() -> int | None:
     return version.value
 
 
+def gpu_evidence() -> str | None:
+    """What shows that this machine or job has an NVIDIA GPU (a driver, a device file, Slurm's GPUs), or None."""
+    for path in (_DRIVER_FILE, Path("/dev/nvidia0")):
+        if path.exists():
+            return f"{path} exists"
+    for name in _GPU_ENV:
+        if os.environ.get(name, "").strip() not in ("", "0"):
+            return f"Slurm gave this job GPUs ({name}={os.environ[name]})"
+    return None
+
+
 def gpu_expected() -> bool:
-    """Whether this machine or job evidently has an NVIDIA GPU (a driver, a device node, or Slurm GPUs)."""
-    if _DRIVER_FILE.exists() or Path("/dev/nvidia0").exists():
-        return True
-    return any(os.environ.get(name, "").strip() not in ("", "0") for name in _GPU_ENV)
+    """Whether this machine or job evidently has an NVIDIA GPU (see ``gpu_evidence``)."""
+    return gpu_evidence() is not None
 
 
 def cuda_problem(torch_cuda: str | None = None, driver_cuda: int | None = None, driver: str | None = None,
-                 gpu_present: bool | None = None) -> str:
-    """Why CUDA cannot be used here and what to install; the arguments default to this machine's."""
+                 evidence: str | None = None) -> str:
+    """Why CUDA cannot be used here and what to install; the arguments default to this machine's
+    (``evidence``: ``gpu_evidence()``)."""
     torch_cuda = torch.version.cuda if torch_cuda is None else torch_cuda
     driver_cuda = driver_cuda_version() if driver_cuda is None else driver_cuda
     driver = driver_version() if driver is None else driver
-    gpu_present = gpu_expected() if gpu_present is None else gpu_present
+    evidence = gpu_evidence() if evidence is None else evidence
     build = f"torch {torch.__version__}"
     if not torch_cuda:
         return (f"{build} is a CPU-only build: install a CUDA build of torch and torchvision "
                 "(README, 'GPUs'), e.g. pip install torch torchvision --index-url https://download.pytorch.org/whl/cu130")
     major = int(torch_cuda.split(".")[0])
-    if not gpu_present and driver_cuda is None:
-        return (f"no NVIDIA GPU or driver is visible to this process ({build} is built for CUDA {torch_cuda}); "
-                "run on a GPU node (Slurm: --gpus-per-node) or set runtime.device=cpu")
-    if driver_cuda is not None and driver_cuda // 1000 < major:
+    if driver_cuda is None:
+        return (f"no NVIDIA driver is visible to this process (libcuda.so.1 does not load)"
+                f"{', although ' + evidence if evidence else ''}; {build} is built for CUDA {torch_cuda}. Run on "
+                "a GPU node (Slurm: --gpus-per-node) with the NVIDIA driver installed, or set runtime.device=cpu")
+    if driver_cuda // 1000 < major:
         supports = f"{driver_cuda // 1000}.{driver_cuda % 1000 // 10}"
         cu12 = ("install torch's CUDA 12 build and DALI's CUDA 12 wheel instead: pip install torch torchvision "
                 "--index-url https://download.pytorch.org/whl/cu128 and pip install -e \".[dali-cuda12]\"")
         return (f"the NVIDIA driver {driver or ''} supports CUDA up to {supports}, but {build} is built for CUDA "
                 f"{torch_cuda}, which needs driver {MIN_DRIVER.get(major, 'a newer one')} or newer. Either ask "
                 f"for a newer driver, or {cu12 if driver_cuda // 1000 == 12 else 'install a torch build for your CUDA'}"
-                " (README, 'GPUs')")
+                " (README, 'GPUs'); runtime.device=cpu trains on the CPU instead")
     return (f"an NVIDIA GPU is present (driver {driver or 'unknown'}) but {build} (CUDA {torch_cuda}) cannot use "
             "it: check CUDA_VISIBLE_DEVICES, the device files' permissions and `nvidia-smi`; "
-            "python -c 'import torch; torch.cuda.init()' shows CUDA's own error")
+            "python -c 'import torch; torch.cuda.init()' shows CUDA's own error; runtime.device=cpu trains on the "
+            "CPU instead")
 
 
 def resolve(requested: str) -> str:
@@ -106,7 +118,7 @@ def resolve(requested: str) -> str:
         raise ConfigError(f"runtime.device='cuda' but CUDA is not usable: {cuda_problem()}")
     if gpu_expected():
         raise ConfigError(f"runtime.device='auto': this machine has an NVIDIA GPU but CUDA is not usable: "
-                          f"{cuda_problem()}. Set runtime.device=cpu to train on the CPU anyway.")
+                          f"{cuda_problem()}")
     return "cpu"
 
 

@@ -9,6 +9,7 @@ checkpoint in its directory, so a requeued job needs no special path.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import resource
@@ -47,6 +48,14 @@ _NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.every", "checkp
 # this often, not at every step: each check costs a host sync. Far below Slurm's warning time
 # (--signal-delay-s, default 120 s), so a checkpoint is written in time.
 STOP_POLL_S = 5.0
+# BatchNorm statistics are averaged over the ranks after every epoch (average_buffers), so DDP
+# need not send rank 0's buffers before every forward pass. (torch 2.14 renamed the switch; both
+# still copy them once when DDP is built, before a resumed run restores each rank's own.)
+_NO_BUFFER_BROADCAST = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def request_stop() -> None:
@@ -167,11 +176,9 @@ class _Run:
             else:
                 warnings.warn("dist.sync_bn is ignored on the CPU: SyncBatchNorm needs CUDA", stacklevel=2)
         self.model = model
-        # BatchNorm statistics are averaged over the ranks after every epoch (average_buffers),
-        # so DDP need not broadcast rank 0's buffers before every forward pass.
         ddp = DistributedDataParallel(
             model, device_ids=[self.device] if self.device.type == "cuda" else None,
-            gradient_as_bucket_view=True, broadcast_buffers=False,
+            gradient_as_bucket_view=True, **_NO_BUFFER_BROADCAST,
         ) if info.world_size > 1 else model
         self.forward = torch.compile(ddp) if c.runtime.compile else ddp
         self.graphs_pending = c.runtime.cuda_graphs  # captured on the first training batch

@@ -19,19 +19,26 @@ def no_slurm_gpus(monkeypatch):
 
 
 def test_a_driver_too_old_for_the_torch_build_names_both_versions_and_the_cuda_12_packages():
-    message = device.cuda_problem(torch_cuda="13.0", driver_cuda=12040, driver="550.54.15", gpu_present=True)
+    message = device.cuda_problem(torch_cuda="13.0", driver_cuda=12040, driver="550.54.15", evidence="/dev/nvidia0")
     assert "550.54.15 supports CUDA up to 12.4" in message and "built for CUDA 13.0" in message
     assert "580.65.06" in message  # the driver CUDA 13 needs
     assert "download.pytorch.org/whl/cu128" in message and ".[dali-cuda12]" in message
 
 
 def test_a_cpu_only_torch_build_says_to_install_a_cuda_build():
-    assert "CPU-only build" in device.cuda_problem(torch_cuda="", driver_cuda=None, driver=None, gpu_present=True)
+    assert "CPU-only build" in device.cuda_problem(torch_cuda="", driver_cuda=None, driver=None, evidence="x")
 
 
-def test_no_gpu_at_all_says_where_to_run():
-    message = device.cuda_problem(torch_cuda="13.0", driver_cuda=None, driver=None, gpu_present=False)
-    assert "no NVIDIA GPU or driver" in message and "runtime.device=cpu" in message
+def test_no_driver_says_where_to_run_and_what_showed_a_gpu():
+    message = device.cuda_problem(torch_cuda="13.0", driver_cuda=None, driver=None, evidence="")
+    assert "no NVIDIA driver is visible" in message and "runtime.device=cpu" in message
+    slurm = "Slurm gave this job GPUs (SLURM_GPUS_ON_NODE=1)"
+    assert f"although {slurm}" in device.cuda_problem(torch_cuda="13.0", driver_cuda=None, driver=None, evidence=slurm)
+
+
+def test_a_driver_new_enough_that_still_fails_points_at_visibility_and_permissions():
+    message = device.cuda_problem(torch_cuda="13.0", driver_cuda=13000, driver="580.65.06", evidence="/dev/nvidia0")
+    assert "cannot use it" in message and "CUDA_VISIBLE_DEVICES" in message
 
 
 def test_asking_for_cuda_without_it_is_an_error_with_the_reason(no_slurm_gpus):
@@ -41,7 +48,8 @@ def test_asking_for_cuda_without_it_is_an_error_with_the_reason(no_slurm_gpus):
 
 def test_auto_refuses_to_fall_back_to_the_cpu_in_a_job_given_gpus(monkeypatch):
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
-    with pytest.raises(ConfigError, match=r"has an NVIDIA GPU but CUDA is not usable.*runtime.device=cpu"):
+    with pytest.raises(ConfigError, match=r"has an NVIDIA GPU but CUDA is not usable.*although Slurm gave this job "
+                                          r"GPUs \(SLURM_GPUS_ON_NODE=4\).*runtime.device=cpu"):
         device.resolve("auto")
     assert device.resolve("cpu") == "cpu"
 
