@@ -79,6 +79,14 @@ class Record:
         self.notes.append(text)
         print(f"  {text}", flush=True)
 
+    def save(self, out: Path, final: bool = True) -> None:
+        """Writes out/STEP.json; before the end (``final=False``) as failed and incomplete, so that a step
+        killed by its timeout still leaves what it measured."""
+        data = dict(self.__dict__)
+        if not final:
+            data.update(ok=False, notes=[*self.notes, "FAILED: incomplete (killed or crashed before the end)"])
+        (out / f"{self.step}.json").write_text(json.dumps(data, indent=1, default=str))
+
     def figure(self, name: str, value: Any) -> None:
         self.figures[name] = value
         print(f"  {name}: {value}", flush=True)
@@ -316,7 +324,7 @@ def dali(record: Record, out: Path) -> None:
 
 # -- 6. bench -------------------------------------------------------------------------------------
 
-def bench(record: Record, budget_s: float) -> None:
+def bench(record: Record, budget_s: float, out: Path) -> None:
     from gunn.bench.measure import activation_bytes
     from gunn.bench.steps import build, measure
 
@@ -351,6 +359,8 @@ def bench(record: Record, budget_s: float) -> None:
             continue
         results[(name, batch, precision, graph)] = r
         rows.append(r.as_dict())
+        record.figures["steps"] = rows
+        record.save(out, final=False)
         print(f"  {label:34s} {r.images_per_s:9.1f} images/s  {r.step_ms:8.1f} ms  peak {r.peak_mb:9.1f} MB  "
               f"kernels {r.kernels}  launches {r.launches}", flush=True)
     record.figures["steps"] = rows
@@ -443,7 +453,7 @@ def run_step(name: str, out: Path, work: Path, dry_run: bool, budget_s: float) -
     actions: dict[str, Callable[[], None]] = {
         "versions": lambda: versions(record), "tests": lambda: tests(record), "syncfree": lambda: syncfree(record),
         "engine": lambda: engine(record, work), "ddp": lambda: ddp(record, work), "dali": lambda: dali(record, work),
-        "bench": lambda: bench(record, budget_s),
+        "bench": lambda: bench(record, budget_s, out),
     }
     print(f"gpu-check step {name}{' (dry run on the CPU)' if dry_run else ''}", flush=True)
     started = time.perf_counter()
@@ -453,7 +463,7 @@ def run_step(name: str, out: Path, work: Path, dry_run: bool, budget_s: float) -
         traceback.print_exc()
         record.fail(f"{type(err).__name__}: {err}")
     record.seconds = round(time.perf_counter() - started, 1)
-    (out / f"{name}.json").write_text(json.dumps(record.__dict__, indent=1, default=str))
+    record.save(out)
     print(f"gpu-check step {name}: {'passed' if record.ok else 'FAILED'} in {record.seconds:.0f} s", flush=True)
     return 0 if record.ok else 1
 
