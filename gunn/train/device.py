@@ -56,15 +56,30 @@ def driver_cuda_version() -> int | None:
     return version.value
 
 
+def driver_devices() -> int:
+    """How many GPUs the NVIDIA driver itself lets this process see (0 without a driver), whatever torch can do."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0  # e.g. a CPU-only job on a GPU node, whose devices the cgroup hides
+    return count.value
+
+
 def gpu_evidence() -> str | None:
-    """What shows that this machine or job has an NVIDIA GPU (a driver, a device file, Slurm's GPUs), or None."""
-    for path in (_DRIVER_FILE, Path("/dev/nvidia0")):
-        if path.exists():
-            return f"{path} exists"
+    """What shows that this process is meant to have an NVIDIA GPU, or None: GPUs that Slurm gave the
+    job, CUDA_VISIBLE_DEVICES naming some, or GPUs the driver lets it see. (A driver installed on a
+    node does not: CPU-only jobs on GPU nodes train on the CPU.)"""
     for name in _GPU_ENV:
         if os.environ.get(name, "").strip() not in ("", "0"):
             return f"Slurm gave this job GPUs ({name}={os.environ[name]})"
-    return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("-1", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    count = driver_devices()
+    return f"the NVIDIA driver sees {count} GPU(s)" if count else None
 
 
 def gpu_expected() -> bool:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(device.cuda_usable(), reason="these tests descri
 
 @pytest.fixture
 def no_slurm_gpus(monkeypatch):
-    for name in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -54,10 +54,16 @@ def test_auto_refuses_to_fall_back_to_the_cpu_in_a_job_given_gpus(monkeypatch):
     assert device.resolve("cpu") == "cpu"
 
 
-def test_auto_trains_on_the_cpu_where_there_is_no_gpu(no_slurm_gpus):
+def test_auto_trains_on_the_cpu_where_there_is_no_gpu(no_slurm_gpus, monkeypatch):
     if device.gpu_expected():
-        pytest.skip("this machine has an NVIDIA driver or device node")
+        pytest.skip("the NVIDIA driver shows this process a GPU")
     assert device.resolve("auto") == "cpu"
+    for hidden in ("", "-1", "NoDevFiles"):  # how users and sites hide every GPU from a process
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert device.resolve("auto") == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ConfigError, match=r"although CUDA_VISIBLE_DEVICES=0,1"):
+        device.resolve("auto")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -67,7 +73,7 @@ def test_auto_trains_on_the_cpu_where_there_is_no_gpu(no_slurm_gpus):
 ])
 def test_gpu_only_settings_fail_validation_before_any_work(no_slurm_gpus, overrides, message):
     if device.gpu_expected():
-        pytest.skip("this machine has an NVIDIA driver or device node")
+        pytest.skip("the NVIDIA driver shows this process a GPU")
     with pytest.raises(ConfigError, match=message):
         validate(cfgmod.load("digits", overrides))
 
