@@ -31,6 +31,13 @@ def test_the_gpu_check_scripts_are_valid_bash_and_pass_shellcheck():
     assert checked.returncode == 0, checked.stdout
 
 
+def test_an_unknown_step_is_refused_before_anything_runs(tmp_path):
+    done = subprocess.run([str(SCRIPT), str(tmp_path), "--dry-run", "versions", "benchmark"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "unknown step benchmark" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_dry_run_of_the_gpu_check_passes_every_step_and_writes_its_figures(tmp_path):
     # The GPU machine has no MLflow, Ray or submitit: here they are made unimportable.
     blocked = tmp_path / "blocked"
