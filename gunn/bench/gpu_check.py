@@ -433,9 +433,10 @@ def report(out: Path) -> int:
                          f"{s['images_per_s']:.1f} | {s['step_ms']:.1f} | {s['peak_mb']:.0f} | {s['kernels']} | "
                          f"{s['launches'] if s['launches'] is not None else '-'} |")
     for r in records:
-        notes = [n for n in r.get("notes", [])] + [f"{k}: {v}" for k, v in r.get("figures", {}).items()
-                                                   if r["step"] not in ("versions", "bench") or k != "steps"]
-        if notes and r["step"] != "versions":
+        if r["step"] == "versions":  # in the machine line above
+            continue
+        notes = [*r.get("notes", []), *(f"{k}: {v}" for k, v in r.get("figures", {}).items() if k != "steps")]
+        if notes:
             lines += ["", f"**{r['step']}**", *[f"- {n}" for n in notes]]
     lines += ["", f"gpu-check: {'all passed' if passed else 'FAILURES'}"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

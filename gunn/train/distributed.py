@@ -173,23 +173,22 @@ def sync_batch_norm(model: nn.Module) -> tuple[nn.Module, int, int]:
     """
     from gunn.layers import GradualUpdate
 
-    def convert(module: nn.Module) -> tuple[int, int]:
+    norm = nn.modules.batchnorm._BatchNorm
+
+    def convert(module: nn.Module) -> tuple[nn.Module, int, int]:
+        if isinstance(module, GradualUpdate):
+            return module, 0, sum(isinstance(m, norm) for m in module.modules())
+        if isinstance(module, norm):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module), 1, 0
         converted = kept = 0
         for name, child in module.named_children():
-            if isinstance(child, GradualUpdate):
-                kept += sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules())
-            elif isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-                converted += 1
-            else:
-                c, k = convert(child)
-                converted, kept = converted + c, kept + k
-        return converted, kept
+            new, c, k = convert(child)
+            if new is not child:
+                setattr(module, name, new)
+            converted, kept = converted + c, kept + k
+        return module, converted, kept
 
-    if isinstance(model, GradualUpdate):
-        return model, 0, sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    converted, kept = convert(model)
-    return model, converted, kept
+    return convert(model)
 
 
 def average_buffers(module: torch.nn.Module) -> None:
