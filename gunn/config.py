@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,23 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as users write numbers: YAML 1.1 reads ``1e-3`` (an exponent without a dot) as a string,
+    so every decimal number YAML 1.2 knows is read as a float as well."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-3`` as a number (configurations, overrides, profiles)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
 
 
 def _meta(help: str, **checks: Any) -> dict[str, Any]:
@@ -166,7 +185,7 @@ def load(source: str | Path | None = None, overrides: typing.Sequence[str] = ())
             raise ConfigError(f"no preset or configuration file {str(source)!r}; presets: {', '.join(list_presets())}")
         text, origin = path.read_text(), str(path)
     try:
-        data = yaml.safe_load(text) or {}
+        data = read_yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{origin} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -183,7 +202,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"an override must look like section.field=value, got {item!r}")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -292,6 +311,8 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
+        if not math.isfinite(value):  # .nan passes every min/max check, and .inf trains to nan
+            raise ConfigError(f"{path} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

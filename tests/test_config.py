@@ -94,3 +94,22 @@ def test_flatten_gives_one_key_per_field():
 def test_help_lists_every_field_with_its_meaning():
     text = config.help_text()
     assert "optim.lr_steps" in text and "fractions of the epochs" in text and "data.root" in text
+
+
+@pytest.mark.parametrize("written, value", [("1e-3", 1e-3), ("1E-3", 1e-3), ("5e2", 500.0), ("-2e-1", -0.2),
+                                            ("1_000.5", 1000.5), (".5", 0.5), ("3", 3.0)])
+def test_every_number_a_user_writes_is_read_as_a_number(written, value, tmp_path):
+    # YAML 1.1 reads 1e-3 (an exponent without a dot) as a string; users write it all the time.
+    assert config.load("digits", [f"optim.weight_decay={written.lstrip('-')}"]).optim.weight_decay == abs(value)
+    assert config.load("digits", [f"optim.lr_steps=[{written.lstrip('-')}]"]).optim.lr_steps == [abs(value)]
+    path = tmp_path / "run.yaml"
+    path.write_text(f"optim:\n  lr: {written.lstrip('-')}\n")
+    assert config.load(str(path)).optim.lr == abs(value)
+
+
+@pytest.mark.parametrize("written", [".inf", ".nan", "-.inf", ".NaN", "1e999"])
+def test_non_finite_numbers_are_refused(written):
+    with pytest.raises(ConfigError, match=r"optim\.lr must be a finite number"):
+        config.load("digits", [f"optim.lr={written}"])
+    with pytest.raises(ConfigError, match=r"optim\.lr_steps\[0\] must be a finite number"):
+        config.load("digits", [f"optim.lr_steps=[{written}]"])
