@@ -95,6 +95,53 @@ def find_images(root: Path, split: str) -> tuple[list[Path], list[int], list[str
     return files, labels, classes
 
 
+def check_tree(root: Path) -> None:
+    """Cheap checks of an ImageNet tree before a run: both splits exist, hold the same class folders, and
+    each class folder holds an image. Lists folders only, each up to its first image; decodes nothing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"ImageNet root {root} is not a directory; {LAYOUT}")
+    classes: dict[str, list[str]] = {}
+    for split in ("train", "val"):
+        directory = root / split
+        if not directory.is_dir():
+            raise DataError(f"ImageNet {split} directory {directory} not found; {LAYOUT}")
+        with os.scandir(directory) as entries:
+            names = sorted(entry.name for entry in entries if entry.is_dir())  # find_images' classes
+        if not names:
+            raise DataError(f"no class folders in {directory}; {LAYOUT}")
+        # An empty class folder (likely a copy that broke off) would stop the loaders or shift every label.
+        empty = [f"{split}/{name}" for name in names if not _holds_image(directory / name)]
+        if empty:
+            raise DataError(
+                f"imagenet {_listed(empty)} {'holds' if len(empty) == 1 else 'hold'} no images "
+                f"(no {'/'.join(EXTENSIONS)} file, subfolders included) under {root}; {LAYOUT}"
+            )
+        classes[split] = names
+    for split, other in (("val", "train"), ("train", "val")):
+        missing = sorted(set(classes[split]) - set(classes[other]))
+        if missing:
+            raise DataError(f"imagenet {split} has classes missing from {other}: {_listed(missing)} (under {root}); "
+                            f"{LAYOUT}")
+
+
+def _holds_image(folder: Path) -> bool:
+    """Whether ``folder`` or a folder below it holds an image file; stops at the first."""
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir():  # followed like os.walk(followlinks=True) in find_images
+                    stack.append(Path(entry.path))
+                elif entry.name.lower().endswith(EXTENSIONS):
+                    return True
+    return False
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _open_rgb(path: Path | str) -> Image.Image:
     """The decoded RGB image, as torchvision's ImageFolder reads it, or a DataError naming the file."""
     try:

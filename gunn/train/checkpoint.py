@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import pickle
 import random
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -26,20 +30,83 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+# What the engine's checkpoint holds (gunn.train.engine._Run._save), checked before a run resumes from it;
+# besides these, either "ranks" (every rank's "meter" and "rng") or, written before 2026-12, "meter" and "rng".
+RUN_STATE_KEYS = ("model", "optimizer", "scaler", "epoch", "batch", "step", "history", "config", "train_seconds")
+# Torch's own message when a write fails in its C++ writer (the OSError is lost there).
+_TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed writing")
+# Sentences of torch's load errors that advise loading the file in a way that runs its code.
+_TORCH_ADVICE = re.compile(r"weights.only|torch\.load|safe_globals|trust|can still be loaded|arbitrary code",
+                           re.IGNORECASE)
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+class CheckpointWriteError(OSError):
+    """A file could not be written (disk full, quota, permissions); the message names it, ``errno`` is kept."""
+
+
 def save(state: dict[str, Any], directory: Path, name: str, keep: int) -> Path:
-    """Writes ``state`` to directory/name atomically (temporary file, fsync, rename), keeps the newest ``keep``."""
+    """Writes ``state`` to directory/name atomically (see ``atomic_write``), keeps the newest ``keep``.
+
+    A failed write leaves the previous checkpoints as they were and raises ``CheckpointWriteError``,
+    which says whether the disk is full and which checkpoint a rerun would continue from.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    tmp = directory / f".{name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(directory)
+    previous = list_checkpoints(directory)
+    intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no previous checkpoint"
+    atomic_write(path, lambda f: torch.save(state, f), what="checkpoint", note=intact)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, what: str = "file", note: str = "") -> None:
+    """Writes ``path`` through ``write(file)`` all or nothing: a temporary file, fsync, rename, fsync of the folder.
+
+    On any failure (KeyboardInterrupt included) the temporary file is removed and ``path`` keeps its
+    old contents. An OSError anywhere in the failure's chain, or torch's own message for a failed
+    write, becomes a ``CheckpointWriteError`` that names ``what`` and ``path`` (with ``note`` after it)
+    and says in plain words when the disk is full: torch otherwise reports a full disk as
+    "unexpected pos 64 vs 0".
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        failure = _write_error(err, tmp, f"{what} {path}", note) if isinstance(err, Exception) else None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if failure is not None:
+            raise failure from err
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_error(err: Exception, tmp: Path, what: str, note: str) -> CheckpointWriteError | None:
+    """The error to raise for ``err`` raised while writing ``what`` through ``tmp``; None to raise ``err`` as it is."""
+    cause: BaseException | None = err
+    for _ in range(10):  # bounded: exception chains can loop
+        if cause is None or isinstance(cause, OSError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    code = cause.errno if isinstance(cause, OSError) else None
+    if code is None and _TORCH_WRITE_FAILED.search(str(err)):
+        # torch's C++ writer drops the errno; a full file system is the usual reason (checked before
+        # the temporary file is removed, which frees its space).
+        code = errno.ENOSPC if _free_bytes(tmp.parent) < 2**20 else errno.EIO
+    elif code is None:
+        return None  # not a write failure (e.g. an object that cannot be pickled)
+    tail = f"; {note}" if note else ""
+    if code in _FULL:
+        return CheckpointWriteError(code, f"{_FULL[code]} while writing {what}{tail}")
+    reason = (cause.strerror or str(cause)) if isinstance(cause, OSError) else str(err).splitlines()[0]
+    return CheckpointWriteError(code, f"could not write {what}: {reason}{tail}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -50,8 +117,46 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _free_bytes(directory: Path) -> int:
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return 2**63
+    return stat.f_bavail * stat.f_frsize
+
+
+def check_state(state: Any) -> str | None:
+    """What keeps ``state`` from being a run's state as the engine writes it, or None if nothing does."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a dict"
+    missing = [key for key in RUN_STATE_KEYS if key not in state]
+    if "ranks" not in state and not ("meter" in state and "rng" in state):
+        missing.append("ranks")
+    if missing:
+        return "missing " + ", ".join(repr(key) for key in missing)
+    problems = []
+    model = state["model"]
+    if not (isinstance(model, Mapping) and all(isinstance(v, torch.Tensor) for v in model.values())):
+        problems.append("'model' is not a mapping of tensors")
+    problems += [f"{key!r} is not a dict" for key in ("optimizer", "scaler", "config")
+                 if not isinstance(state[key], dict)]
+    problems += [f"{key!r} is not a non-negative int" for key in ("epoch", "batch", "step")
+                 if not (type(state[key]) is int and state[key] >= 0)]
+    if not isinstance(state["history"], list):
+        problems.append("'history' is not a list")
+    if type(state["train_seconds"]) not in (int, float):
+        problems.append("'train_seconds' is not a number")
+    ranks = state["ranks"] if "ranks" in state else [{"meter": state["meter"], "rng": state["rng"]}]
+    if not (isinstance(ranks, list) and ranks and all(
+            isinstance(r, dict) and all(isinstance(r.get(key), dict) for key in ("meter", "rng")) for r in ranks)):
+        problems.append("'ranks' is not a list of dicts with 'meter' and 'rng'" if "ranks" in state
+                        else "'meter' and 'rng' are not dicts")
+    return "; ".join(problems) or None
+
+
 def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
-    """The newest checkpoint that loads, or None if there is none; a bad newer one is skipped with a warning.
+    """The newest checkpoint that loads and holds a run's state (``check_state``), or None if there is
+    none; a bad newer one is skipped with a warning.
 
     Loads with ``weights_only=True`` (a checkpoint from a stranger cannot run code) and onto
     the CPU, whichever device wrote it: ``load_state_dict`` moves weights to the model's
@@ -64,8 +169,13 @@ def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated, corrupt, or holding objects that are not plain data
             failures.append(path)
-            warnings.warn(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); trying the previous one",
+            warnings.warn(f"checkpoint {path} cannot be loaded ({_load_error(err)}); trying the previous one",
                           stacklevel=2)
+            continue
+        problem = check_state(state)
+        if problem is not None:
+            failures.append(path)
+            warnings.warn(f"checkpoint {path} holds no run state ({problem}); trying the previous one", stacklevel=2)
             continue
         return state, path
     if failures:
@@ -74,6 +184,17 @@ def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
             "start from scratch over them: move them away to start a new run there"
         )
     return None
+
+
+def _load_error(err: Exception) -> str:
+    """``err`` in one sentence, never torch's advice to load the file with ``weights_only=False`` or to allow
+    its classes: either would run whatever code the file holds."""
+    sentences = (part.strip() for line in str(err).splitlines() for part in re.split(r"(?<=\.)\s+", line))
+    kept = [s.removeprefix("WeightsUnpickler error: ") for s in sentences if s and not _TORCH_ADVICE.search(s)]
+    if isinstance(err, pickle.UnpicklingError):
+        return f"{type(err).__name__}: {kept[0] if kept else 'objects that are not plain data'} (refused: loading " \
+               "it could run code)"
+    return f"{type(err).__name__}: {kept[0] if kept else ''}"[:300]
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -14,6 +14,8 @@ on the server (``"rejected": reason`` added if the server refused it for good); 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -30,11 +32,13 @@ from urllib.parse import urlparse
 
 __all__ = [
     "JOURNAL_NAME",
+    "JournalWriteError",
     "Tracker",
     "default_tracking_uri",
     "plot_curves",
     "resolve_tracking_uri",
     "sync",
+    "sync_command",
 ]
 
 _log = logging.getLogger(__name__)
@@ -97,11 +101,44 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     return uri
 
 
-def _sync_command(run_dir: Path) -> str:
+def sync_command(run_dir: Path) -> str:
+    """The command that sends what the journal in `run_dir` holds and MLflow has not received."""
     return f"python -m gunn.train.tracking sync {shlex.quote(str(run_dir))}"
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a local SQLite store URI, or None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return None if not path or path.startswith(":memory:") else Path(path)
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on a local SQLite store (the file `mlflow.db.lock` beside `mlflow.db`).
+
+    MLflow creates and migrates a new SQLite store's tables on first use; runs that start at once
+    on a fresh store (array jobs, sweeps) collide there without it. Other stores need no lock.
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 # --------------------------------------------------------------------------- journal
+
+
+class JournalWriteError(OSError):
+    """The journal could not be written (disk full, quota, permissions); the message names it, errno kept."""
 
 
 class _Journal:
@@ -142,11 +179,37 @@ class _Journal:
         return pending
 
     def append(self, entry: dict[str, Any]) -> None:
-        line = json.dumps({k: v for k, v in entry.items() if not k.startswith("_")}) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
+        """Append one line, whole or not at all; a failed write raises `JournalWriteError`."""
+        line = (json.dumps({k: v for k, v in entry.items() if not k.startswith("_")}) + "\n").encode()
+        with self._lock:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise self._write_error(err) from err
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    rest = memoryview(line)
+                    while rest:
+                        rest = rest[os.write(fd, rest) :]
+                except BaseException as err:
+                    # A partial line would be skipped when read, but it holds the space that is missing.
+                    try:
+                        os.ftruncate(fd, size)
+                    except OSError:
+                        pass
+                    if isinstance(err, OSError):
+                        raise self._write_error(err) from err
+                    raise
+            finally:
+                os.close(fd)
         self._remember(entry)
+
+    def _write_error(self, err: OSError) -> JournalWriteError:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
+            return JournalWriteError(err.errno, f"{reason} while writing the MLflow journal {self.path}")
+        return JournalWriteError(err.errno, f"could not write the MLflow journal {self.path}: {err.strerror or err}")
 
     def _remember(self, entry: dict[str, Any]) -> None:
         if "seq" in entry:
@@ -263,33 +326,40 @@ class _Sender:
     def _send_start(self, record: dict[str, Any], uri: str) -> None:
         from mlflow.exceptions import MlflowException
 
-        client = self._client(uri)
         run_id = self.journal.runs.get(uri)
         if run_id is not None:
+            client = self._client(uri)
             try:
                 client.update_run(run_id, status="RUNNING")
             except MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
                 _log.warning("MLflow run %s no longer exists at %s; starting a new run", run_id, uri)
-                run_id = None
             else:
                 self._log_tags(client, run_id, record["tags"])
                 return
-        experiment = client.get_experiment_by_name(record["experiment"])
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            try:
-                experiment_id = client.create_experiment(record["experiment"])
-            except MlflowException as e:  # created concurrently by another run
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment_id = client.get_experiment_by_name(record["experiment"]).experiment_id
+        with _store_lock(uri):  # MLflow creates a new store's tables on first use: one process at a time
+            client = self._client(uri)
+            experiment_id = self._experiment_id(client, record["experiment"])
         run = client.create_run(
             experiment_id, start_time=record["time"], tags=record["tags"], run_name=record["run_name"]
         )
         self.journal.append({"run_id": run.info.run_id, "tracking_uri": uri})
+
+    @staticmethod
+    def _experiment_id(client: Any, name: str) -> str:
+        """The id of experiment `name`, created if it does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException as e:  # created concurrently by another run
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return client.get_experiment_by_name(name).experiment_id
 
     def _send_params(self, record: dict[str, Any], uri: str) -> None:
         from mlflow.entities import Param
@@ -410,7 +480,7 @@ class Tracker:
                 "%d unsent tracking call(s) in %s are for another store; send them with: %s",
                 len(pending) - len(self._queue),
                 self.journal_path,
-                _sync_command(self.run_dir),
+                sync_command(self.run_dir),
             )
         self._cond = threading.Condition()
         self._closed = False
@@ -489,7 +559,7 @@ class Tracker:
                 self.run_id or "(not created yet)",
                 self.tracking_uri,
                 self.journal_path,
-                _sync_command(self.run_dir),
+                sync_command(self.run_dir),
             )
 
     def __enter__(self) -> Tracker:
@@ -564,7 +634,7 @@ class Tracker:
             self.tracking_uri,
             _brief(error),
             self.journal_path,
-            _sync_command(self.run_dir),
+            sync_command(self.run_dir),
         )
 
     def _warn_rejected(self, record: dict[str, Any], error: Exception) -> None:

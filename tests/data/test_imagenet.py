@@ -259,3 +259,55 @@ def test_train_and_val_with_different_classes_are_refused(tree: Path, tmp_path: 
     shutil.rmtree(root / "val" / "n00000002")
     with pytest.raises(DataError, match="n00000002"):
         build_imagenet(root, loader="torchvision", batch_size=2, rank=0, world_size=1, seed=0, device=CPU, workers=0)
+
+
+def _check(root: Path) -> None:
+    from gunn.config import DataConfig
+    from gunn.data import check_data
+
+    check_data(DataConfig(name="imagenet", root=str(root)))
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    """Two classes of one image each in train and val, where a folder is cheap to empty or add."""
+    root = tmp_path / "imagenet"
+    make_jpeg_tree(root, classes=2, train_per_class=1, val_per_class=1)
+    return root
+
+
+def test_check_data_passes_a_complete_tree_with_images_in_subfolders(tiny: Path) -> None:
+    image = tiny / "train" / "n00000001" / "n00000001_0.JPEG"
+    (image.parent / "deeper").mkdir()
+    image.rename(image.parent / "deeper" / "a.jpg")
+    _check(tiny)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_check_data_finds_an_empty_class_folder(tiny: Path, split: str) -> None:
+    folder = tiny / split / "n00000001"
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "empty").mkdir()
+    with pytest.raises(DataError, match=f"^imagenet {split}/n00000001 holds no images "):
+        _check(tiny)
+
+
+def test_check_data_finds_val_classes_missing_from_train(tiny: Path) -> None:
+    for name in ("n00000007", "n00000009"):
+        shutil.copytree(tiny / "val" / "n00000000", tiny / "val" / name)
+    with pytest.raises(DataError, match="^imagenet val has classes missing from train: n00000007, n00000009 "):
+        _check(tiny)
+
+
+def test_check_data_finds_train_classes_missing_from_val(tiny: Path) -> None:
+    shutil.rmtree(tiny / "val" / "n00000001")
+    with pytest.raises(DataError, match="^imagenet train has classes missing from val: n00000001 "):
+        _check(tiny)
+
+
+def test_check_data_names_a_missing_split(tiny: Path) -> None:
+    shutil.rmtree(tiny / "val")
+    with pytest.raises(DataError, match=re.escape(str(tiny / "val")) + " not found"):
+        _check(tiny)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -12,8 +14,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gunn.train.tracking import JOURNAL_NAME, Tracker, plot_curves, sync
+from gunn.train.tracking import JOURNAL_NAME, Tracker, plot_curves, sync, sync_command
 from tests.mlflow_server import QUIET_MLFLOW, REPO_ROOT, MlflowServer, wait_for
+from tests.train.full_disk import fill, small_tmpfs
 
 # MLflow's own SQLAlchemy code warns about a deprecated loader strategy; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
@@ -237,3 +240,88 @@ def test_plot_curves_writes_a_png(tmp_path: Path) -> None:
     ]
     path = plot_curves(history, tmp_path / "plots" / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def test_a_full_disk_fails_the_journal_clearly_and_leaves_no_partial_line(tmp_path: Path) -> None:
+    from gunn.train.tracking import JournalWriteError, _Journal
+
+    with small_tmpfs(tmp_path / "tmpfs") as folder:
+        journal = _Journal(folder / JOURNAL_NAME)
+        journal.append({"seq": 0, "op": "metrics", "time": 1, "step": 1, "metrics": {"loss": 1.0}})
+        before = journal.path.read_bytes()
+        fill(folder)
+        big = {"seq": 1, "op": "metrics", "time": 2, "step": 2, "metrics": {f"m{i}": 0.5 for i in range(5000)}}
+        with pytest.raises(JournalWriteError) as failure:
+            journal.append(big)
+        assert isinstance(failure.value, OSError) and failure.value.errno == errno.ENOSPC
+        assert str(failure.value) == (f"[Errno {errno.ENOSPC}] no space left on device while writing the MLflow "
+                                      f"journal {journal.path}")
+        assert journal.path.read_bytes() == before
+        assert [r["seq"] for r in _Journal(journal.path).work] == [0]
+
+
+# --------------------------------------------------------------------------- concurrent first use
+
+_START_ONE = """
+import logging, sys, time
+from pathlib import Path
+from gunn.train.tracking import Tracker
+import mlflow.store.tracking.sqlalchemy_store  # imported before the start line: the processes then start at once
+
+logging.basicConfig(level=logging.WARNING)
+folder, index = Path(sys.argv[1]), sys.argv[2]
+(folder / f"ready-{index}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.005)
+tracker = Tracker(run_dir=folder / f"run-{index}", tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+                  experiment="gunn-tests", run_name=f"run-{index}", params={"i": index}, tags={}, start_timeout=120)
+tracker.finish()
+print("RUN", tracker.run_id)
+sys.exit(0 if tracker.run_id else 3)
+"""
+
+
+def test_runs_starting_at_once_on_a_fresh_sqlite_store_all_get_their_run(tmp_path: Path) -> None:
+    count = 4
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _START_ONE, str(tmp_path), str(i)], cwd=REPO_ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(count)
+    ]
+    try:
+        wait_for(lambda: all((tmp_path / f"ready-{i}").exists() for i in range(count)), 120, "the processes")
+        (tmp_path / "go").touch()
+        outputs = [p.communicate(timeout=180) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (out, err) in zip(processes, outputs):
+        problems = [line for line in err.splitlines() if " INFO " not in line]  # MLflow says it creates its tables
+        assert p.returncode == 0 and not problems, f"exit {p.returncode}\n{out}\n{err}"
+    run_ids = {line.split()[1] for out, _ in outputs for line in out.splitlines() if line.startswith("RUN ")}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gunn-tests").experiment_id])
+    assert len(run_ids) == count and {r.info.run_id for r in runs} == run_ids
+
+
+# --------------------------------------------------------------------------- a run created late
+
+
+def test_a_run_created_after_the_start_timeout_has_its_id_after_finish(server: MlflowServer, tmp_path: Path) -> None:
+    server.stop()
+    tracker = _tracker(tmp_path / "run", server.uri, start_timeout=0.5, drain_timeout=30.0, retry_interval=60.0)
+    assert tracker.run_id is None
+    tracker.log_metrics({"train_loss": 1.0}, step=1)
+    server.start()
+    tracker.finish()  # sends the start, the params, the metrics and the finish while draining
+    assert tracker.run_id is not None and tracker.run_id == _journal_run_id(tmp_path / "run", server.uri)
+    assert MlflowClient(server.uri).get_run(tracker.run_id).info.status == "FINISHED"
+    assert _steps(server.uri, tracker.run_id) == [1]
+
+
+def test_the_sync_command_names_the_run_directory(tmp_path: Path) -> None:
+    assert sync_command(tmp_path / "a b") == f"python -m gunn.train.tracking sync '{tmp_path / 'a b'}'"
