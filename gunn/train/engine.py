@@ -39,11 +39,14 @@ from gunn.train import distributed
 from gunn.train.device import resolve as resolve_device
 from gunn.train.device import set_tf32
 from gunn.train.metrics import Meter
+from gunn.train.rundir import RunDirError, RunDirLock, slurm_job
 from gunn.train.schedule import learning_rate, snapshot_epochs
 
 _STOP = threading.Event()
 # Settings that may change between the pieces of a resumed run without changing its result.
-_NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.every", "checkpoint.keep", "runtime.cuda_graphs")
+# The run directory is where the run lives, not a setting: a moved or copied one continues as is.
+_NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.dir", "checkpoint.every", "checkpoint.keep",
+                         "runtime.cuda_graphs")
 # With several ranks a stop request (a signal on any rank) is agreed on by a collective about
 # this often, not at every step: each check costs a host sync. Far below Slurm's warning time
 # (--signal-delay-s, default 120 s), so a checkpoint is written in time.
@@ -59,8 +62,16 @@ _NO_BUFFER_BROADCAST = (
 
 
 def request_stop() -> None:
-    """Asks the running training loop to checkpoint at the next batch and return (preemption)."""
+    """Asks the training loop to checkpoint at the next batch and return (preemption).
+
+    A request made before ``train`` starts (a signal during start-up) holds for its first batch;
+    ``train`` forgets it when it returns.
+    """
     _STOP.set()
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became nan or infinite: the run stopped without checkpointing it."""
 
 
 @dataclass
@@ -135,10 +146,13 @@ def train(config: RunConfig, *, stop_after: int | None = None, on_epoch: EpochCa
     together = False  # after an error the other ranks may never reach the final barrier
     try:
         validate(config, info.world_size)
-        result = _Run(config, info, on_epoch).run(stop_after)
+        run = _Run(config, info, on_epoch)
+        with run.locked():
+            result = run.run(stop_after)
         together = True
         return result
     finally:
+        _STOP.clear()
         distributed.teardown(together)
 
 
@@ -151,6 +165,52 @@ class _Run:
         self.log = print if info.is_main else (lambda *a, **k: None)
 
     # -- setup ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds the run directory's lock (rank 0, for every rank) while the run trains; RunDirError
+        on every rank if another process holds it or the directory cannot be written."""
+        lock, error = None, None
+        if self.info.is_main:
+            try:
+                lock = RunDirLock(self.run_dir)
+                lock.acquire()
+                self._remove_partial_writes()
+                self._record_start()
+            except RunDirError as err:
+                lock, error = None, str(err)
+        error = distributed.broadcast_object(error)
+        if error is not None:
+            raise RunDirError(error)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _remove_partial_writes(self) -> None:
+        """Deletes the temporary files of writes that a killed process left (``.NAME.tmp-PID``): with the
+        lock held, no other process writes here."""
+        for tmp in [*self.run_dir.glob(".*.tmp-*"), *self.run_dir.glob("snapshots/.*.tmp-*")]:
+            self.log(f"removing {tmp}, left by a write that did not finish")
+            tmp.unlink(missing_ok=True)
+
+    def _record_start(self) -> None:
+        """Appends this start to the run directory's ``starts.log``: when, where, and in which Slurm job."""
+        job = slurm_job()
+        where = f"host {socket.gethostname()} pid {os.getpid()}" + (
+            f" Slurm job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else "")
+        with open(self.run_dir / "starts.log", "a") as f:
+            f.write(f"{datetime.now().isoformat(timespec='seconds')} {where}\n")
+
+    def _slurm_jobs(self) -> list[str]:
+        """Every Slurm job this run has lived in, oldest first (from ``starts.log``)."""
+        try:
+            lines = (self.run_dir / "starts.log").read_text().splitlines()
+        except OSError:
+            return []
+        jobs = [line.split(" Slurm job ", 1)[1].split()[0] for line in lines if " Slurm job " in line]
+        return list(dict.fromkeys(jobs))
+
     def _build(self) -> None:
         c, info = self.config, self.info
         torch.manual_seed(c.runtime.seed)
@@ -257,8 +317,9 @@ class _Run:
             "host": socket.gethostname(),  # rank 0's node
             "git_commit": _git_commit(),
         }
-        if "SLURM_JOB_ID" in os.environ:
-            tags["slurm_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+        if slurm_job() is not None:
+            tags["slurm_job_id"] = slurm_job()  # 8_1 for task 1 of array job 8
+            tags["slurm_job_ids"] = ",".join(self._slurm_jobs())  # every job the run has lived in
         if c.logging.parent_run_id:
             tags["mlflow.parentRunId"] = c.logging.parent_run_id  # shown nested under the sweep
         if c.logging.study:
@@ -268,7 +329,6 @@ class _Run:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, stop_after: int | None) -> RunResult:
-        _STOP.clear()
         self._build()
         self._resume()
         tracker = self._tracker()
@@ -283,12 +343,14 @@ class _Run:
             if self.epoch == 0 and self.batch == 0:
                 self.log(f"run directory: {self.run_dir}")
                 if tracker is not None:
-                    self.log(f"MLflow: run {tracker.run_id} at {tracker.tracking_uri}")
+                    self.log(_mlflow_line(tracker))
             self.done, self.stop_after = 0, stop_after
             self.stop_poll = _StopPoll(self.device, self.info.world_size)
+            self.stop_poll.on_loss_check = lambda: self.stop_poll.check_loss(self.epoch, self._last_checkpoint)
             already_finished = self.epoch >= self.config.optim.epochs and (self.run_dir / "model-final.pt").exists()
             while self.epoch < self.config.optim.epochs:
                 stopped = self._train_epoch()
+                self.stop_poll.check_loss(self.epoch, self._last_checkpoint)  # nothing non-finite is saved
                 if not stopped:
                     self._end_epoch(tracker)
                     stopped = self._stop_requested(now=True) and self.epoch < self.config.optim.epochs
@@ -310,6 +372,7 @@ class _Run:
         finally:
             if tracker is not None:
                 tracker.finish(status)
+                result.mlflow_run_id = tracker.run_id  # also a run created after the start's wait
 
     def _stop_requested(self, now: bool = False) -> bool:
         """A stop request: ``stop_after`` reached (the same on every rank), or a signal on any rank (agreed
@@ -342,6 +405,7 @@ class _Run:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.meter.add(loss.detach(), logits.detach(), y)
+            self.stop_poll.watch_loss(loss.detach(), self.batch + 1)
             self.batch, self.step, self.done = self.batch + 1, self.step + 1, self.done + 1
             if bar is not None:
                 self._update_bar(bar, start_time)
@@ -352,6 +416,12 @@ class _Run:
             bar.close()
         self.train_seconds += time.perf_counter() - start_time
         return stopped
+
+    def _last_checkpoint(self) -> str:
+        saved = ckpt.list_checkpoints(self.run_dir)
+        if not saved:
+            return f"{self.run_dir} holds no checkpoint yet: running again starts from the beginning"
+        return f"its last good checkpoint is {saved[-1]}, which running again continues from"
 
     def _capture_graphs(self, x: torch.Tensor) -> None:
         from gunn.train.graphs import capture_training_step
@@ -454,9 +524,8 @@ class _Run:
         index = snapshot_epochs(self.config.optim).index(self.epoch) + 1
         if self.info.is_main:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".snapshot-{index:02d}.tmp"
-            torch.save(self.model.state_dict(), tmp)
-            os.replace(tmp, folder / f"snapshot-{index:02d}.pt")
+            weights = self.model.state_dict()
+            ckpt.atomic_write(folder / f"snapshot-{index:02d}.pt", lambda f: torch.save(weights, f), what="snapshot")
         distributed.broadcast_object(None)  # a barrier: the file exists before any rank reads it
         paths = [folder / f"snapshot-{k:02d}.pt" for k in range(1, index + 1)]
         snapshots = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
@@ -506,29 +575,56 @@ class _Run:
 
 
 class _StopPoll:
-    """Whether a stop was requested by a signal on any rank, agreed on by all ranks every few seconds.
+    """Whether a stop was requested by a signal on any rank, agreed on by all ranks every few seconds;
+    and whether the training loss of any rank stopped being finite, checked at the same moments.
 
     One process reads its own flag at every step. Several ranks agree with a collective that
     reads the answer on the host, so they do it every ``every`` steps, where ``every`` is
     recomputed at each check from the slowest rank's time since the last one to keep checks
     about ``STOP_POLL_S`` apart. Every rank gets the same reduced time, hence the same
-    ``every``, and so checks at the same steps.
+    ``every``, and so checks at the same steps. The first batch with a non-finite loss is
+    noted on the device at every step (no host sync) and read at those checks.
     """
 
     def __init__(self, device: torch.device, world_size: int) -> None:
         self.device, self.world_size = device, world_size
         self.every, self.since, self.last = 1, 0, time.monotonic()
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.on_loss_check: Callable[[], None] = lambda: None
+
+    def watch_loss(self, loss: torch.Tensor, batch: int) -> None:
+        """Notes ``batch`` (1-based, in the epoch) if it is the first whose ``loss`` is not finite."""
+        first = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), batch, self.first_bad)
+        self.first_bad = first.to(torch.long)
+
+    def check_loss(self, epoch: int, last_checkpoint: Callable[[], str]) -> None:
+        """NonFiniteLossError on every rank if any rank's loss was not finite this epoch (a collective)."""
+        local = float(self.first_bad.item())
+        worst = distributed.all_reduce_max([local], self.device)[0] if self.world_size > 1 else local
+        if worst >= 0:
+            where = f"by batch {int(worst)}" if self.world_size > 1 else f"in batch {int(worst)}"
+            raise NonFiniteLossError(
+                f"the training loss became nan or infinite in epoch {epoch + 1}, {where}; the run stopped "
+                f"without saving it, and {last_checkpoint()}. Lower optim.lr, or look at the data, first"
+            )
+        self.first_bad.fill_(-1)
 
     def requested(self, now: bool = False) -> bool:
         """At a check (every ``every`` calls, or ``now``): whether any rank was asked to stop."""
         if self.world_size == 1:
+            if now or time.monotonic() - self.last >= STOP_POLL_S:
+                self.last = time.monotonic()
+                self.on_loss_check()
             return _STOP.is_set()
         self.since += 1
         if self.since < self.every and not now:
             return False
-        flag, slowest = distributed.all_reduce_max([float(_STOP.is_set()), time.monotonic() - self.last], self.device)
+        flag, slowest, bad = distributed.all_reduce_max(
+            [float(_STOP.is_set()), time.monotonic() - self.last, float(self.first_bad.item())], self.device)
         self.every = max(1, min(1000, int(self.since * STOP_POLL_S / max(slowest, 1e-6))))
         self.since, self.last = 0, time.monotonic()
+        if bad >= 0:
+            self.on_loss_check()  # every rank sees it at this same check, so all raise together
         return flag > 0
 
 
@@ -554,3 +650,13 @@ def _git_commit() -> str:
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def _mlflow_line(tracker: Any) -> str:
+    """Where the run logs to; when the store has not created the run yet, where its records wait."""
+    if tracker.run_id is not None:
+        return f"MLflow: run {tracker.run_id} at {tracker.tracking_uri}"
+    from gunn.train.tracking import sync_command
+
+    return (f"MLflow: {tracker.tracking_uri} has not created the run yet; its records are kept in "
+            f"{tracker.journal_path} and sent when the store answers (or later with: {sync_command(tracker.run_dir)})")

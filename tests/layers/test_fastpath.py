@@ -279,3 +279,18 @@ def test_fast_path_gradients_have_their_parameters_strides(channels_last):
     out.sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad.stride() == p.stride(), name
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_every_parameter_gradient_has_its_parameters_strides(layout):
+    # The gradient layout contract that DistributedDataParallel's bucket views rely on: a
+    # 1x1 conv weight (O, I, 1, 1) in channels_last has strides (I, 1, I, I), and a gradient
+    # made by a matrix product must keep them, or every multi-rank run warns "Grad strides
+    # do not match bucket view strides" (and DDP copies every such gradient).
+    from gunn.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("gunn_tiny", num_classes=10, in_chans=3).to(memory_format=layout)
+    model(torch.randn(4, 3, 16, 16).to(memory_format=layout)).sum().backward()
+    wrong = {n: (p.stride(), p.grad.stride()) for n, p in model.named_parameters() if p.grad.stride() != p.stride()}
+    assert not wrong

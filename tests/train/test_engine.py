@@ -300,3 +300,42 @@ def test_a_signal_on_one_rank_stops_every_rank_mid_epoch_and_the_resumed_run_mat
     # Rank 0's running metrics, its BatchNorm statistics and rank 1's were all saved mid-epoch:
     # the interrupted epoch's train loss and errors equal the uninterrupted run's.
     assert without_timing(straight[0]["history"]) == without_timing(resumed[0]["history"])
+
+
+def test_a_run_whose_loss_becomes_nan_stops_naming_epoch_and_batch_and_keeps_its_last_good_checkpoint(tmp_path):
+    from gunn.train.engine import NonFiniteLossError
+
+    good = train(small(tmp_path, "optim.epochs=1"))
+    assert [p.name for p in ckpt.list_checkpoints(good.run_dir)] == [ckpt.checkpoint_name(1, 0)]
+    # The same run continued with an absurd learning rate diverges in its second epoch.
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan or infinite in epoch 2, in batch \d+; the run "
+                                                 r"stopped without saving it, and its last good checkpoint is .*"
+                                                 r"checkpoint-e0001-b000000\.pt"):
+        train(small(tmp_path, "optim.epochs=3", "optim.lr=1e8"))
+    assert [p.name for p in ckpt.list_checkpoints(good.run_dir)] == [ckpt.checkpoint_name(1, 0)]
+
+
+def test_a_moved_run_directory_continues_without_a_changed_settings_warning(tmp_path):
+    train(small(tmp_path, "optim.epochs=1"))
+    (tmp_path / "run").rename(tmp_path / "moved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = train(small(tmp_path, "optim.epochs=1", f"checkpoint.dir={tmp_path / 'moved'}"))
+    assert result.status == "finished" and result.epochs_done == 1
+
+
+def test_the_mlflow_line_says_where_the_records_wait_when_the_store_has_not_created_the_run(tmp_path):
+    from gunn.train.engine import _mlflow_line
+    from gunn.train.tracking import Tracker
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tracker = Tracker(run_dir=tmp_path, tracking_uri=f"http://127.0.0.1:{port}", experiment="gunn", run_name="x",
+                      params={}, tags={}, start_timeout=0.5, drain_timeout=0.5)
+    try:
+        line = _mlflow_line(tracker)
+        assert "None" not in line and f"http://127.0.0.1:{port} has not created the run yet" in line
+        assert str(tracker.journal_path) in line and "gunn.train.tracking" in line
+    finally:
+        tracker.finish("KILLED")
