@@ -44,6 +44,9 @@ _FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exce
 class CheckpointWriteError(OSError):
     """A file could not be written (disk full, quota, permissions); the message names it, ``errno`` is kept."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" before it
+        return str(self.strerror)
+
 
 def save(state: dict[str, Any], directory: Path, name: str, keep: int) -> Path:
     """Writes ``state`` to directory/name atomically (see ``atomic_write``), keeps the newest ``keep``.

@@ -40,6 +40,7 @@ from gunn.train.device import resolve as resolve_device
 from gunn.train.device import set_tf32
 from gunn.train.metrics import Meter
 from gunn.train.rundir import RunDirError, RunDirLock, slurm_job
+from gunn.train.tracking import JournalWriteError
 from gunn.train.schedule import learning_rate, snapshot_epochs
 
 _STOP = threading.Event()
@@ -72,6 +73,11 @@ def request_stop() -> None:
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became nan or infinite: the run stopped without checkpointing it."""
+
+
+# How a run fails for a reason its message says in full (no traceback needed); each leaves the
+# last checkpoint intact.
+RUN_ERRORS = (NonFiniteLossError, ckpt.CheckpointWriteError, JournalWriteError, RunDirError)
 
 
 @dataclass

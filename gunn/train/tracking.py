@@ -140,6 +140,9 @@ def _store_lock(uri: str) -> Iterator[None]:
 class JournalWriteError(OSError):
     """The journal could not be written (disk full, quota, permissions); the message names it, errno kept."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" before it
+        return str(self.strerror)
+
 
 class _Journal:
     """The append-only file of tracking calls and of what has been sent."""
