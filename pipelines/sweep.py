@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             # Checked now, before Ray or Slurm: every trial's configuration and the data.
             trial_configs(args, args.dir, "unknown", "unknown", check_device=args.cluster != "slurm")
         options = launch.cluster_options(args) if args.cluster == "slurm" else {}
+        if options:
+            launch.check_partition(options)  # a request the partition can never run: refused now
     except (ConfigError, DataError, launch.LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

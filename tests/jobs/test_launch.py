@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,13 +29,24 @@ def _env() -> dict[str, str]:
 
 
 def launch(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(LAUNCH + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run(LAUNCH + args, check=False, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600,
+                          **kwargs)
 
 
-def launch_until_checkpoint(args: list[str], cwd: Path, run_dir: Path) -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def launcher():
+    """jobs/launch.py as a module (as pipelines/sweep.py imports it)."""
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        yield importlib.import_module("launch")
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+
+
+def launch_until_checkpoint(args: list[str], cwd: Path, run_dir: Path, **kwargs) -> subprocess.Popen:
     """Starts the launcher and returns once the run has written its first checkpoint."""
     process = subprocess.Popen(LAUNCH + args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, **kwargs)
     deadline = time.monotonic() + 300
     while not list(run_dir.glob("checkpoint-*.pt")):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -108,7 +121,7 @@ def test_nproc_runs_data_parallel_processes_on_this_machine(tmp_path):
     done = launch(QUICK + ["optim.epochs=1", "logging.mlflow=false", f"checkpoint.dir={tmp_path / 'run'}",
                            "--nproc", "2"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "finished: 2 processes" in done.stdout
+    assert f"finished: 1/1 epochs in {tmp_path / 'run'} (2 processes)" in done.stdout
     # Two ranks on this machine share its CPUs instead of each taking all of them.
     assert f"2 ranks, {max(1, len(os.sched_getaffinity(0)) // 2)} CPU thread(s) each" in done.stdout
     assert (tmp_path / "run" / "model-final.pt").is_file()
@@ -126,10 +139,146 @@ def test_a_killed_rank_stops_the_run_with_a_clear_error_and_the_run_continues_fr
     ranks = _spawned_ranks(process.pid)
     assert len(ranks) == 2, ranks
     os.kill(ranks[1], signal.SIGKILL)
-    out, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=120)
     assert process.returncode == 1, err[-2000:]
     assert re.search(r"error: rank [01] of 2 failed: process [01] terminated with signal SIGKILL", err), err[-2000:]
     assert f"Run the same command again to continue {run_dir}" in err and "Traceback" not in err
     resumed = launch(args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stderr + resumed.stdout and (run_dir / "model-final.pt").is_file()
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.glob("checkpoint-*.pt"))
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the process group"])
+def test_a_stop_signal_checkpoints_every_rank_of_nproc_2_and_the_same_command_finishes_the_run(tmp_path, how):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    args = QUICK + ["optim.epochs=4", f"checkpoint.dir={run_dir}", "--nproc", "2"]
+    # Ctrl-C in a terminal: SIGINT to the launcher and both ranks at once (their process group).
+    process = launch_until_checkpoint(args, tmp_path, run_dir, start_new_session=True)
+    first = _checkpoints(run_dir)
+    if how.startswith("SIGTERM"):
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 3, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err and "checkpointed at epoch" in out
+    assert re.search(r"interrupted: [1-3]/4 epochs in \S+ \(2 processes\)", out), out
+    assert _checkpoints(run_dir)[-1] > first[-1]  # taken when the signal came, not the one before
+    run_id = re.search(r"MLflow run (\w+) at (\S+)", out).group(1)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "KILLED"
+    resumed = launch(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "finished: 4/4 epochs" in resumed.stdout and (run_dir / "model-final.pt").is_file()
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_second_signal_aborts_nproc_2_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    args = QUICK + ["optim.epochs=40", "logging.mlflow=false", f"checkpoint.dir={run_dir}", "--nproc", "2"]
+    process = launch_until_checkpoint(args, tmp_path, run_dir)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-2000:]
+    assert "error: aborted by a second SIGTERM: the ranks were killed" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--time-min", "1"], ("error: --signal-delay-s 120 is not shorter than the time limit, --time-min 1 (60 s): "
+                               "every start of the job would be told at once to checkpoint and requeue. Give a smaller "
+                               "--signal-delay-s or a longer --time-min")),
+        (["--time-min", "2", "--signal-delay-s", "120"], ("error: --signal-delay-s 120 is not shorter than the time "
+                                                          "limit, --time-min 2 (120 s)")),
+        (["--signal-delay-s", "0"], "error: --signal-delay-s must be at least 1, got 0"),
+        (["--max-requeues", "-1"], "error: --max-requeues must be at least 0, got -1"),
+    ],
+)
+def test_cluster_options_that_cannot_work_are_refused_before_submission(tmp_path, args, message):
+    done = launch(QUICK + ["--cluster", "slurm", "--logs", str(tmp_path / "logs")] + args, tmp_path)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "logs").exists()
+
+
+def test_a_failed_requeue_says_why_and_how_to_continue_the_run(launcher, capsys, monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    command = "python jobs/launch.py checkpoint.dir=/runs/r --cluster slurm"
+    problem = launcher.requeue_job("999999999", 3, "/runs/r", command)
+    err = capsys.readouterr().err
+    assert problem is not None and problem.startswith("scontrol requeue 999999999 failed: ")
+    assert f"error: {problem}; to continue the run: {command}" in err
+    if shutil.which("scontrol") and Path("/etc/slurm/slurm.conf").exists():  # scontrol's own words
+        assert "Invalid job id specified" in problem, problem
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert launcher.requeue_job("999999999", 3, "/runs/r", command) == \
+        "stopped at its requeue limit (3 requeues, max_requeues 3)"
+    assert f"not requeued: the job stopped at its requeue limit (3 requeues, max_requeues 3); to continue the run: " \
+        f"{command}" in capsys.readouterr().out
+
+
+def test_the_command_that_continues_a_slurm_run_names_its_directory_and_its_options(launcher, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    args = launcher.parse_args(["gunn15-cifar10", "optim.lr=0.05", "--seeds", "3", "4", "--cluster", "slurm",
+                                "--profile", "dev", "--time-min", "30", "--sbatch", "exclusive=true", "--wait"])
+    config = launcher.cfgmod.load("gunn15-cifar10", ["optim.lr=0.05", "name=gunn15-cifar10-seed4",
+                                                     f"checkpoint.dir={tmp_path}/r"])
+    assert launcher.continue_command(args, "gunn15-cifar10", 4, config) == (
+        f"python jobs/launch.py gunn15-cifar10 optim.lr=0.05 runtime.seed=4 name=gunn15-cifar10-seed4 "
+        f"checkpoint.dir={tmp_path}/r --cluster slurm --profile dev --time-min 30 --sbatch exclusive=true")
+
+
+@pytest.mark.parametrize(
+    "reason,never",
+    [("PartitionNodeLimit", True), ("PartitionConfig", True), ("PartitionTimeLimit", True), ("BadConstraints", True),
+     ("InvalidAccount", True), ("DependencyNeverSatisfied", True), ("QOSMaxWallDurationPerJobLimit", True),
+     ("Resources", False), ("Priority", False), ("JobHeldUser", False), ("BeginTime", False), ("Dependency", False),
+     ("ReqNodeNotAvail", False), ("QOSMaxJobsPerUserLimit", False), ("AssocGrpCpuLimit", False), ("None", False)],
+)
+def test_only_pending_reasons_that_never_clear_stop_wait(launcher, reason, never):
+    assert (launcher.never_starts(reason) is not None) == never
+
+
+@pytest.mark.parametrize("text,minutes", [("UNLIMITED", None), ("INFINITE", None), ("30", 30), ("30:30", 30.5),
+                                          ("02:00:00", 120), ("1-00:00:00", 1440), ("2-12", 3600), ("1-01:30", 1530)])
+def test_slurm_times_are_read_in_minutes(launcher, text, minutes):
+    assert launcher._minutes(text) == minutes
+
+
+def test_sbatch_options_of_the_profile_and_the_command_line_are_merged(launcher, tmp_path):
+    profile = tmp_path / "site.yaml"
+    profile.write_text("partition: gpu\nsbatch: {exclusive: true, mail-type: END}\nsetup: [module load cuda]\n")
+    args = launcher.parse_args(["--cluster", "slurm", "--profile", str(profile), "--sbatch", "mail-type=FAIL",
+                                "--sbatch", "comment=x=y", "--partition", "dev"])
+    options = launcher.cluster_options(args)
+    assert options["sbatch"] == {"exclusive": True, "mail-type": "FAIL", "comment": "x=y"}
+    assert options["setup"] == ["module load cuda"] and options["partition"] == "dev"
+
+
+def test_a_full_disk_ends_the_run_with_one_clear_line_and_the_previous_checkpoint_intact(tmp_path):
+    from tests.train.full_disk import small_tmpfs
+
+    # Room for one checkpoint of this run (about 1 MB), not two.
+    with small_tmpfs(tmp_path / "disk", size="1600k") as disk:
+        done = launch(QUICK + ["optim.epochs=3", "logging.mlflow=false", f"checkpoint.dir={disk / 'run'}"], tmp_path)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert (f"error: no space left on device while writing checkpoint {disk / 'run' / 'checkpoint-e0002-b000000.pt'}"
+                f"; the previous checkpoint {disk / 'run' / 'checkpoint-e0001-b000000.pt'} is intact") in done.stderr
+        assert "Traceback" not in done.stderr
+        assert sorted(p.name for p in (disk / "run").iterdir() if "tmp" in p.name) == []
+
+
+def test_a_loss_that_becomes_nan_ends_the_run_with_exit_1_naming_epoch_and_batch(tmp_path):
+    args = ["optim.epochs=2", "optim.lr=1e8", "logging.mlflow=false", f"checkpoint.dir={tmp_path / 'r'}"]
+    done = launch(QUICK + args, tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"error: the training loss became nan or infinite in epoch 1, in batch \d+", done.stderr)
+    assert "Traceback" not in done.stderr and not list((tmp_path / "r").glob("checkpoint-*"))

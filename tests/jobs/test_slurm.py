@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,7 +27,8 @@ QUICK = ["data.name=synthetic", "data.samples=256", "data.image_size=16", "data.
 def launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true")
-    return subprocess.run(LAUNCH + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(LAUNCH + args, check=False, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def slurm(args: list[str], cwd: Path) -> list[str]:
@@ -61,6 +63,11 @@ def test_a_single_task_job_finishes_and_its_mlflow_run_exists(slurm_cluster, tmp
     (run,) = client.search_runs([client.get_experiment_by_name("gunn").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"] == job
     assert len(client.get_metric_history(run.info.run_id, "eval_top1_error")) == 2
+    # Where the run logs to, on submission, and which run it is, at the end (the job runs in this directory).
+    store = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    assert f"  MLflow store   {store}  (browse: mlflow ui --backend-store-uri {store})" in done.stdout
+    assert f"job {job}: MLflow run {run.info.run_id} at {store}  (browse: mlflow ui --backend-store-uri {store})" \
+        in done.stdout
 
 
 def test_ddp_over_two_nodes_keeps_ranks_identical_and_matches_one_process(slurm_cluster, tmp_path):
@@ -127,6 +134,56 @@ def test_a_preempted_job_is_requeued_and_ends_like_an_uninterrupted_run(slurm_cl
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_top1_error")] == [1, 2, 3, 4, 5]
 
 
+def started_step(job: str, timeout: float = 120) -> None:
+    """Returns as soon as the job's first step (its tasks) runs."""
+    deadline = time.monotonic() + timeout
+    while f"{job}.0" not in subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], capture_output=True,
+                                           text=True, check=False).stdout.split():
+        assert time.monotonic() < deadline, f"job {job} has no running step after {timeout} s"
+        time.sleep(0.02)
+
+
+def test_sigusr2_while_the_job_starts_requeues_it_and_it_finishes(slurm_cluster, tmp_path):
+    submitted = launch(slurm(QUICK + ["optim.epochs=1", "logging.mlflow=false"], tmp_path), tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    (job,) = job_ids(submitted.stdout)
+    started_step(job)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # Python and torch are still being loaded
+    wait_until_gone(job, timeout=400)
+    log = (tmp_path / "logs" / job / f"{job}_0_log.out").read_text()
+    assert "signal SIGUSR2 before training started: not training" in log, log
+    assert f"requeueing job {job} (restart 1); it continues from the start in" in log and "(no checkpoint)" in log
+    assert "finished: eval top-1 error" in log
+    state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    assert "JobState=COMPLETED" in state and "Restarts=1" in state, state
+
+
+def test_at_its_requeue_limit_a_job_says_where_its_checkpoint_is_and_how_to_continue(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    args = slurm(QUICK + ["optim.epochs=3", "logging.mlflow=false", f"checkpoint.dir={run_dir}", "--max-requeues",
+                          "0"], tmp_path)
+    process = subprocess.Popen(LAUNCH + args + ["--wait"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("checkpoint-*.pt")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    job = re.search(r"submitted job (\S+):", process.stdout.readline()).group(1)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 1, out + err
+    summary = re.search(rf"job {job}: (stopped at its requeue limit .*)", out).group(1)
+    assert re.fullmatch(rf"stopped at its requeue limit \(0 requeues\) after [12] epochs; its checkpoint is in "
+                        rf"{run_dir}\. To continue: python \S+ .*checkpoint.dir={run_dir} --cluster slurm --profile dev "
+                        rf"--max-requeues 0 --logs {tmp_path / 'logs'} \(or raise --max-requeues\)", summary), summary
+    assert "nan%" not in out
+    # The command it gives continues the run.
+    command = shlex.split(summary.split("To continue: ")[1].removesuffix(" (or raise --max-requeues)"))
+    resumed = launch(command[2:] + ["--wait"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "finished, 3 epochs" in resumed.stdout
+
+
 def test_two_seeds_become_a_job_array(slurm_cluster, tmp_path):
     done = launch(slurm(QUICK + ["optim.epochs=1", "logging.mlflow=false", "--seeds", "3", "4", "--wait"], tmp_path),
                   tmp_path)
@@ -139,11 +196,57 @@ def test_two_seeds_become_a_job_array(slurm_cluster, tmp_path):
     assert done.stdout.count(": finished, 1 epochs") == 2
 
 
-def test_sbatch_refusal_is_shown_in_sbatchs_own_words(slurm_cluster, tmp_path):
+def test_sbatch_refusal_is_shown_in_sbatchs_own_words_and_leaves_no_files(slurm_cluster, tmp_path):
     done = launch(slurm(QUICK + ["--partition", "no-such-partition"], tmp_path), tmp_path)
     assert done.returncode == 1
     assert "sbatch refused the job" in done.stderr and "invalid partition" in done.stderr.lower()
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "logs").exists()  # neither submitit's pickle and sbatch script nor the folder
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "notes.txt").write_text("mine")
+    again = launch(slurm(QUICK + ["--seeds", "1", "2", "--partition", "no-such-partition"], tmp_path), tmp_path)
+    assert again.returncode == 1 and "sbatch refused the job" in again.stderr
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["notes.txt"]
+
+
+def test_a_job_its_partition_can_never_run_is_refused_before_submission(slurm_cluster, tmp_path):
+    cpus = max(int(c) for c in subprocess.run(["sinfo", "-h", "-N", "-p", slurm_cluster.partition, "-o", "%c"],
+                                              capture_output=True, text=True, check=True).stdout.split())
+    nodes = len(slurm_cluster.nodes)
+    before = queued_jobs()
+    for args, message in [
+        (["--nodes", str(nodes + 1), f"optim.batch_size={16 * (nodes + 1)}"],
+         f"error: --nodes {nodes + 1} exceeds partition dev's {nodes} nodes"),
+        (["--cpus-per-task", str(cpus + 1)], (f"error: --cpus-per-task {cpus + 1} exceeds the {cpus} CPUs of partition "
+                                             "dev's largest node")),
+        (["--cpus-per-task", str(cpus), "--tasks-per-node", "2", "optim.batch_size=32"],
+         f"error: --cpus-per-task {cpus} x --tasks-per-node 2 = {2 * cpus} CPUs a node exceeds the {cpus} CPUs"),
+        (["--gpus-per-node", "1"], "error: --gpus-per-node 1, but partition dev's nodes have no GPUs (no gpu GRES)"),
+    ]:
+        done = launch(slurm(QUICK + args, tmp_path), tmp_path)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert queued_jobs() == before and not (tmp_path / "logs").exists()
+    # The development cluster refuses such jobs itself, as sites do (EnforcePartLimits=ALL), instead of
+    # letting them pend forever (PartitionNodeLimit, PartitionConfig).
+    refused = subprocess.run(["sbatch", f"--nodes={nodes + 1}", "--wrap", "true"], check=False, capture_output=True,
+                             text=True, cwd=tmp_path)
+    assert refused.returncode != 0 and "Node count specification invalid" in refused.stderr
+
+
+def test_wait_stops_following_a_job_that_can_never_start(slurm_cluster, tmp_path):
+    # A real pending reason that never clears: a dependency on a job that failed.
+    failed = subprocess.run(["sbatch", "--parsable", "--wrap", "false"], capture_output=True, text=True, check=True,
+                            cwd=tmp_path).stdout.strip()
+    done = launch(slurm(QUICK + ["logging.mlflow=false", "--sbatch", f"dependency=afterok:{failed}", "--wait"],
+                        tmp_path), tmp_path, timeout=120)
+    (job,) = job_ids(done.stdout)
+    try:
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert (f"job {job} will never start: it is pending for DependencyNeverSatisfied: it depends on a job that "
+                f"ended in a way that can never satisfy the dependency. Cancel it with scancel {job}") in done.stdout
+    finally:
+        subprocess.run(["scancel", job], check=False)
 
 
 @pytest.mark.parametrize(
@@ -178,7 +281,7 @@ def test_sigint_to_the_launcher_does_not_cancel_a_submitted_job(slurm_cluster, t
     process = subprocess.Popen(LAUNCH + slurm(QUICK + ["optim.epochs=30", "logging.mlflow=false", "--wait"], tmp_path),
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     deadline = time.monotonic() + 120
     line = ""
     while "submitted job" not in line:

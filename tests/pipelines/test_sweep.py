@@ -150,6 +150,15 @@ def test_a_sweep_runs_inside_one_allocation_of_the_local_slurm_cluster(slurm_clu
     assert (sweep_dir / "report" / "report.md").is_file()
 
 
+def test_a_sweep_its_partition_can_never_run_is_refused_before_submission(slurm_cluster, tmp_path):
+    nodes = len(slurm_cluster.nodes)
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", *TINY, "--dir", str(tmp_path / "sweep"), "--cluster", "slurm",
+                        "--profile", "dev", "--nodes", str(nodes + 1), "--logs", str(tmp_path / "logs")], tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"error: --nodes {nodes + 1} exceeds partition dev's {nodes} nodes" in done.stderr
+    assert not (tmp_path / "logs").exists()
+
+
 def test_a_sweep_over_two_nodes_places_trials_on_ray_workers_started_with_srun(slurm_cluster, tmp_path):
     if len(slurm_cluster.nodes) < 2:
         pytest.fail("this test needs the two-node development cluster: slurm/dev-cluster up --nodes 2")
