@@ -149,6 +149,12 @@ def resolve(args: argparse.Namespace, world_size: int, gpus_per_node: int = 0) -
 
 # -- local runs ----------------------------------------------------------------------------
 
+def say(line: str) -> None:
+    """A line on stderr from a signal handler: written directly, since a handler may interrupt a
+    ``print`` to stderr (a progress bar's), and a second buffered write there would fail."""
+    os.write(sys.stderr.fileno(), f"{line}\n".encode())
+
+
 class StopSignals:
     """Signals that make the run this process trains checkpoint at the next batch and return.
 
@@ -169,8 +175,8 @@ class StopSignals:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.received.append(signum)
         if self.message:
-            print(f"\nsignal {signal.Signals(signum).name}: checkpointing at the next batch"
-                  + (" (again to abort)" if self.abort else ""), file=sys.stderr, flush=True)
+            say(f"\nsignal {signal.Signals(signum).name}: checkpointing at the next batch"
+                + (" (again to abort)" if self.abort else ""))
         if self.abort:
             for other in self.signals:
                 signal.signal(other, signal.SIG_DFL)
@@ -260,8 +266,7 @@ def run_ranks(config: RunConfig, nproc: int) -> int:
                 received.append(signum)
                 name = signal.Signals(signum).name
                 if len(received) == 1:
-                    print(f"\nsignal {name}: checkpointing at the next batch (again to abort)", file=sys.stderr,
-                          flush=True)
+                    say(f"\nsignal {name}: checkpointing at the next batch (again to abort)")
                 for process in context.processes:
                     if process.is_alive():
                         os.kill(process.pid, signum if len(received) == 1 else signal.SIGKILL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,9 @@ import torch.distributed as dist
 from torch import nn
 
 from gunn.train.device import choose as choose_device
+
+# The signals that ask a run to stop (launcher, Slurm jobs): Ctrl-C, SIGTERM, SIGUSR1, SIGUSR2.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass(frozen=True)
@@ -122,10 +126,17 @@ def setup(device: str = "auto", backend: str = "auto", threads: int = 0) -> Dist
         if chosen == "nccl" and not use_cuda:
             raise RuntimeError("dist.backend 'nccl' needs CUDA devices; use gloo on the CPU")
         os.environ.update({k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT")})
-        dist.init_process_group(
-            chosen, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank=rank, world_size=world,
-            device_id=target if chosen == "nccl" else None,
-        )
+        # The backend's threads (gloo's, NCCL's watchdog) start with the stop signals blocked, so that
+        # a signal to the process reaches the main thread, where Python handles it, instead of
+        # interrupting a communication thread's system call.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            dist.init_process_group(
+                chosen, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank=rank, world_size=world,
+                device_id=target if chosen == "nccl" else None,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return DistInfo(rank, world, local, target)
 
 

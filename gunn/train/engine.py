@@ -16,7 +16,6 @@ import resource
 import socket
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,7 +42,17 @@ from gunn.train.rundir import RunDirError, RunDirLock, slurm_job
 from gunn.train.tracking import JournalWriteError
 from gunn.train.schedule import learning_rate, snapshot_epochs
 
-_STOP = threading.Event()
+
+
+class _StopFlag:
+    """A stop request. Set from signal handlers, so a plain attribute: a handler runs between any two
+    bytecodes of the main thread, and a ``threading.Event``'s lock, held by the code it interrupted
+    (a first handler, say), would deadlock it."""
+
+    requested = False
+
+
+_STOP = _StopFlag()
 # Settings that may change between the pieces of a resumed run without changing its result.
 # The run directory is where the run lives, not a setting: a moved or copied one continues as is.
 _NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.dir", "checkpoint.every", "checkpoint.keep",
@@ -68,7 +77,7 @@ def request_stop() -> None:
     A request made before ``train`` starts (a signal during start-up) holds for its first batch;
     ``train`` forgets it when it returns.
     """
-    _STOP.set()
+    _STOP.requested = True
 
 
 class NonFiniteLossError(RuntimeError):
@@ -158,7 +167,7 @@ def train(config: RunConfig, *, stop_after: int | None = None, on_epoch: EpochCa
         together = True
         return result
     finally:
-        _STOP.clear()
+        _STOP.requested = False
         distributed.teardown(together)
 
 
@@ -621,12 +630,12 @@ class _StopPoll:
             if now or time.monotonic() - self.last >= STOP_POLL_S:
                 self.last = time.monotonic()
                 self.on_loss_check()
-            return _STOP.is_set()
+            return _STOP.requested
         self.since += 1
         if self.since < self.every and not now:
             return False
         flag, slowest, bad = distributed.all_reduce_max(
-            [float(_STOP.is_set()), time.monotonic() - self.last, float(self.first_bad.item())], self.device)
+            [float(_STOP.requested), time.monotonic() - self.last, float(self.first_bad.item())], self.device)
         self.every = max(1, min(1000, int(self.since * STOP_POLL_S / max(slowest, 1e-6))))
         self.since, self.last = 0, time.monotonic()
         if bad >= 0:

@@ -282,3 +282,20 @@ def test_a_loss_that_becomes_nan_ends_the_run_with_exit_1_naming_epoch_and_batch
     assert done.returncode == 1, done.stdout + done.stderr
     assert re.search(r"error: the training loss became nan or infinite in epoch 1, in batch \d+", done.stderr)
     assert "Traceback" not in done.stderr and not list((tmp_path / "r").glob("checkpoint-*"))
+
+
+def test_a_storm_of_stop_signals_to_the_ranks_still_ends_in_one_checkpoint_and_exit_3(tmp_path):
+    # A signal handler runs between any two bytecodes, also inside the code of an earlier handler:
+    # a stop request made with a lock (threading.Event) deadlocked a rank signalled twice quickly.
+    run_dir = tmp_path / "run"
+    args = QUICK + ["optim.epochs=40", "logging.mlflow=false", f"checkpoint.dir={run_dir}", "--nproc", "2"]
+    process = launch_until_checkpoint(args, tmp_path, run_dir)
+    ranks = _spawned_ranks(process.pid)
+    assert len(ranks) == 2, ranks
+    for _ in range(300):
+        for rank in ranks:
+            os.kill(rank, signal.SIGUSR1)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 3, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err and "terminate called" not in err
+    assert re.search(r"interrupted: \d+/40 epochs", out)

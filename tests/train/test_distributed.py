@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +145,43 @@ def test_sync_batch_norm_converts_only_what_lies_outside_the_gunn_layers():
     # So the layers keep their fast path (and SUNN its fused path): it needs plain BatchNorm2d.
     x = torch.randn(2, 400, 4, 4)
     assert fastpath.supported(layers[0], x)
+
+
+def _threads_of_a_rank(rank: int, port: int, out: str) -> None:
+    import json
+    import signal
+
+    from gunn.train import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    distributed.setup("cpu", "gloo", 1)
+    main = threading.get_native_id()
+    masks = {}
+    for task in Path("/proc/self/task").iterdir():
+        status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
+        masks[task.name] = (status["Name"].strip(), int(status["SigBlk"], 16))
+    stop = sum(1 << (s - 1) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
+    result = {name: bool(mask & stop == stop) for tid, (name, mask) in masks.items() if int(tid) != main}
+    result["main"] = bool(masks[str(main)][1] & stop)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    distributed.teardown()
+
+
+def test_the_process_groups_threads_leave_stop_signals_to_the_main_thread(tmp_path):
+    # A stop signal delivered to a gloo thread interrupts its system call there (and a rank was seen to
+    # abort: "terminate called without an active exception"); blocked in those threads, it goes to
+    # the main thread, where Python runs the handler anyway.
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_threads_of_a_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert threads.pop("main") is False  # the main thread takes the signals
+        assert threads and all(threads.values()), threads  # every other thread blocks them
