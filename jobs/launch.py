@@ -659,7 +659,8 @@ def wait(jobs: list[Any], poll_s: float = 2.0) -> int:
         for job in list(pending):
             state, reason = _queue_state(job.job_id)
             if state and states.get(job.job_id) != state:
-                print(f"job {job.job_id}: {state}" + (f" ({reason})" if state == "PENDING" else ""), flush=True)
+                shown = state == "PENDING" and reason not in ("", "None")  # Slurm writes "None" for no reason
+                print(f"job {job.job_id}: {state}" + (f" ({reason})" if shown else ""), flush=True)
                 states[job.job_id] = state
             why = never_starts(reason) if state == "PENDING" else None
             if why is not None:
