@@ -16,9 +16,11 @@ import argparse
 import csv
 import math
 import re
+import sqlite3
 import statistics
 import sys
 from collections import defaultdict
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,11 @@ import torch
 from gunn.config import RunConfig
 from gunn.layers import GunnLayer
 from gunn.models import create_model
+
+
+class ReportError(Exception):
+    """A sweep or store that cannot be reported on, said in one line."""
+
 
 # Child-run parameters that differ between trials without defining a configuration.
 PER_TRIAL = ("runtime.seed", "checkpoint.dir", "logging.")
@@ -46,8 +53,9 @@ def _value(text: str | None) -> Any:
     return None if text in (None, "None") else yaml.safe_load(text)
 
 
-def model_cost(params: dict[str, str]) -> tuple[int, int, list[int]]:
-    """Parameters, multiply-adds per image and GUNN layer segment widths of a child run's model."""
+def model_cost(params: dict[str, str]) -> tuple[int, int, list[int], str]:
+    """Parameters, multiply-adds per image, GUNN layer segment widths and update mode of a child
+    run's model (the mode its layers have: the model's own when the run did not set one)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     data = params.get("data.name", "digits")
@@ -60,22 +68,31 @@ def model_cost(params: dict[str, str]) -> tuple[int, int, list[int]]:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
-    widths = [m.channels // m.segments for m in model.modules() if isinstance(m, GunnLayer)]
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2, widths
+    layers = [m for m in model.modules() if isinstance(m, GunnLayer)]
+    widths = [m.channels // m.segments for m in layers]
+    mode = ",".join(sorted({m.mode for m in layers}))  # as the engine's ``mode`` tag
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2, widths, mode
 
 
 def collect(tracking_uri: str, parent: str) -> tuple[Any, list[Any]]:
     """The parent run (by id, or by its sweep name) and its child runs."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     if not re.fullmatch(r"[0-9a-f]{32}", parent):
         experiments = [e.experiment_id for e in client.search_experiments()]
-        found = client.search_runs(experiments, filter_string=f"tags.sweep = '{parent}'")
+        try:
+            found = client.search_runs(experiments, filter_string=f"tags.sweep = '{parent}'")
+        except MlflowException as err:
+            raise ReportError(f"no sweep named {parent!r} at {tracking_uri}: {err.message}") from None
         if not found:
-            raise SystemExit(f"error: no sweep named {parent!r} at {tracking_uri}")
+            raise ReportError(f"no sweep named {parent!r} at {tracking_uri}")
         parent = found[0].info.run_id
-    run = client.get_run(parent)
+    try:
+        run = client.get_run(parent)
+    except MlflowException:
+        raise ReportError(f"no run {parent} at {tracking_uri}") from None
     children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
                                   max_results=10000)
     return run, children
@@ -91,7 +108,7 @@ def summarize(client: Any, children: list[Any]) -> tuple[list[dict[str, Any]], d
         groups[label].append(child)
     rows, curves = [], {}
     for label, runs in sorted(groups.items()):
-        params, flops, widths = model_cost(runs[0].data.params)
+        params, flops, widths, mode = model_cost(runs[0].data.params)
         final = [r.data.metrics["eval_top1_error"] for r in runs if "eval_top1_error" in r.data.metrics]
         histories = {name: [client.get_metric_history(r.info.run_id, name) for r in runs]
                      for name in ("eval_top1_error", "train_top1_error", "epoch_time", "peak_memory_mb")}
@@ -103,7 +120,7 @@ def summarize(client: Any, children: list[Any]) -> tuple[list[dict[str, Any]], d
                   for r in runs if any(k.endswith("/participation_ratio") for k in r.data.metrics)]
         rows.append({
             "configuration": label,
-            "mode": runs[0].data.params.get("model.mode", "None"),
+            "mode": runs[0].data.tags.get("mode") or mode,
             "segment_width": "/".join(map(str, widths)),
             "seeds": len(runs),
             "finished": sum(r.info.status == "FINISHED" for r in runs),
@@ -213,6 +230,28 @@ def build(tracking_uri: str, parent: str, out: Path) -> str:
     return f"sweep {run.info.run_name} ({study}), {len(children)} trials:\n{table}"
 
 
+def check_store(tracking_uri: str) -> None:
+    """Refuses a local store that does not exist or holds no MLflow data, without creating one
+    (MLflow would create an empty store at any local URI it is given)."""
+    from urllib.parse import unquote, urlparse
+
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(unquote(tracking_uri[len("sqlite:///"):].split("?", 1)[0]))
+        try:
+            with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error:
+            tables = set()
+        if "runs" not in tables:
+            raise ReportError(f"no MLflow store at {tracking_uri} ({path} is missing or holds no runs); "
+                              "pass the sweep's store with --tracking-uri")
+    elif urlparse(tracking_uri).scheme == "file":
+        path = Path(unquote(urlparse(tracking_uri).path))
+        if not path.is_dir() or not any(p.name.isdigit() and (p / "meta.yaml").is_file() for p in path.iterdir()):
+            raise ReportError(f"no MLflow store at {tracking_uri} ({path} is missing or holds no experiments); "
+                              "pass the sweep's store with --tracking-uri")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python pipelines/report.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="the sweep's parent run id, or the sweep's name")
@@ -222,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     from gunn.train.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    print(build(uri, args.sweep, args.out or Path(f"report-{args.sweep}")))
+    try:
+        check_store(uri)
+        print(build(uri, args.sweep, args.out or Path(f"report-{args.sweep}")))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

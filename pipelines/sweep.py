@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -47,7 +48,7 @@ from gunn.data import DataError  # noqa: E402
 STUDIES = ("sunn-vs-gunn", "partitions", "residual", "custom")
 SETTINGS = "sweep.yaml"  # the sweep's arguments, read back by --resume
 # Options that say where and how a sweep runs: not saved with it, taken anew on --resume.
-WHERE_TO_RUN = ("cluster", "wait", "logs", "verbose", "profile", "sbatch", *launch.CLUSTER_OPTIONS)
+WHERE_TO_RUN = ("cluster", "wait", "logs", "verbose", "profile", "sbatch", "ray_cpus", *launch.CLUSTER_OPTIONS)
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # Ray's command line, from this environment
 
 
@@ -60,27 +61,50 @@ def study_points(args: argparse.Namespace, base: RunConfig) -> list[dict[str, An
     if args.study == "residual":
         return [{"model.mode": "gunn", "model.residual": True}, {"model.mode": "gunn", "model.residual": False}]
     if args.study == "partitions":
-        if not args.widths:
-            raise ConfigError("--study partitions needs --widths, the segment widths to compare (e.g. 4 12)")
         layers = report.layer_widths(base)
+        valid = [w for w in range(1, min(layers, default=1) + 1) if all(n % w == 0 for n in layers)]
+        hint = (f"widths that divide every GUNN layer of {base.model.name} (widths {layers}): "
+                f"{' '.join(map(str, valid))}")
+        if not args.widths:
+            raise ConfigError(f"--study partitions needs --widths, the segment widths to compare; {hint}")
         points: list[dict[str, Any]] = [{"model.mode": "sunn"}]
         for width in args.widths:
+            if width <= 0:
+                raise ConfigError(f"--widths: segment width {width} is not positive; {hint}")
             bad = [n for n in layers if n % width]
-            if width <= 0 or bad:
+            if bad:
                 raise ConfigError(f"--widths: segment width {width} does not divide the GUNN layer width(s) {bad} "
-                                  f"of {base.model.name} (widths {layers})")
+                                  f"of {base.model.name}; {hint}")
             points.append({"model.mode": "gunn", "model.segments": [n // width for n in layers]})
         return points
     if not args.space:
         raise ConfigError("--study custom needs --space FILE: a YAML mapping of fields to lists of values")
     try:
-        space = yaml.safe_load(Path(args.space).read_text())
+        space = cfgmod.read_yaml(Path(args.space).read_text())  # 1e-3 is a number
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"--space {args.space}: {err}") from None
     if not isinstance(space, dict) or not all(isinstance(v, list) and v for v in space.values()):
         raise ConfigError(f"--space {args.space} must map configuration fields to non-empty lists of values")
+    for field, values in space.items():
+        if str(field).startswith(report.PER_TRIAL):
+            raise ConfigError(f"--space {args.space}: {field} is set by the sweep for every trial "
+                              "(seeds: --seeds; logging: an override on the command line)")
+        twice = _repeated(values)
+        if twice is not None:
+            raise ConfigError(f"--space {args.space}: {field} lists {json.dumps(twice)} twice")
     keys = list(space)
     return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+
+
+def _repeated(values: list[Any]) -> Any:
+    """The first value that appears twice in ``values``, else None."""
+    seen: set[str] = set()
+    for value in values:
+        text = json.dumps(value, sort_keys=True, default=str)  # 1 and true are different values
+        if text in seen:
+            return value
+        seen.add(text)
+    return None
 
 
 def trial_key(point: dict[str, Any], seed: int) -> str:
@@ -96,9 +120,15 @@ def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str,
     from gunn.train.engine import validate
 
     base = cfgmod.load(args.preset, args.overrides)
+    for option, values in (("--seeds", args.seeds), ("--widths", args.widths or [])):
+        twice = _repeated(values)
+        if twice is not None:  # two trials would share one run directory and one name
+            raise ConfigError(f"{option}: {twice} given twice")
     trials = []
     for point, seed in itertools.product(study_points(args, base), args.seeds):
         key = trial_key(point, seed)
+        if any(t["key"] == key for t in trials):
+            raise ConfigError(f"two trials would share the name and run directory {key}")
         # Diagnostics on by default (one batch per epoch), so the report compares them; the
         # user's overrides come next and may turn them off, the study's own values after that.
         overrides = ["logging.diagnostics=true", *args.overrides] + [f"{k}={json.dumps(v)}" for k, v in point.items()] + [
@@ -226,8 +256,13 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str | None = None)
     table = report.build(tracking_uri, parent, sweep_dir / "report")
     print(table)
     MlflowClient(tracking_uri).set_terminated(parent, status="FAILED" if failed else "FINISHED")
-    print(f"report: {sweep_dir / 'report'}  (rebuild: python pipelines/report.py {parent} --tracking-uri {tracking_uri})")
+    print(f"report: {sweep_dir / 'report'}  (rebuild: {rebuild_command(parent, tracking_uri)})")
     return 1 if failed else 0
+
+
+def rebuild_command(parent: str, tracking_uri: str) -> str:
+    """The command that rebuilds the report of the sweep ``parent`` from MLflow, from any folder."""
+    return shlex.join(["python", str(HERE / "report.py"), parent, "--tracking-uri", tracking_uri])
 
 
 class SweepJob:
@@ -354,6 +389,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not saved.is_file():
             parser.error(f"--resume {args.resume}: no sweep there ({saved} is missing)")
         resumed = argparse.Namespace(**yaml.safe_load(saved.read_text()))
+        differ = _changed_settings(parser, argv, resumed)
+        if differ:
+            parser.error(f"--resume {args.resume} continues the sweep as it was started ({saved}); "
+                         f"these arguments differ: {'; '.join(differ)} (start a new sweep to change them)")
         resumed.resume, resumed.dir = args.resume, args.resume
         # Where and how to run now comes from this command line, not from the first one.
         for key in WHERE_TO_RUN:
@@ -370,6 +409,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         parser.error("--cpus-per-trial must be positive and --gpus-per-trial not negative")
     return args
+
+
+def _changed_settings(parser: argparse.ArgumentParser, argv: list[str], saved: argparse.Namespace) -> list[str]:
+    """The arguments given with --resume that differ from the sweep's saved ones, as 'NAME: saved X, given Y'.
+
+    Only arguments on this command line count (a default does not undo a saved value); where to
+    run (WHERE_TO_RUN) may change."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        given = vars(parser.parse_args(argv))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+    targets = given.pop("targets", None) or []
+    configs = [t for t in targets if "=" not in t]
+    if configs:
+        given["preset"] = configs[0] if len(configs) == 1 else configs
+    if any("=" in t for t in targets):
+        given["overrides"] = [t for t in targets if "=" in t]
+    differ = []
+    for key, value in given.items():
+        if key in ("resume", *WHERE_TO_RUN) or not hasattr(saved, key):
+            continue
+        old = getattr(saved, key)
+        if key == "dir":
+            same = Path(value).resolve() == Path(old).resolve()
+        elif key == "space":
+            same = value == old or old is not None and Path(value).resolve() == Path(old).resolve()
+        else:
+            old = (old or "digits") if key == "preset" else old
+            same = value == old
+        if not same:
+            name = key if key in ("preset", "overrides") else f"--{key.replace('_', '-')}"
+            differ.append(f"{name}: saved {old}, given {value}")
+    return differ
 
 
 def main(argv: list[str] | None = None) -> int:

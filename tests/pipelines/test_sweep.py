@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = [sys.executable, str(REPO / "pipelines" / "sweep.py")]
@@ -88,6 +90,10 @@ def test_a_partitions_sweep_compares_segment_widths_with_sunn_as_reference(tmp_p
     [
         (["--study", "partitions", "--widths", "5"], "segment width 5 does not divide the GUNN layer width(s)"),
         (["--study", "partitions"], "--study partitions needs --widths"),
+        (["--study", "partitions", "--widths", "0"], "segment width 0 is not positive"),
+        (["--study", "partitions", "--widths", "-4"], "segment width -4 is not positive"),
+        (["--study", "partitions", "--widths", "4", "4"], "--widths: 4 given twice"),
+        (["--study", "sunn-vs-gunn", "--seeds", "0", "0"], "--seeds: 0 given twice"),
         (["--study", "sunn-vs-gunn", "optim.lr=-1"], "optim.lr must be >= 0.0, got -1.0"),
         (["--study", "custom", "--space", "missing.yaml"], "--space missing.yaml"),
     ],
@@ -96,6 +102,74 @@ def test_bad_sweeps_are_refused_before_ray_starts(tmp_path, args, message):
     done = run(SWEEP + args, tmp_path, timeout=120)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("preset,valid", [([], "gunn_tiny (widths [32, 48, 64]): 1 2 4 8 16"),
+                                          (["gunn15-cifar10"], "gunn15 (widths [240, 300, 360]): 1 2 3 4 5 6 10 12 15 20 30 60")])
+def test_refused_partitions_name_the_widths_that_divide_every_layer_of_the_preset(tmp_path, preset, valid):
+    for widths in ([], ["--widths", "7"]):
+        done = run(SWEEP + [*preset, "--study", "partitions", *widths], tmp_path, timeout=120)
+        assert done.returncode == 2 and f"widths that divide every GUNN layer of {valid}\n" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "space,message",
+    [
+        ("runtime.seed: [0, 1]", "runtime.seed is set by the sweep for every trial"),
+        ("checkpoint.dir: [a, b]", "checkpoint.dir is set by the sweep for every trial"),
+        ("logging.diagnostics: [true, false]", "logging.diagnostics is set by the sweep for every trial"),
+        ("model.expansion: [1, 2, 1]", "model.expansion lists 1 twice"),
+        ("name: [a/b, a-b]", "two trials would share the name and run directory name=a-b_seed=0"),
+    ],
+)
+def test_refused_custom_spaces(tmp_path, space, message):
+    (tmp_path / "space.yaml").write_text(space + "\n")
+    done = run(SWEEP + ["--study", "custom", "--space", "space.yaml"], tmp_path, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.fixture
+def sweep_module():
+    """pipelines/sweep.py as a module (it puts pipelines/ and jobs/ on sys.path)."""
+    path = list(sys.path)
+    spec = importlib.util.spec_from_file_location("sweep_under_test", REPO / "pipelines" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path[:] = path
+
+
+def saved_sweep(folder: Path) -> Path:
+    """A sweep directory with its saved settings, as a started sweep leaves it."""
+    folder.mkdir()
+    settings = {"study": "sunn-vs-gunn", "seeds": [0, 1], "widths": None, "space": None, "dir": str(folder),
+                "cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 0, "max_failures": 1, "asha": False,
+                "asha_grace": 1, "ray_cpus": 0, "preset": None, "overrides": ["optim.epochs=2"]}
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(settings))
+    return folder
+
+
+def test_refused_resume_with_other_settings_lists_each_with_saved_and_given_values(tmp_path):
+    folder = saved_sweep(tmp_path / "sweep")
+    done = run(SWEEP + ["--resume", str(folder), "optim.epochs=3", "--seeds", "0", "--study", "residual",
+                        "--cluster", "local"], tmp_path, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "these arguments differ: --seeds: saved [0, 1], given [0]; --study: saved sunn-vs-gunn, given residual; " \
+           "overrides: saved ['optim.epochs=2'], given ['optim.epochs=3']" in done.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["sweep.yaml"]
+
+
+def test_refused_resume_spares_where_to_run_and_repeated_settings(tmp_path, sweep_module):
+    folder = saved_sweep(tmp_path / "sweep")
+    args = sweep_module.parse_args(["digits", "--resume", str(folder), "--seeds", "0", "1", "optim.epochs=2",
+                                    "--dir", str(folder), "--cluster", "slurm", "--nodes", "2", "--verbose"])
+    assert (args.seeds, args.overrides, args.cluster, args.nodes, args.verbose) == ([0, 1], ["optim.epochs=2"],
+                                                                                    "slurm", 2, True)
+    with pytest.raises(SystemExit):
+        sweep_module.parse_args(["--resume", str(folder), "--seeds", "0"])  # the default, but not the saved value
 
 
 def test_a_custom_space_is_a_grid_of_configuration_values(tmp_path):
