@@ -38,7 +38,8 @@ _TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|PytorchStrea
 # Sentences of torch's load errors that advise loading the file in a way that runs its code.
 _TORCH_ADVICE = re.compile(r"weights.only|torch\.load|safe_globals|trust|can still be loaded|arbitrary code",
                            re.IGNORECASE)
-_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+# A full disk or quota: said as "no space left on device while writing X" (os.strerror's words).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CheckpointWriteError(OSError):
@@ -106,8 +107,8 @@ def _write_error(err: Exception, tmp: Path, what: str, note: str) -> CheckpointW
     elif code is None:
         return None  # not a write failure (e.g. an object that cannot be pickled)
     tail = f"; {note}" if note else ""
-    if code in _FULL:
-        return CheckpointWriteError(code, f"{_FULL[code]} while writing {what}{tail}")
+    if code in NO_SPACE:
+        return CheckpointWriteError(code, f"{os.strerror(code).lower()} while writing {what}{tail}")
     reason = (cause.strerror or str(cause)) if isinstance(cause, OSError) else str(err).splitlines()[0]
     return CheckpointWriteError(code, f"could not write {what}: {reason}{tail}")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import os
 import resource
 import socket
 import subprocess
@@ -39,9 +38,8 @@ from gunn.train.device import resolve as resolve_device
 from gunn.train.device import set_tf32
 from gunn.train.metrics import Meter
 from gunn.train.rundir import RunDirError, RunDirLock, slurm_job
-from gunn.train.tracking import JournalWriteError
 from gunn.train.schedule import learning_rate, snapshot_epochs
-
+from gunn.train.tracking import JournalWriteError
 
 
 class _StopFlag:
@@ -190,7 +188,7 @@ class _Run:
                 lock = RunDirLock(self.run_dir)
                 lock.acquire()
                 self._remove_partial_writes()
-                self._record_start()
+                self._record_start(lock.me)
             except RunDirError as err:
                 lock, error = None, str(err)
         error = distributed.broadcast_object(error)
@@ -209,11 +207,11 @@ class _Run:
             self.log(f"removing {tmp}, left by a write that did not finish")
             tmp.unlink(missing_ok=True)
 
-    def _record_start(self) -> None:
-        """Appends this start to the run directory's ``starts.log``: when, where, and in which Slurm job."""
-        job = slurm_job()
-        where = f"host {socket.gethostname()} pid {os.getpid()}" + (
-            f" Slurm job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else "")
+    def _record_start(self, me: dict[str, Any]) -> None:
+        """Appends this start (the lock holder ``me``) to the run directory's ``starts.log``: when, where,
+        and in which Slurm job."""
+        where = f"host {me['host']} pid {me['pid']}" + (
+            f" Slurm job {me['slurm_job']} restart {me['restart']}" if me["slurm_job"] else "")
         with open(self.run_dir / "starts.log", "a") as f:
             f.write(f"{datetime.now().isoformat(timespec='seconds')} {where}\n")
 
@@ -332,8 +330,9 @@ class _Run:
             "host": socket.gethostname(),  # rank 0's node
             "git_commit": _git_commit(),
         }
-        if slurm_job() is not None:
-            tags["slurm_job_id"] = slurm_job()  # 8_1 for task 1 of array job 8
+        job = slurm_job()
+        if job is not None:
+            tags["slurm_job_id"] = job  # 8_1 for task 1 of array job 8
             tags["slurm_job_ids"] = ",".join(self._slurm_jobs())  # every job the run has lived in
         if c.logging.parent_run_id:
             tags["mlflow.parentRunId"] = c.logging.parent_run_id  # shown nested under the sweep
@@ -360,12 +359,11 @@ class _Run:
                 if tracker is not None:
                     self.log(_mlflow_line(tracker))
             self.done, self.stop_after = 0, stop_after
-            self.stop_poll = _StopPoll(self.device, self.info.world_size)
-            self.stop_poll.on_loss_check = lambda: self.stop_poll.check_loss(self.epoch, self._last_checkpoint)
+            self.stop_poll = _StopPoll(self.device, self.info.world_size, self._bad_loss)
             already_finished = self.epoch >= self.config.optim.epochs and (self.run_dir / "model-final.pt").exists()
             while self.epoch < self.config.optim.epochs:
                 stopped = self._train_epoch()
-                self.stop_poll.check_loss(self.epoch, self._last_checkpoint)  # nothing non-finite is saved
+                self.stop_poll.check_loss()  # before anything is saved: nothing non-finite is
                 if not stopped:
                     self._end_epoch(tracker)
                     stopped = self._stop_requested(now=True) and self.epoch < self.config.optim.epochs
@@ -432,11 +430,14 @@ class _Run:
         self.train_seconds += time.perf_counter() - start_time
         return stopped
 
-    def _last_checkpoint(self) -> str:
+    def _bad_loss(self, batch: int) -> None:
+        """Stops the run: the loss was not finite in ``batch`` (with several ranks, on some rank by then)."""
         saved = ckpt.list_checkpoints(self.run_dir)
-        if not saved:
-            return f"{self.run_dir} holds no checkpoint yet: running again starts from the beginning"
-        return f"its last good checkpoint is {saved[-1]}, which running again continues from"
+        last = (f"its last good checkpoint is {saved[-1]}, which running again continues from" if saved else
+                f"{self.run_dir} holds no checkpoint yet: running again starts from the beginning")
+        where = f"by batch {batch}" if self.info.world_size > 1 else f"in batch {batch}"
+        raise NonFiniteLossError(f"the training loss became nan or infinite in epoch {self.epoch + 1}, {where}; the "
+                                 f"run stopped without saving it, and {last}. Lower optim.lr, or look at the data, first")
 
     def _capture_graphs(self, x: torch.Tensor) -> None:
         from gunn.train.graphs import capture_training_step
@@ -601,35 +602,28 @@ class _StopPoll:
     noted on the device at every step (no host sync) and read at those checks.
     """
 
-    def __init__(self, device: torch.device, world_size: int) -> None:
-        self.device, self.world_size = device, world_size
+    def __init__(self, device: torch.device, world_size: int, bad_loss: Callable[[int], None]) -> None:
+        self.device, self.world_size, self.bad_loss = device, world_size, bad_loss
         self.every, self.since, self.last = 1, 0, time.monotonic()
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.on_loss_check: Callable[[], None] = lambda: None
 
     def watch_loss(self, loss: torch.Tensor, batch: int) -> None:
         """Notes ``batch`` (1-based, in the epoch) if it is the first whose ``loss`` is not finite."""
         first = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), batch, self.first_bad)
         self.first_bad = first.to(torch.long)
 
-    def check_loss(self, epoch: int, last_checkpoint: Callable[[], str]) -> None:
-        """NonFiniteLossError on every rank if any rank's loss was not finite this epoch (a collective)."""
-        local = float(self.first_bad.item())
-        worst = distributed.all_reduce_max([local], self.device)[0] if self.world_size > 1 else local
+    def check_loss(self) -> None:
+        """``bad_loss(batch)`` on every rank if any rank's loss was not finite (a collective with several ranks)."""
+        (worst,) = distributed.all_reduce_max([float(self.first_bad.item())], self.device)
         if worst >= 0:
-            where = f"by batch {int(worst)}" if self.world_size > 1 else f"in batch {int(worst)}"
-            raise NonFiniteLossError(
-                f"the training loss became nan or infinite in epoch {epoch + 1}, {where}; the run stopped "
-                f"without saving it, and {last_checkpoint()}. Lower optim.lr, or look at the data, first"
-            )
-        self.first_bad.fill_(-1)
+            self.bad_loss(int(worst))
 
     def requested(self, now: bool = False) -> bool:
         """At a check (every ``every`` calls, or ``now``): whether any rank was asked to stop."""
         if self.world_size == 1:
             if now or time.monotonic() - self.last >= STOP_POLL_S:
                 self.last = time.monotonic()
-                self.on_loss_check()
+                self.check_loss()
             return _STOP.requested
         self.since += 1
         if self.since < self.every and not now:
@@ -639,7 +633,7 @@ class _StopPoll:
         self.every = max(1, min(1000, int(self.since * STOP_POLL_S / max(slowest, 1e-6))))
         self.since, self.last = 0, time.monotonic()
         if bad >= 0:
-            self.on_loss_check()  # every rank sees it at this same check, so all raise together
+            self.bad_loss(int(bad))  # every rank sees it at this same check, so all stop together
         return flag > 0
 
 

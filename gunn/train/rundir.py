@@ -101,7 +101,7 @@ def check_usable(directory: Path) -> None:
     """Before a launch: ``directory`` can be written and no live process trains it (RunDirError if not)."""
     check_writable(directory)
     lock = RunDirLock(directory)
-    holder, age = lock._read()
+    holder, age = lock.read()
     if holder is not None and stale_reason(holder, age) is None:
         raise RunDirError(_in_use(lock.path, holder))
 
@@ -132,10 +132,10 @@ class RunDirLock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                holder, age = self._read()
+                holder, age = self.read()
                 if holder is None:  # vanished meanwhile, or being written: look again
                     time.sleep(0.05)
-                    if self.path.exists() and self._read()[0] is None:  # unreadable: a crash mid-write
+                    if self.path.exists() and self.read()[0] is None:  # unreadable: a crash mid-write
                         self._replace(text)
                         return self._start()
                     continue
@@ -156,14 +156,15 @@ class RunDirLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        holder, _ = self._read()
+        holder, _ = self.read()
         if holder is not None and self._is_mine(holder):
             self.path.unlink(missing_ok=True)
 
     def _is_mine(self, holder: dict[str, Any]) -> bool:
         return all(holder.get(k) == self.me[k] for k in ("host", "pid", "pid_start", "since"))
 
-    def _read(self) -> tuple[dict[str, Any] | None, float]:
+    def read(self) -> tuple[dict[str, Any] | None, float]:
+        """The holder named in the lock file and the seconds since it was refreshed; (None, 0) if none can be read."""
         try:
             text = self.path.read_text()
             age = time.time() - self.path.stat().st_mtime
@@ -183,7 +184,7 @@ class RunDirLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            holder, _ = self._read()
+            holder, _ = self.read()
             if holder is None or not self._is_mine(holder):
                 warnings.warn(f"the lock {self.path} was taken over by {describe(holder or {})}", stacklevel=1)
                 return

@@ -209,9 +209,9 @@ class _Journal:
         self._remember(entry)
 
     def _write_error(self, err: OSError) -> JournalWriteError:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
-            return JournalWriteError(err.errno, f"{reason} while writing the MLflow journal {self.path}")
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # said as checkpoint writes say them
+            return JournalWriteError(err.errno, f"{os.strerror(err.errno).lower()} while writing the MLflow journal "
+                                                f"{self.path}")
         return JournalWriteError(err.errno, f"could not write the MLflow journal {self.path}: {err.strerror or err}")
 
     def _remember(self, entry: dict[str, Any]) -> None:

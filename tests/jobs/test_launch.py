@@ -132,12 +132,18 @@ def _spawned_ranks(pid: int) -> list[int]:
     return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
 
 
-def test_a_killed_rank_stops_the_run_with_a_clear_error_and_the_run_continues_from_its_checkpoint(tmp_path):
+def two_ranks_training(tmp_path: Path, epochs: int) -> tuple[list[str], Path, subprocess.Popen, list[int]]:
+    """``--nproc 2`` started and past its first checkpoint: its arguments, run directory, process and ranks."""
     run_dir = tmp_path / "run"
-    args = QUICK + ["optim.epochs=6", "logging.mlflow=false", f"checkpoint.dir={run_dir}", "--nproc", "2"]
+    args = QUICK + [f"optim.epochs={epochs}", "logging.mlflow=false", f"checkpoint.dir={run_dir}", "--nproc", "2"]
     process = launch_until_checkpoint(args, tmp_path, run_dir)
     ranks = _spawned_ranks(process.pid)
     assert len(ranks) == 2, ranks
+    return args, run_dir, process, ranks
+
+
+def test_a_killed_rank_stops_the_run_with_a_clear_error_and_the_run_continues_from_its_checkpoint(tmp_path):
+    args, run_dir, process, ranks = two_ranks_training(tmp_path, epochs=6)
     os.kill(ranks[1], signal.SIGKILL)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1, err[-2000:]
@@ -287,11 +293,7 @@ def test_a_loss_that_becomes_nan_ends_the_run_with_exit_1_naming_epoch_and_batch
 def test_a_storm_of_stop_signals_to_the_ranks_still_ends_in_one_checkpoint_and_exit_3(tmp_path):
     # A signal handler runs between any two bytecodes, also inside the code of an earlier handler:
     # a stop request made with a lock (threading.Event) deadlocked a rank signalled twice quickly.
-    run_dir = tmp_path / "run"
-    args = QUICK + ["optim.epochs=40", "logging.mlflow=false", f"checkpoint.dir={run_dir}", "--nproc", "2"]
-    process = launch_until_checkpoint(args, tmp_path, run_dir)
-    ranks = _spawned_ranks(process.pid)
-    assert len(ranks) == 2, ranks
+    _, _, process, ranks = two_ranks_training(tmp_path, epochs=40)
     for _ in range(300):
         for rank in ranks:
             os.kill(rank, signal.SIGUSR1)
