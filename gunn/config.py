@@ -143,7 +143,7 @@ class LoggingConfig:
         default=None, metadata=_meta("MLflow tracking URI (default: MLFLOW_TRACKING_URI, else a local store)")
     )
     experiment: str = field(default="gunn", metadata=_meta("MLflow experiment name"))
-    run_name: str | None = field(default=None, metadata=_meta("MLflow run name (default: the preset)"))
+    run_name: str | None = field(default=None, metadata=_meta("MLflow run name (default: the run directory's name)"))
     parent_run_id: str | None = field(default=None, metadata=_meta("MLflow parent run (a sweep's): nest this run under it"))
     study: str | None = field(default=None, metadata=_meta("study tag (set by the sweeps)"))
     progress: bool = field(default=True, metadata=_meta("progress bar per epoch on rank 0"))

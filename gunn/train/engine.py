@@ -153,7 +153,9 @@ def train(config: RunConfig, *, stop_after: int | None = None, on_epoch: EpochCa
     ``stop_after``: checkpoint and return after this many batches of this call (a time-boxed
     session); ``request_stop()`` does the same from a signal handler. ``on_epoch(metrics,
     checkpoint)`` is called on rank 0 after every epoch with its metrics and the newest
-    checkpoint file (how sweeps report to Ray Tune).
+    checkpoint file (how sweeps report to Ray Tune); when it returns True, the run stops there
+    as on a stop request (checkpointed, "interrupted", MLflow KILLED until someone ends it
+    otherwise: a sweep records a scheduler's early stop as FINISHED).
     """
     info = distributed.setup(config.runtime.device, config.dist.backend, config.runtime.threads)
     together = False  # after an error the other ranks may never reach the final barrier
@@ -339,7 +341,7 @@ class _Run:
         if c.logging.study:
             tags["study"] = c.logging.study
         return Tracker(run_dir=self.run_dir, tracking_uri=c.logging.tracking_uri, experiment=c.logging.experiment,
-                       run_name=c.logging.run_name or c.name, params=cfgmod.flatten(c), tags=tags)
+                       run_name=c.logging.run_name or self.run_dir.name, params=cfgmod.flatten(c), tags=tags)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, stop_after: int | None) -> RunResult:
@@ -365,8 +367,8 @@ class _Run:
                 stopped = self._train_epoch()
                 self.stop_poll.check_loss()  # before anything is saved: nothing non-finite is
                 if not stopped:
-                    self._end_epoch(tracker)
-                    stopped = self._stop_requested(now=True) and self.epoch < self.config.optim.epochs
+                    told_to_stop = self._end_epoch(tracker)
+                    stopped = (told_to_stop or self._stop_requested(now=True)) and self.epoch < self.config.optim.epochs
                 if stopped:
                     self._save()
                     self.log(f"checkpointed at epoch {self.epoch + 1}, batch {self.batch}: run again to continue")
@@ -375,6 +377,8 @@ class _Run:
             if result.status == "finished":
                 if already_finished:
                     self.log(f"{self.run_dir} has finished already: nothing to do")
+                    if tracker is not None:  # a run killed while it finished lacks some of them
+                        self._log_final_artifacts(tracker)
                 else:
                     self._finish(tracker)
                 status = "FINISHED"
@@ -467,7 +471,8 @@ class _Run:
             bar.set_postfix(loss=f"{loss / n:.3f}", acc=f"{100 * top1 / n:.1f}%", img_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
 
-    def _end_epoch(self, tracker: Any) -> None:
+    def _end_epoch(self, tracker: Any) -> bool:
+        """Evaluates, logs and checkpoints the epoch just trained; True if ``on_epoch`` asked to stop here."""
         c = self.config
         # Each rank's BatchNorm statistics saw only its own batches: average them, so that
         # every rank evaluates (and saves) the same model.
@@ -492,9 +497,13 @@ class _Run:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.epoch % c.checkpoint.every == 0 or self.epoch == c.optim.epochs:
             self._save()
-        if self.on_epoch is not None and self.info.is_main:
+        if self.on_epoch is None and self.info.world_size == 1:
+            return False
+        told = False  # asked on rank 0; every rank takes part in the broadcast below
+        if self.info.is_main and self.on_epoch is not None:
             saved = ckpt.list_checkpoints(self.run_dir)
-            self.on_epoch(metrics, saved[-1] if saved else None)
+            told = bool(self.on_epoch(metrics, saved[-1] if saved else None))
+        return bool(distributed.broadcast_object(told))
 
     @torch.no_grad()
     def evaluate(self, weights: list[dict[str, torch.Tensor]]) -> Meter:
@@ -571,7 +580,8 @@ class _Run:
         if not self.info.is_main:
             return
         final = self.run_dir / "model-final.pt"
-        torch.save(self.model.state_dict(), final)
+        weights = self.model.state_dict()
+        ckpt.atomic_write(final, lambda f: torch.save(weights, f), what="final weights")  # whole, or not there
         last = self.history[-1] if self.history else {}
         self.log(f"finished: eval top-1 error {last.get('eval_top1_error', math.nan):.2f}%, "
                  f"top-5 {last.get('eval_top5_error', math.nan):.2f}%; weights {final}")
@@ -580,14 +590,23 @@ class _Run:
         from gunn.train.tracking import plot_curves
 
         with contextlib.suppress(Exception):  # a plot is not worth failing a finished run for
-            tracker.log_artifact(plot_curves(self.history, self.run_dir / "curves.png"))
-        tracker.log_artifact(self.run_dir / "config.yaml")
-        if final.stat().st_size <= 100 * 2**20:
-            tracker.log_artifact(final)
-        else:
-            pointer = self.run_dir / "model-final.txt"
-            pointer.write_text(f"{final}\n")
-            tracker.log_artifact(pointer)
+            plot_curves(self.history, self.run_dir / "curves.png")
+        self._log_final_artifacts(tracker)
+
+    def _log_final_artifacts(self, tracker: Any) -> None:
+        """Logs the finished run's files (curves, configuration, final weights) that it has not logged yet."""
+        from gunn.train.tracking import plot_curves
+
+        if not (self.run_dir / "curves.png").exists():  # killed before it drew them
+            with contextlib.suppress(Exception):
+                plot_curves(self.history, self.run_dir / "curves.png")
+        final = self.run_dir / "model-final.pt"
+        if final.stat().st_size > 100 * 2**20:
+            final = self.run_dir / "model-final.txt"  # a pointer to the weights, not a copy
+            final.write_text(f"{self.run_dir / 'model-final.pt'}\n")
+        for path in (self.run_dir / "curves.png", self.run_dir / "config.yaml", final):
+            if path.exists():
+                tracker.log_artifact(path, once=True)
 
 
 class _StopPoll:

@@ -34,6 +34,7 @@ __all__ = [
     "JOURNAL_NAME",
     "JournalWriteError",
     "Tracker",
+    "complete",
     "default_tracking_uri",
     "plot_curves",
     "resolve_tracking_uri",
@@ -180,6 +181,18 @@ class _Journal:
             if record["seq"] not in self.sent:
                 pending.append({**record, "_uri": uri})
         return pending
+
+    def artifacts(self) -> set[tuple[str, str | None]]:
+        """(path, artifact_path) of every artifact call recorded."""
+        return {(r["path"], r.get("artifact_path")) for r in self.work if r["op"] == "artifact"}
+
+    def ending(self) -> str | None:
+        """The status of the last finish call, if no start came after it (the run has ended)."""
+        last = None
+        for record in sorted(self.work, key=lambda r: r["seq"]):
+            if record["op"] in ("start", "finish"):
+                last = record.get("status")
+        return last
 
     def append(self, entry: dict[str, Any]) -> None:
         """Append one line, whole or not at all; a failed write raises `JournalWriteError`."""
@@ -528,11 +541,14 @@ class Tracker:
         values = {_check_key("metric", k): float(v) for k, v in metrics.items()}
         self._enqueue("metrics", metrics=values, step=int(step))
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Upload a file or directory (read when sent, so leave it in place); returns at once."""
+    def log_artifact(self, path: Path, artifact_path: str | None = None, *, once: bool = False) -> None:
+        """Upload a file or directory (read when sent, so leave it in place); returns at once.
+        ``once``: not if this run directory's journal already holds the call."""
         path = Path(path).resolve()
         if not path.exists():
             raise FileNotFoundError(f"artifact path {path} does not exist")
+        if once and (str(path), artifact_path) in self._journal.artifacts():
+            return
         self._enqueue("artifact", path=str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -683,6 +699,36 @@ def sync(run_dir: Path, *, final_status: str | None = None) -> tuple[int, int]:
     return sent, unsent
 
 
+def complete(
+    run_dir: Path, status: str, *, tags: dict[str, str] | None = None, artifacts: tuple[Path, ...] = ()
+) -> tuple[int, int]:
+    """Makes the run of `run_dir` end as `status` (with `tags`), with `artifacts` logged once, and sends
+    what its journal holds; (sent, still unsent). For a run whose own process may have ended it
+    otherwise, or not at all (killed): the caller knows better, e.g. a sweep knows that its
+    scheduler stopped a trial. Hold the run directory's lock: no other process may write here."""
+    run_dir = Path(run_dir).resolve()
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
+    journal = _Journal(run_dir / JOURNAL_NAME)
+    if not journal.work:
+        return 0, 0  # the run never started tracking
+    logged = journal.artifacts()
+    for path in artifacts:
+        path = Path(path).resolve()
+        if path.exists() and (str(path), None) not in logged:
+            journal.append({"seq": journal.next_seq, "op": "artifact", "time": int(time.time() * 1000),
+                            "path": str(path), "artifact_path": None})
+    recorded: dict[str, str] = {}
+    for record in sorted(journal.work, key=lambda r: r["seq"]):
+        recorded.update(record.get("tags", {}) if record["op"] in ("start", "tags") else {})
+    tags = {k: v for k, v in Tracker._clean_tags(tags or {}).items() if recorded.get(k) != v}
+    if journal.ending() != status or tags:
+        if tags:
+            journal.append({"seq": journal.next_seq, "op": "tags", "time": int(time.time() * 1000), "tags": tags})
+        journal.append({"seq": journal.next_seq, "op": "finish", "time": int(time.time() * 1000), "status": status})
+    return sync(run_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: `python -m gunn.train.tracking sync RUN_DIR`."""
     parser = argparse.ArgumentParser(prog="python -m gunn.train.tracking", description=__doc__.splitlines()[0])
@@ -711,50 +757,91 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- plots
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
-    """Write a PNG of the training curves in `history` (one dict per epoch) to `path`."""
+_PANEL_INCHES = (4.0, 3.2)  # 400 x 320 px per panel at the PNG's dpi of 100
+_MAX_COLUMNS = 4  # at most 1600 px wide, however many panels
+_MARKER_EPOCHS = 30  # fewer points than this: markers, so that a single epoch still shows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _curve_panels(history: list[dict[str, float]]) -> dict[str, list[tuple[str, str]]]:
+    """Panel title -> (key, legend label) of each line, in the order keys first appear in `history`.
+
+    Keys `group/<name>/<measure>` (the singularity diagnostics `singularity/<layer>/<measure>`)
+    share one panel per measure, with one line per name; losses, errors and learning rates
+    each share a panel; any other key gets its own.
+    """
+    keys = list(dict.fromkeys(k for row in history for k, v in row.items() if _is_number(v) and k != "epoch"))
+    panels: dict[str, list[tuple[str, str]]] = {"loss": [], "error": [], "learning rate": []}
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) >= 3 and all(parts):
+            panels.setdefault(f"{parts[0]}: {parts[-1]}", []).append((key, "/".join(parts[1:-1])))
+        elif "loss" in key:
+            panels["loss"].append((key, key))
+        elif "error" in key or "acc" in key:
+            panels["error"].append((key, key))
+        elif key == "lr" or key.startswith("lr"):
+            panels["learning rate"].append((key, key))
+        else:
+            panels.setdefault(key, []).append((key, key))
+    return {title: lines for title, lines in panels.items() if lines}
+
+
+def _curves_figure(history: list[dict[str, float]]) -> Any:
+    """The matplotlib Figure that `plot_curves` saves: a grid of at most 4 panels a row."""
     if not history:
         raise ValueError("history must hold at least one epoch, got an empty list")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    def is_number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    keys = list(dict.fromkeys(k for row in history for k, v in row.items() if is_number(v) and k != "epoch"))
-    panels: dict[str, list[str]] = {"loss": [], "error": [], "learning rate": []}
-    for key in keys:
-        if "loss" in key:
-            panels.setdefault("loss", []).append(key)
-        elif "error" in key or "acc" in key:
-            panels.setdefault("error", []).append(key)
-        elif key == "lr" or key.startswith("lr"):
-            panels.setdefault("learning rate", []).append(key)
-        else:
-            panels.setdefault(key, []).append(key)
-    panels = {title: panel_keys for title, panel_keys in panels.items() if panel_keys}
+    panels = _curve_panels(history)
     if not panels:
         raise ValueError(f"history has no numeric values to plot; keys: {sorted(history[0])}")
 
-    figure = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    columns = min(_MAX_COLUMNS, len(panels))
+    rows = -(-len(panels) // columns)
+    width, height = _PANEL_INCHES
+    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
     FigureCanvasAgg(figure)
-    for axes, (title, panel_keys) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels.items()):
-        for key in panel_keys:
+    grid = list(figure.subplots(rows, columns, squeeze=False).flat)
+    for axes, (title, lines) in zip(grid, panels.items()):
+        for key, label in lines:
             # Keys may be missing in some epochs (e.g. evaluation every few epochs).
-            points = [(row.get("epoch", i + 1), row[key]) for i, row in enumerate(history) if is_number(row.get(key))]
+            points = [(row.get("epoch", i + 1), row[key]) for i, row in enumerate(history) if _is_number(row.get(key))]
             xs, ys = zip(*points)
-            axes.plot(xs, ys, marker="o" if len(points) < 30 else None, label=key)
+            axes.plot(xs, ys, marker="o" if len(points) < _MARKER_EPOCHS else None, markersize=4, label=label)
         if title == "learning rate" and all(v > 0 for line in axes.get_lines() for v in line.get_ydata()):
             axes.set_yscale("log")
-        axes.set_title(title)
-        axes.set_xlabel("epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_title(title, fontsize="medium")
+        axes.set_xlabel("epoch", fontsize="small")
+        axes.tick_params(labelsize="small")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axes.grid(alpha=0.3)
-        axes.legend()
+        many = len(lines) > 4
+        axes.legend(fontsize="x-small" if many else "small", ncols=2 if many else 1, framealpha=0.6)
+    for axes in grid[len(panels):]:  # the unused cells of the last row
+        axes.set_visible(False)
+    return figure
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
+    """Write a PNG of the training curves in `history` (one dict per epoch) to `path`.
+
+    A grid of 400 x 320 px panels, at most 4 a row (1600 px), as many rows as needed.
+    """
+    figure = _curves_figure(history)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # whole or not there: a kill may come any time
+    try:
+        figure.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

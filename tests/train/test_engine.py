@@ -339,3 +339,133 @@ def test_the_mlflow_line_says_where_the_records_wait_when_the_store_has_not_crea
         assert str(tracker.journal_path) in line and "gunn.train.tracking" in line
     finally:
         tracker.finish("KILLED")
+
+
+# --------------------------------------------------------------------------- stopping from on_epoch
+
+
+def _mlflow(server, experiment: str) -> tuple[str, ...]:
+    return (f"logging.tracking_uri={server.uri}", "logging.mlflow=true", f"logging.experiment={experiment}")
+
+
+def test_on_epoch_returning_true_stops_the_run_like_a_stop_request_and_running_again_finishes_it(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    args = _mlflow(server, "engine-on-epoch-stop")
+    seen: list[tuple[int, str | None]] = []
+
+    def stop_after_the_first(metrics, checkpoint):
+        seen.append((metrics["epoch"], checkpoint and checkpoint.name))
+        return metrics["epoch"] == 1
+
+    stopped = train(small(tmp_path, *args), on_epoch=stop_after_the_first)
+    assert stopped.status == "interrupted" and stopped.epochs_done == 1 and stopped.mlflow_run_id
+    assert seen == [(1, ckpt.checkpoint_name(1, 0))]
+    assert [p.name for p in ckpt.list_checkpoints(stopped.run_dir)] == [ckpt.checkpoint_name(1, 0)]
+    assert not (stopped.run_dir / "model-final.pt").exists()
+    client = MlflowClient(server.uri)
+    assert client.get_run(stopped.mlflow_run_id).info.status == "KILLED"
+
+    resumed = train(small(tmp_path, *args), on_epoch=lambda metrics, checkpoint: seen.append(
+        (metrics["epoch"], checkpoint and checkpoint.name)) and False)
+    assert resumed.status == "finished" and resumed.epochs_done == 3
+    assert [e for e, _ in seen] == [1, 2, 3]
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.mlflow_run_id == stopped.mlflow_run_id
+    assert client.get_run(resumed.mlflow_run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(resumed.mlflow_run_id, "eval_top1_error")]
+    assert sorted(steps) == [1, 2, 3]  # each epoch once: nothing logged twice across the stop
+    # Stopped at an epoch's end and continued, the run is the run that was never stopped.
+    straight = train(small(tmp_path / "straight"))
+    assert same_weights(straight.model.state_dict(), resumed.model.state_dict())
+    assert without_timing(straight.history) == without_timing(resumed.history)
+
+
+def test_on_epoch_returning_true_at_the_last_epoch_lets_the_run_finish(tmp_path):
+    result = train(small(tmp_path), on_epoch=lambda metrics, checkpoint: metrics["epoch"] == 3)
+    assert result.status == "finished" and result.epochs_done == 3
+    assert (result.run_dir / "model-final.pt").is_file()
+
+
+def test_on_epoch_always_returning_true_takes_one_epoch_per_call_and_the_last_call_finishes(tmp_path):
+    results = [train(small(tmp_path), on_epoch=lambda metrics, checkpoint: True) for _ in range(3)]
+    assert [(r.status, r.epochs_done) for r in results] == [("interrupted", 1), ("interrupted", 2), ("finished", 3)]
+    assert [h["epoch"] for h in results[-1].history] == [1, 2, 3]
+    assert (results[-1].run_dir / "model-final.pt").is_file()
+    again = train(small(tmp_path), on_epoch=lambda metrics, checkpoint: True)  # finished already: not called
+    assert (again.status, again.epochs_done) == ("finished", 3)
+
+
+# --------------------------------------------------------------------------- a run killed while it finishes
+
+_KILLED_WHILE_FINISHING = """
+import os, signal, sys
+from gunn import config as cfgmod
+from gunn.train import engine, tracking
+
+log_artifact, plot_curves = tracking.Tracker.log_artifact, tracking.plot_curves
+
+def die():  # as the node's failure would: no exception, no finally, no finish
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def log_then_die(self, *args, **kwargs):
+    log_artifact(self, *args, **kwargs)  # journaled (perhaps sent)
+    die()
+
+if sys.argv[2] == "after the first artifact":
+    tracking.Tracker.log_artifact = log_then_die
+else:  # before the curves are drawn
+    tracking.plot_curves = lambda *args, **kwargs: die()
+engine.train(cfgmod.load(sys.argv[1]))
+"""
+
+
+def _artifact_records(run_dir: Path) -> list[str]:
+    lines = (run_dir / "mlflow-journal.jsonl").read_text().splitlines()
+    return sorted(Path(r["path"]).name for r in map(json.loads, lines) if r.get("op") == "artifact")
+
+
+@pytest.mark.parametrize("killed", ["after the first artifact", "before the curves are drawn"])
+def test_a_run_killed_between_its_final_weights_and_their_logging_logs_them_when_run_again(server, tmp_path, killed):
+    from mlflow.tracking import MlflowClient
+
+    from gunn.train.tracking import _Journal
+
+    args = ("optim.epochs=1", *_mlflow(server, "engine-killed-finishing"))
+    (tmp_path / "config.yaml").write_text(cfgmod.dump(small(tmp_path, *args)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    died = subprocess.run([sys.executable, "-c", _KILLED_WHILE_FINISHING, str(tmp_path / "config.yaml"), killed],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert died.returncode == -9, died.stderr
+    run_dir = tmp_path / "run"
+    assert (run_dir / "model-final.pt").is_file()
+    assert _artifact_records(run_dir) == (["curves.png"] if killed == "after the first artifact" else [])
+    journal = _Journal(run_dir / "mlflow-journal.jsonl")
+    run_id = journal.runs[server.uri]
+    assert "finish" not in {r["op"] for r in journal.work}  # it died: nothing ended the run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dead process's lock is taken over, with a warning
+        again = train(small(tmp_path, *args))
+    assert again.status == "finished" and again.epochs_done == 1 and again.mlflow_run_id == run_id
+    client = MlflowClient(server.uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "curves.png", "model-final.pt"}
+    assert _artifact_records(run_dir) == ["config.yaml", "curves.png", "model-final.pt"]
+
+    train(small(tmp_path, *args))  # and once more
+    assert _artifact_records(run_dir) == ["config.yaml", "curves.png", "model-final.pt"]  # each logged once
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_default_mlflow_run_name_is_the_run_directory_name(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.uri)
+    args = _mlflow(server, "engine-run-names")
+    named_by_dir = train(small(tmp_path, *args, f"checkpoint.dir={tmp_path / 'digits-20261202-183000'}"),
+                         stop_after=1)
+    assert client.get_run(named_by_dir.mlflow_run_id).info.run_name == "digits-20261202-183000"
+    named = train(small(tmp_path, *args, f"checkpoint.dir={tmp_path / 'other'}", "logging.run_name=chosen"),
+                  stop_after=1)
+    assert client.get_run(named.mlflow_run_id).info.run_name == "chosen"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import subprocess
@@ -325,3 +326,214 @@ def test_a_run_created_after_the_start_timeout_has_its_id_after_finish(server: M
 
 def test_the_sync_command_names_the_run_directory(tmp_path: Path) -> None:
     assert sync_command(tmp_path / "a b") == f"python -m gunn.train.tracking sync '{tmp_path / 'a b'}'"
+
+
+# --------------------------------------------------------------------------- the curves plot
+
+_PLAIN_KEYS = ("train_loss", "eval_loss", "train_top1_error", "eval_top1_error", "lr", "epoch_time",
+               "images_per_s", "peak_memory_mb")
+_LAYERS = ("stages.0.gunn", "stages.1.gunn", "stages.2.gunn")
+_MEASURES = ("channels", "collapsed_pairs", "collapsed_channels", "dead_channels", "participation_ratio")
+
+
+def _history(epochs: int, *, diagnostics: bool = False) -> list[dict[str, float]]:
+    rows = []
+    for epoch in range(1, epochs + 1):
+        row = {"epoch": epoch, **{key: 1.0 / epoch + i for i, key in enumerate(_PLAIN_KEYS)}}
+        if diagnostics:
+            row.update({f"singularity/{layer}/{measure}": float(epoch * (j + 1) + i)
+                        for i, layer in enumerate(_LAYERS) for j, measure in enumerate(_MEASURES)})
+        rows.append(row)
+    return rows
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG at `path`, as written."""
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(path).shape[:2]
+    return width, height
+
+
+def test_plot_curves_of_a_plain_run_is_not_a_wide_strip(tmp_path: Path) -> None:
+    width, height = _png_size(plot_curves(_history(3), tmp_path / "curves.png"))
+    assert width <= 1700
+    assert height >= 2 * 300  # 6 panels: two rows of readable panels
+
+
+def test_plot_curves_with_diagnostics_is_a_grid_with_one_panel_per_measure(tmp_path: Path) -> None:
+    from gunn.train.tracking import _curves_figure
+
+    history = _history(3, diagnostics=True)
+    width, height = _png_size(plot_curves(history, tmp_path / "curves.png"))
+    assert width <= 1700 and height >= 3 * 300  # 6 plain + 5 diagnostic panels: 3 rows of 4
+    figure = _curves_figure(history)
+    figure.canvas.draw()  # lays the panels out
+    panels = [axes for axes in figure.axes if axes.get_visible()]
+    assert len(panels) == 6 + len(_MEASURES)
+    for measure in _MEASURES:
+        (panel,) = [axes for axes in panels if axes.get_title().endswith(f": {measure}")]
+        assert [line.get_label() for line in panel.get_lines()] == list(_LAYERS)
+        assert [text.get_text() for text in panel.get_legend().get_texts()] == list(_LAYERS)
+    for axes in panels:  # each panel stays readable: about 400 x 300 px or more, legend included
+        box = axes.get_position()
+        assert box.width * width >= 300 and box.height * height >= 200
+
+
+def test_plot_curves_of_one_epoch_shows_points_on_integer_epoch_ticks(tmp_path: Path) -> None:
+    from gunn.train.tracking import _curves_figure
+
+    history = _history(1, diagnostics=True)
+    assert plot_curves(history, tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = _curves_figure(history)
+    figure.canvas.draw()
+    panels = [axes for axes in figure.axes if axes.get_visible()]
+    assert panels
+    for axes in panels:
+        assert all(line.get_marker() not in (None, "None", "", " ") for line in axes.get_lines())
+        low, high = axes.get_xlim()
+        ticks = [t for t in axes.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        for legend_text in axes.get_legend().get_texts():
+            assert legend_text.get_fontsize() <= 10  # "small" or less: legends do not cover the curves
+
+
+def test_plot_curves_keeps_integer_epoch_ticks_over_many_epochs() -> None:
+    from gunn.train.tracking import _curves_figure
+
+    figure = _curves_figure(_history(7))
+    figure.canvas.draw()
+    for axes in (a for a in figure.axes if a.get_visible()):
+        low, high = axes.get_xlim()
+        ticks = [t for t in axes.get_xticks() if low <= t <= high]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+# --------------------------------------------------------------------------- complete: ending a run from outside
+
+
+def _die(tracker: Tracker) -> None:
+    """Stop `tracker`'s sending thread as its process's death would: no finish, nothing more journaled."""
+    with tracker._cond:
+        tracker._closed = True
+        tracker._cond.notify_all()
+    tracker._thread.join(timeout=5)
+    assert not tracker._thread.is_alive()
+
+
+def _journal_lines(run_dir: Path) -> list[str]:
+    return (run_dir / JOURNAL_NAME).read_text().splitlines()
+
+
+def _died_after_two_epochs(server: MlflowServer, run_dir: Path) -> str:
+    """A run that started, logged steps 1 and 2 (on the server) and died; its MLflow run id."""
+    tracker = _tracker(run_dir, server.uri)
+    tracker.log_metrics({"train_loss": 1.0}, step=1)
+    tracker.log_metrics({"train_loss": 0.5}, step=2)
+    wait_for(lambda: _steps(server.uri, tracker.run_id) == [1, 2], 20, "steps 1 and 2 on the server")
+    _die(tracker)
+    return tracker.run_id
+
+
+def test_complete_ends_a_run_whose_process_died_and_then_as_the_caller_says(
+    server: MlflowServer, tmp_path: Path
+) -> None:
+    from gunn.train.tracking import complete
+
+    run_dir = tmp_path / "run"
+    run_id = _died_after_two_epochs(server, run_dir)
+    client = MlflowClient(server.uri)
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    assert complete(run_dir, "KILLED") == (1, 0)  # the finish
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert _steps(server.uri, run_id) == [1, 2]
+    lines = _journal_lines(run_dir)
+    assert complete(run_dir, "KILLED") == (0, 0) and _journal_lines(run_dir) == lines  # ended so already
+
+    # The caller knows better (a scheduler stopped the trial): a tag and another ending.
+    assert complete(run_dir, "FINISHED", tags={"stopped_early": "true", "preset": "test"}) == (2, 0)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stopped_early"] == "true"
+    added = [json.loads(line) for line in _journal_lines(run_dir)[len(lines):] if '"seq"' in line]
+    assert [(r["op"], r.get("tags"), r.get("status")) for r in added] == [
+        ("tags", {"stopped_early": "true"}, None),  # "preset" was recorded with that value already
+        ("finish", None, "FINISHED"),
+    ]
+    lines = _journal_lines(run_dir)
+    assert complete(run_dir, "FINISHED", tags={"stopped_early": "true"}) == (0, 0)
+    assert _journal_lines(run_dir) == lines
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_complete_ends_a_continued_run_that_died_although_an_earlier_attempt_ended_it(
+    server: MlflowServer, tmp_path: Path
+) -> None:
+    from gunn.train.tracking import complete
+
+    run_dir = tmp_path / "run"
+    first = _tracker(run_dir, server.uri)
+    first.log_metrics({"lr": 0.1}, step=0)
+    first.finish("KILLED")  # a stop request: ended KILLED, then continued by a second attempt that died
+    run_id = _died_after_two_epochs(server, run_dir)
+    assert run_id == first.run_id and MlflowClient(server.uri).get_run(run_id).info.status == "RUNNING"
+    assert complete(run_dir, "KILLED") == (1, 0)
+    assert MlflowClient(server.uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_complete_logs_each_existing_artifact_once(server: MlflowServer, tmp_path: Path) -> None:
+    from gunn.train.tracking import complete
+
+    run_dir = tmp_path / "run"
+    config, curves = run_dir / "config.yaml", run_dir / "curves.png"
+    run_dir.mkdir()
+    config.write_text("name: x\n")
+    curves.write_bytes(b"\x89PNG\r\n\x1a\n")
+    tracker = _tracker(run_dir, server.uri)
+    tracker.log_artifact(config)  # the run logged this one itself
+    tracker.finish()
+
+    # curves.png is new, config.yaml logged already, model-final.pt was never written; the ending is as recorded.
+    assert complete(run_dir, "FINISHED", artifacts=(curves, config, run_dir / "model-final.pt")) == (1, 0)
+    assert sorted(f.path for f in MlflowClient(server.uri).list_artifacts(tracker.run_id)) == [
+        "config.yaml", "curves.png"]
+    assert sum('"op": "artifact"' in line for line in _journal_lines(run_dir)) == 2
+    lines = _journal_lines(run_dir)
+    assert complete(run_dir, "FINISHED", artifacts=(curves, config)) == (0, 0)
+    assert _journal_lines(run_dir) == lines
+    assert MlflowClient(server.uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_complete_keeps_what_an_unreachable_server_missed_and_sends_it_once_later(
+    server: MlflowServer, tmp_path: Path
+) -> None:
+    from gunn.train.tracking import complete
+
+    run_dir = tmp_path / "run"
+    artifact = tmp_path / "config.yaml"
+    artifact.write_text("name: x\n")
+    run_id = _died_after_two_epochs(server, run_dir)
+    server.stop()
+    assert complete(run_dir, "FINISHED", tags={"stopped_early": "true"}, artifacts=(artifact,)) == (0, 3)
+    lines = _journal_lines(run_dir)
+    server.start()
+    assert complete(run_dir, "FINISHED", tags={"stopped_early": "true"}, artifacts=(artifact,)) == (3, 0)
+    assert _journal_lines(run_dir)[: len(lines)] == lines
+    assert not any('"seq"' in line for line in _journal_lines(run_dir)[len(lines):])  # only "sent" markers
+    run = MlflowClient(server.uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stopped_early"] == "true"
+    assert [f.path for f in MlflowClient(server.uri).list_artifacts(run_id)] == ["config.yaml"]
+
+
+def test_complete_without_a_journal_does_nothing(tmp_path: Path) -> None:
+    from gunn.train.tracking import complete
+
+    assert complete(tmp_path / "never-started", "KILLED") == (0, 0)
+    assert not (tmp_path / "never-started").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / JOURNAL_NAME).write_text("")
+    assert complete(tmp_path / "empty", "FINISHED", tags={"a": "b"}, artifacts=(tmp_path / "empty" / JOURNAL_NAME,)) \
+        == (0, 0)
+    assert (tmp_path / "empty" / JOURNAL_NAME).read_text() == ""
+    with pytest.raises(ValueError, match="status must be one of"):
+        complete(tmp_path / "empty", "RUNNING")
