@@ -4,10 +4,12 @@
     python pipelines/report.py PARENT_RUN_ID | SWEEP_NAME [--tracking-uri URI] [--out DIR]
 
 One row per configuration (the parameters that vary between the sweep's child runs, seeds
-aside): update mode, segment width, parameters, FLOPs, final top-1 error (mean and spread
-over seeds), time per epoch, peak memory, and the overlap-singularity diagnostics when the
-trials logged them. Writes report.md, report.csv, error_vs_width.png and curves.png, and logs
-them as artifacts of the sweep's parent run.
+aside): update mode, segment width, parameters, FLOPs, top-1 error at the last epoch every
+seed of the configuration reached (mean and spread over seeds; trials stopped early by ASHA
+end sooner), time per epoch, throughput, peak memory, and the overlap-singularity diagnostics
+when the trials logged them; below the table, the best configuration among those that ran the
+full budget. Writes report.md, report.csv, error_vs_width.png and curves.png, and logs them as
+artifacts of the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 from collections import defaultdict
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -37,6 +39,7 @@ class ReportError(Exception):
 
 # Child-run parameters that differ between trials without defining a configuration.
 PER_TRIAL = ("runtime.seed", "checkpoint.dir", "logging.")
+METRICS = ("eval_top1_error", "train_top1_error", "epoch_time", "images_per_s", "peak_memory_mb")
 INPUT = {"digits": (1, 32, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "imagenet": (3, 224, 1000)}
 
 
@@ -98,73 +101,164 @@ def collect(tracking_uri: str, parent: str) -> tuple[Any, list[Any]]:
     return run, children
 
 
-def summarize(client: Any, children: list[Any]) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
-    """Report rows, and the mean training curves of every configuration."""
+class Summary(NamedTuple):
+    """Report rows; each configuration's mean training curves (epochs, values); the full budget (the
+    largest epoch any trial reached) and the configurations whose every trial reached it."""
+
+    rows: list[dict[str, Any]]
+    curves: dict[str, dict[str, tuple[list[int], list[float]]]]
+    budget: int | None
+    full: set[str]
+
+
+def _by_epoch(history: list[Any]) -> dict[int, float]:
+    """A metric history by step (= epoch), the last value logged at each (a resumed trial logs again)."""
+    return {m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
+
+
+def _at(client: Any, run: Any, key: str, epoch: int, last: int) -> float | None:
+    """The run's metric ``key`` at ``epoch``: its latest value when that is the run's last epoch."""
+    if epoch == last:
+        return run.data.metrics.get(key)
+    return _by_epoch(client.get_metric_history(run.info.run_id, key)).get(epoch)
+
+
+def summarize(client: Any, children: list[Any]) -> Summary:
+    """Report rows, the mean training curves of every configuration and the full budget, with every
+    configuration's trials compared at one epoch: the last that all of them reached."""
     varying = sorted({k for c in children for k in c.data.params
                       if not k.startswith(PER_TRIAL) and len({d.data.params.get(k) for d in children}) > 1})
     groups: dict[str, list[Any]] = defaultdict(list)
     for child in children:
         label = ", ".join(f"{k.split('.')[-1]}={child.data.params.get(k)}" for k in varying) or "all"
         groups[label].append(child)
-    rows, curves = [], {}
+    histories = {c.info.run_id: {name: _by_epoch(client.get_metric_history(c.info.run_id, name)) for name in METRICS}
+                 for c in children}
+    last = {run_id: max(h["eval_top1_error"], default=None) for run_id, h in histories.items()}
+    budget = max((e for e in last.values() if e is not None), default=None)
+    rows, curves, full = [], {}, set()
     for label, runs in sorted(groups.items()):
         params, flops, widths, mode = model_cost(runs[0].data.params)
-        final = [r.data.metrics["eval_top1_error"] for r in runs if "eval_top1_error" in r.data.metrics]
-        histories = {name: [client.get_metric_history(r.info.run_id, name) for r in runs]
-                     for name in ("eval_top1_error", "train_top1_error", "epoch_time", "peak_memory_mb")}
-        epoch_times = [m.value for h in histories["epoch_time"] for m in h]
-        memory = [m.value for h in histories["peak_memory_mb"] for m in h]
-        pairs = [sum(v for k, v in r.data.metrics.items() if k.endswith("/collapsed_pairs")) for r in runs
-                 if any(k.endswith("/collapsed_pairs") for k in r.data.metrics)]
-        ratios = [statistics.mean(v for k, v in r.data.metrics.items() if k.endswith("/participation_ratio"))
-                  for r in runs if any(k.endswith("/participation_ratio") for k in r.data.metrics)]
+        runs_h = [histories[r.info.run_id] for r in runs]
+        evaluated = [r for r in runs if last[r.info.run_id] is not None]
+        steps = [set(histories[r.info.run_id]["eval_top1_error"]) for r in evaluated]
+        epoch = max(set.intersection(*steps), default=None) if steps else None
+        final = [histories[r.info.run_id]["eval_top1_error"][epoch] for r in evaluated] if epoch is not None else []
+        rates = [statistics.mean(h["images_per_s"].values()) for h in runs_h if h["images_per_s"]]
+        epoch_times = [v for h in runs_h for v in h["epoch_time"].values()]
+        memory = [v for h in runs_h for v in h["peak_memory_mb"].values()]
+        pairs, ratios = [], []
+        for r in evaluated if epoch is not None else []:
+            keys = [k for k in r.data.metrics if k.endswith("/collapsed_pairs")]
+            found = [_at(client, r, k, epoch, last[r.info.run_id]) for k in keys]
+            if keys and None not in found:
+                pairs.append(sum(found))
+            keys = [k for k in r.data.metrics if k.endswith("/participation_ratio")]
+            found = [_at(client, r, k, epoch, last[r.info.run_id]) for k in keys]
+            if keys and None not in found:
+                ratios.append(statistics.mean(found))
         rows.append({
             "configuration": label,
             "mode": runs[0].data.tags.get("mode") or mode,
             "segment_width": "/".join(map(str, widths)),
             "seeds": len(runs),
-            "finished": sum(r.info.status == "FINISHED" for r in runs),
+            "finished": sum(r.info.status == "FINISHED" and r.data.tags.get("stopped_early") != "true" for r in runs),
+            "stopped": sum(r.data.tags.get("stopped_early") == "true" for r in runs),
             "parameters": params,
             "mmac_per_image": round(flops / 1e6, 2),
+            "epoch": math.nan if epoch is None else epoch,
             "top1_error_mean": statistics.mean(final) if final else math.nan,
             "top1_error_std": statistics.stdev(final) if len(final) > 1 else 0.0,
             "epoch_time_s": statistics.mean(epoch_times) if epoch_times else math.nan,
+            "images_per_s": statistics.mean(rates) if rates else math.nan,
+            "images_per_s_std": statistics.stdev(rates) if len(rates) > 1 else 0.0 if rates else math.nan,
             "peak_memory_mb": max(memory) if memory else math.nan,
             "collapsed_pairs": statistics.mean(pairs) if pairs else math.nan,
             "participation_ratio": statistics.mean(ratios) if ratios else math.nan,
         })
-        curves[label] = {name: _mean_curve(histories[name]) for name in ("eval_top1_error", "train_top1_error")}
-    return rows, curves
+        curves[label] = {name: _mean_curve([h[name] for h in runs_h])
+                         for name in ("eval_top1_error", "train_top1_error")}
+        if budget is not None and all(last[r.info.run_id] == budget for r in runs):
+            full.add(label)
+    return Summary(rows, curves, budget, full)
 
 
-def _mean_curve(histories: list[list[Any]]) -> list[float]:
-    by_step: dict[int, list[float]] = defaultdict(list)
-    for history in histories:
-        for m in history:
-            by_step[m.step].append(m.value)
-    return [statistics.mean(by_step[s]) for s in sorted(by_step)]
+def _mean_curve(histories: list[dict[int, float]]) -> tuple[list[int], list[float]]:
+    """The epochs that every seed (with this metric) reached, and the mean over seeds at each."""
+    logged = [h for h in histories if h]
+    epochs = sorted(set.intersection(*(set(h) for h in logged))) if logged else []
+    return epochs, [statistics.mean(h[e] for h in logged) for e in epochs]
+
+
+def budget_line(summary: Summary) -> str:
+    """The best configuration among those whose every trial ran the full budget, in one line."""
+    if summary.budget is None:
+        return "Full budget: no trial has logged an evaluation yet."
+    head = f"Full budget ({summary.budget} epoch{'s' * (summary.budget != 1)})"
+    done = [r for r in summary.rows if r["configuration"] in summary.full and not math.isnan(r["top1_error_mean"])]
+    if not done:
+        return f"{head}: no configuration ran the full budget in all its trials."
+    best = min(done, key=lambda r: r["top1_error_mean"])
+    return (f"{head}: best {best['configuration']}: top-1 error "
+            f"{best['top1_error_mean']:.2f} ± {best['top1_error_std']:.2f} %")
+
+
+# The engine's peak_memory_mb: torch.cuda.max_memory_allocated on CUDA, else the process's ru_maxrss.
+MEMORY = {"cuda": "peak MB (CUDA allocated)", "cpu": "peak MB (process RSS)"}
+
+
+def memory_title(children: list[Any]) -> str:
+    """The peak-memory header for the devices the trials ran on (their ``device`` tags)."""
+    kinds = {d if d in (None, "cuda") else "cpu" for d in (c.data.tags.get("device") for c in children)}
+    return MEMORY.get(kinds.pop(), "peak MB") if len(kinds) == 1 else "peak MB"
 
 
 COLUMNS = [("configuration", "configuration"), ("mode", "mode"), ("segment_width", "segment width"),
-           ("seeds", "seeds"), ("finished", "finished"), ("parameters", "parameters"), ("mmac_per_image", "MMAC/image"),
-           ("top1_error_mean", "top-1 error %"), ("top1_error_std", "+-"), ("epoch_time_s", "s/epoch"),
-           ("peak_memory_mb", "peak MB"), ("collapsed_pairs", "collapsed pairs"),
+           ("seeds", "seeds"), ("finished", "finished"), ("stopped", "stopped"), ("parameters", "parameters"),
+           ("mmac_per_image", "MMAC/image"), ("epoch", "at epoch"), ("top1_error_mean", "top-1 error %"),
+           ("top1_error_std", "+-"), ("epoch_time_s", "s/epoch"), ("images_per_s", "images/s"),
+           ("images_per_s_std", "+-"), ("peak_memory_mb", "peak MB"), ("collapsed_pairs", "collapsed pairs"),
            ("participation_ratio", "eff. dim")]
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table."""
+def markdown(rows: list[dict[str, Any]], titles: dict[str, str] | None = None) -> str:
+    """The rows as a Markdown table (``titles``: headers other than COLUMNS', by key)."""
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return "-" if math.isnan(value) else f"{value:.2f}"
         return f"{value:,}" if isinstance(value, int) else str(value)
 
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    titles = {**dict(COLUMNS), **(titles or {})}
+    lines = ["| " + " | ".join(titles[key] for key, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], curves: dict[str, dict[str, list[float]]], out: Path) -> list[Path]:
+def curves_figure(curves: dict[str, dict[str, tuple[list[int], list[float]]]]) -> Any:
+    """Figure 3 of the paper: each configuration's eval and train error by epoch, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        epochs, values = curve["eval_top1_error"]
+        line, = ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, label=f"{label} (eval)")
+        epochs, values = curve["train_top1_error"]
+        ax.plot(epochs, values, linestyle=":", marker="o" if len(epochs) < 30 else None, markerfacecolor="none",
+                color=line.get_color(), label=f"{label} (train)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="top-1 error (%)",
+           title="training curves, mean over seeds (epochs every seed reached)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict[str, Any]], curves: dict[str, dict[str, tuple[list[int], list[float]]]],
+         out: Path) -> list[Path]:
     """error_vs_width.png (when segment widths vary) and curves.png (Figure 3 of the paper)."""
     import matplotlib
 
@@ -182,20 +276,14 @@ def plot(rows: list[dict[str, Any]], curves: dict[str, dict[str, list[float]]], 
             if r["mode"] == "sunn":
                 ax.axhline(r["top1_error_mean"], color="gray", linestyle="--", label="SUNN")
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="segment width (channels, first GUNN layer)", ylabel="final top-1 error (%)")
+        ax.set(xlabel="segment width (channels, first GUNN layer)",
+               ylabel="top-1 error (%), at epoch of the table")
         ax.legend()
         fig.tight_layout()
         paths.append(out / "error_vs_width.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in curves.items():
-        line, = ax.plot(range(1, len(curve["eval_top1_error"]) + 1), curve["eval_top1_error"], label=f"{label} (eval)")
-        ax.plot(range(1, len(curve["train_top1_error"]) + 1), curve["train_top1_error"], linestyle=":",
-                color=line.get_color(), label=f"{label} (train)")
-    ax.set(xlabel="epoch", ylabel="top-1 error (%)", title="training curves, mean over seeds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig = curves_figure(curves)
     paths.append(out / "curves.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
@@ -203,31 +291,46 @@ def plot(rows: list[dict[str, Any]], curves: dict[str, dict[str, list[float]]], 
 
 
 def build(tracking_uri: str, parent: str, out: Path) -> str:
-    """Writes the report of the sweep ``parent`` into ``out``, logs it to the parent run; the table."""
+    """Writes the report of the sweep ``parent`` into ``out``, logs it to the parent run; the table and the
+    full-budget line."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     run, children = collect(tracking_uri, parent)
     if not children:
         return f"sweep {run.info.run_name}: no trial has logged a run yet"
-    rows, curves = summarize(client, children)
+    summary = summarize(client, children)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
+    table = markdown(summary.rows, {"peak_memory_mb": memory_title(children)})
+    budget = budget_line(summary)
     study = run.data.tags.get("study", "?")
+    devices = sorted({c.data.tags["device"] for c in children if "device" in c.data.tags})
+    ran_on = f"these trials ran on {', '.join(devices)}" if devices else "these trials did not say on which device"
     (out / "report.md").write_text(
-        f"# Sweep {run.info.run_name} ({study})\n\n{table}\n\n"
-        "Top-1 error: final epoch, mean and standard deviation over seeds. Collapsed pairs: output "
-        "channel pairs with |correlation| > 0.99 summed over GUNN layers; eff. dim: participation "
-        "ratio of the channel covariance, mean over layers (when the trials logged diagnostics).\n\n"
-        + "".join(f"![{p.stem}]({p.name})\n" for p in plot(rows, curves, out))
+        f"# Sweep {run.info.run_name} ({study})\n\n{table}\n\n{budget}\n\n"
+        "- Top-1 error: evaluation error at the last epoch that every seed of the configuration reached "
+        "(column at epoch), mean and standard deviation over seeds. Trials stopped early by ASHA (column "
+        "stopped; column finished counts the trials that ran the full budget) end before the full budget, so rows at different epochs are no "
+        "equal comparison; the line above compares only configurations whose every trial ran the full budget.\n"
+        "- s/epoch: training time per epoch, mean over trials and epochs; images/s: training throughput, each "
+        "trial's mean over its epochs, then mean and standard deviation (+-) over trials.\n"
+        "- Peak MB: the largest over the configuration's trials and epochs of the engine's peak memory: on "
+        "CUDA torch.cuda.max_memory_allocated (tensors PyTorch allocated on the GPU), on the CPU the process's "
+        "peak resident set size (ru_maxrss: Python, torch, the data and the Ray worker, not the model's "
+        f"activations alone); {ran_on}.\n"
+        "- Collapsed pairs: output channel pairs with |correlation| > 0.99 summed over GUNN layers; eff. dim: "
+        "participation ratio of the channel covariance, mean over layers (at the row's epoch, when the trials "
+        "logged diagnostics).\n"
+        "- Training curves: mean over seeds, on the epochs that every seed reached.\n\n"
+        + "".join(f"![{p.stem}]({p.name})\n" for p in plot(summary.rows, summary.curves, out))
     )
     with open(out / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[key for key, _ in COLUMNS])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(summary.rows)
     for path in sorted(out.iterdir()):
         client.log_artifact(run.info.run_id, str(path), artifact_path="report")
-    return f"sweep {run.info.run_name} ({study}), {len(children)} trials:\n{table}"
+    return f"sweep {run.info.run_name} ({study}), {len(children)} trials:\n{table}\n{budget}"
 
 
 def check_store(tracking_uri: str) -> None:

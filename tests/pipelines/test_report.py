@@ -76,3 +76,129 @@ def test_the_sweeps_rebuild_command_runs_from_another_folder(tmp_path):
     assert command[0] == "python" and Path(command[1]).is_absolute()
     done = run([sys.executable, *command[1:]], elsewhere, timeout=120)
     assert done.returncode == 0 and "(custom), 2 trials" in done.stdout, done.stderr[-2000:]
+
+
+def report_module():
+    """pipelines/report.py, imported under another name (as the sweep imports it, beside pipelines/)."""
+    spec = importlib.util.spec_from_file_location("report_under_test", REPO / "pipelines" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep_of(folder: Path, trials: list[dict]) -> tuple[str, str]:
+    """A sweep's parent run and a FINISHED child run of gunn_tiny on digits per trial (``expansion``, ``seed``,
+    ``metrics``: values by name for epochs 1, 2, ..., ``tags``), its artifacts under ``folder``; the store's URI
+    and the parent's id."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    (folder / "store").mkdir()
+    uri = f"sqlite:///{folder / 'store' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweeps", artifact_location=(folder / "artifacts").as_uri())
+    parent = client.create_run(experiment, run_name="asha-digits", tags={"study": "custom", "sweep": "asha-digits"})
+    for trial in trials:
+        child = client.create_run(experiment, tags={"mlflow.parentRunId": parent.info.run_id, "study": "custom",
+                                                    **trial.get("tags", {})})
+        for key, value in {"model.name": "gunn_tiny", "model.expansion": str(trial["expansion"]),
+                           "data.name": "digits", "runtime.seed": str(trial["seed"])}.items():
+            client.log_param(child.info.run_id, key, value)
+        client.log_batch(child.info.run_id, metrics=[Metric(name, value, 1000 * epoch, epoch)
+                                                     for name, values in trial["metrics"].items()
+                                                     for epoch, value in enumerate(values, 1)])
+        client.set_terminated(child.info.run_id)
+    return uri, parent.info.run_id
+
+
+STOPPED = {"stopped_early": "true", "stopped_epoch": "2"}
+
+
+def test_trials_stopped_early_are_compared_at_the_last_epoch_every_seed_reached(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, parent = sweep_of(tmp_path, [
+        {"expansion": 1, "seed": 0, "metrics": {"eval_top1_error": [50, 40, 30], "train_top1_error": [55, 45, 35],
+                                                "singularity/l1/collapsed_pairs": [1, 2, 3]}},
+        {"expansion": 1, "seed": 1, "metrics": {"eval_top1_error": [52, 44], "train_top1_error": [57, 47],
+                                                "singularity/l1/collapsed_pairs": [1, 4]}, "tags": STOPPED},
+        {"expansion": 2, "seed": 0, "metrics": {"eval_top1_error": [45, 35, 25]}},
+        {"expansion": 2, "seed": 1, "metrics": {"eval_top1_error": [47, 37, 27]}}])
+    report = report_module()
+    text = report.build(uri, parent, tmp_path / "out")
+    with open(tmp_path / "out" / "report.csv") as f:
+        rows = {row["configuration"]: row for row in csv.DictReader(f)}
+    one, two = rows["expansion=1"], rows["expansion=2"]
+    assert (one["finished"], one["stopped"], one["epoch"], two["stopped"], two["epoch"]) == ("1", "1", "2", "0", "3")
+    assert float(one["top1_error_mean"]) == 42.0 and abs(float(one["top1_error_std"]) - 8 ** 0.5) < 1e-9
+    assert float(two["top1_error_mean"]) == 26.0 and float(one["collapsed_pairs"]) == 3.0  # at epoch 2 too
+    best = "Full budget (3 epochs): best expansion=2: top-1 error 26.00 ± 1.41 %"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert best in md and text.endswith(best) and "| stopped |" in md and "| at epoch |" in md
+    assert "final epoch" not in md and "last epoch that every seed of the configuration reached" in md
+    _, children = report.collect(uri, parent)
+    curves = report.summarize(MlflowClient(uri), children).curves["expansion=1"]
+    assert curves == {"eval_top1_error": ([1, 2], [51, 42]), "train_top1_error": ([1, 2], [56, 46])}
+
+
+def test_the_report_says_when_no_configuration_ran_the_full_budget(tmp_path):
+    uri, parent = sweep_of(tmp_path, [
+        {"expansion": 1, "seed": 0, "metrics": {"eval_top1_error": [50, 40, 30]}},
+        {"expansion": 1, "seed": 1, "metrics": {"eval_top1_error": [52, 44]}, "tags": STOPPED},
+        {"expansion": 2, "seed": 0, "metrics": {"eval_top1_error": [45, 35]}, "tags": STOPPED}])
+    text = report_module().build(uri, parent, tmp_path / "out")
+    line = "Full budget (3 epochs): no configuration ran the full budget in all its trials."
+    assert text.endswith(line) and line in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_report_shows_throughput_per_configuration_with_its_spread_over_trials(tmp_path):
+    uri, parent = sweep_of(tmp_path, [
+        {"expansion": 1, "seed": 0, "metrics": {"eval_top1_error": [50, 40], "images_per_s": [100, 200],
+                                                "epoch_time": [2, 4]}},
+        {"expansion": 1, "seed": 1, "metrics": {"eval_top1_error": [50, 40], "images_per_s": [300, 300],
+                                                "epoch_time": [3, 3]}},
+        {"expansion": 2, "seed": 0, "metrics": {"eval_top1_error": [50, 40], "images_per_s": [400, 400]}}])
+    report = report_module()
+    text = report.build(uri, parent, tmp_path / "out")
+    with open(tmp_path / "out" / "report.csv") as f:
+        reader = csv.DictReader(f)
+        rows = {row["configuration"]: row for row in reader}
+    assert reader.fieldnames == [key for key, _ in report.COLUMNS]
+    one, two = rows["expansion=1"], rows["expansion=2"]
+    assert float(one["images_per_s"]) == 225.0 and abs(float(one["images_per_s_std"]) - 75 * 2 ** 0.5) < 1e-9
+    assert float(two["images_per_s"]) == 400.0 and float(two["images_per_s_std"]) == 0.0
+    assert float(one["epoch_time_s"]) == 3.0
+    assert "| s/epoch | images/s | +- |" in text and "| 3.00 | 225.00 | 106.07 |" in text
+
+
+def test_the_peak_memory_header_and_text_say_what_was_measured(tmp_path):
+    report = report_module()
+    for device, title in (("cpu", "peak MB (process RSS)"), ("cuda", "peak MB (CUDA allocated)"), (None, "peak MB")):
+        folder = tmp_path / str(device)
+        folder.mkdir()
+        tags = {"device": device} if device else {}
+        uri, parent = sweep_of(folder, [{"expansion": e, "seed": 0, "tags": tags,
+                                         "metrics": {"eval_top1_error": [40], "peak_memory_mb": [700 + e]}}
+                                        for e in (1, 2)])
+        text = report.build(uri, parent, folder / "out")
+        md = (folder / "out" / "report.md").read_text()
+        assert f"| +- | {title} | collapsed pairs |" in text and f"| {title} |" in md
+        assert "ru_maxrss" in md and "torch.cuda.max_memory_allocated" in md
+        assert (f"these trials ran on {device}" if device else "did not say on which device") in md
+
+
+def test_the_training_curves_mark_their_points_on_integer_epochs(tmp_path):
+    from matplotlib.ticker import MaxNLocator
+
+    report = report_module()
+    fig = report.curves_figure({"one epoch": {"eval_top1_error": ([7], [30.0]), "train_top1_error": ([7], [35.0])},
+                                "long": {"eval_top1_error": (list(range(3, 43)), [20.0] * 40),
+                                         "train_top1_error": ([], [])}})
+    ax = fig.axes[0]
+    eval_one, train_one, eval_long, _ = ax.lines
+    assert eval_one.get_marker() == train_one.get_marker() == "o" and eval_long.get_marker() == "None"
+    assert list(eval_one.get_xdata()) == [7] and list(eval_long.get_xdata()) == list(range(3, 43))
+    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    fig.savefig(tmp_path / "curves.png")
