@@ -11,14 +11,21 @@ each epoch's metrics and checkpoint to Tune, and logs an MLflow child run under 
 parent run. At the end the comparison report (pipelines/report.py) is printed and logged.
 ``--resume DIR`` finishes an interrupted sweep without redoing finished trials;
 ``--cluster slurm`` runs the whole sweep inside one Slurm allocation (Ray head on the first
-node, Ray workers on the others).
+node, Ray workers on the others). Each sweep runs its own Ray (own process group, temporary
+folder and ports) and stops only that.
+
+Exit status: 0 every trial finished (or was stopped early by --asha); 1 a trial failed;
+2 bad arguments; 3 interrupted (Ctrl-C, SIGTERM): the parent run and the unfinished trials
+are KILLED in MLflow, no report is written, and --resume DIR continues.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -29,7 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +63,15 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # Ray's command line, from 
 
 # -- what the trials are -------------------------------------------------------------------
 
-def study_points(args: argparse.Namespace, base: RunConfig) -> list[dict[str, Any]]:
-    """The configurations a study compares, as {field: value} overrides (before seeds)."""
+Point = tuple[dict[str, Any], dict[str, Any]]  # (what names the configuration, its overrides)
+
+
+def study_points(args: argparse.Namespace, base: RunConfig) -> list[Point]:
+    """The configurations a study compares (before seeds): each as its name's fields and its overrides."""
     if args.study == "sunn-vs-gunn":
-        return [{"model.mode": "sunn"}, {"model.mode": "gunn"}]
+        return [({"mode": m}, {"model.mode": m}) for m in ("sunn", "gunn")]
     if args.study == "residual":
-        return [{"model.mode": "gunn", "model.residual": True}, {"model.mode": "gunn", "model.residual": False}]
+        return [({"residual": r}, {"model.mode": "gunn", "model.residual": r}) for r in (True, False)]
     if args.study == "partitions":
         layers = report.layer_widths(base)
         valid = [w for w in range(1, min(layers, default=1) + 1) if all(n % w == 0 for n in layers)]
@@ -67,7 +79,7 @@ def study_points(args: argparse.Namespace, base: RunConfig) -> list[dict[str, An
                 f"{' '.join(map(str, valid))}")
         if not args.widths:
             raise ConfigError(f"--study partitions needs --widths, the segment widths to compare; {hint}")
-        points: list[dict[str, Any]] = [{"model.mode": "sunn"}]
+        points: list[Point] = [({"mode": "sunn"}, {"model.mode": "sunn"})]
         for width in args.widths:
             if width <= 0:
                 raise ConfigError(f"--widths: segment width {width} is not positive; {hint}")
@@ -75,7 +87,7 @@ def study_points(args: argparse.Namespace, base: RunConfig) -> list[dict[str, An
             if bad:
                 raise ConfigError(f"--widths: segment width {width} does not divide the GUNN layer width(s) {bad} "
                                   f"of {base.model.name}; {hint}")
-            points.append({"model.mode": "gunn", "model.segments": [n // width for n in layers]})
+            points.append(({"width": width}, {"model.mode": "gunn", "model.segments": [n // width for n in layers]}))
         return points
     if not args.space:
         raise ConfigError("--study custom needs --space FILE: a YAML mapping of fields to lists of values")
@@ -93,7 +105,25 @@ def study_points(args: argparse.Namespace, base: RunConfig) -> list[dict[str, An
         if twice is not None:
             raise ConfigError(f"--space {args.space}: {field} lists {json.dumps(twice)} twice")
     keys = list(space)
-    return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+    return [({k.split(".")[-1]: v for k, v in zip(keys, values)}, dict(zip(keys, values)))
+            for values in itertools.product(*(space[k] for k in keys))]
+
+
+# Fields the sweep sets in every trial: an override of them on the command line would be ignored.
+SWEEP_SETS = {"runtime.seed": "--seeds", "checkpoint.dir": "--dir",
+              **{f"logging.{k}": "the sweep" for k in ("mlflow", "progress", "parent_run_id", "study", "run_name")}}
+
+
+def _refuse_sweep_fields(args: argparse.Namespace, points: list[Point]) -> None:
+    """An override on the command line of a field that the sweep or its study sets per trial is an error."""
+    studied = {field for _, overrides in points for field in overrides}
+    for override in args.overrides:
+        field = override.split("=", 1)[0].strip()
+        if field in SWEEP_SETS:
+            raise ConfigError(f"{override}: {field} is set by the sweep for every trial (use {SWEEP_SETS[field]})")
+        if field in studied:
+            raise ConfigError(f"{override}: {field} is what --study {args.study} varies; leave it out, "
+                              "or compare your own values with --study custom")
 
 
 def _repeated(values: list[Any]) -> Any:
@@ -107,16 +137,19 @@ def _repeated(values: list[Any]) -> Any:
     return None
 
 
-def trial_key(point: dict[str, Any], seed: int) -> str:
+def trial_key(name: dict[str, Any], seed: int) -> str:
     """A readable, unique and stable name of one trial (its directory and MLflow run name)."""
-    parts = [f"{k.split('.')[-1]}={json.dumps(v, separators=(',', ''))}" for k, v in point.items()]
+    parts = [f"{k}={json.dumps(v, separators=(',', ''))}" for k, v in name.items()]
     return "_".join(parts + [f"seed={seed}"]).replace('"', "").replace("/", "-")
 
 
 def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str, tracking_uri: str,
                   check_device: bool = True) -> list[dict]:
     """Every trial's fully resolved configuration, checked before Ray starts (``check_device``: that
-    the device is usable; not on a Slurm login node). Trials given GPUs train on them."""
+    the device is usable; not on a Slurm login node). Trials given GPUs train on them.
+
+    Seed-major order (every configuration with seed 0, then with seed 1, ...): trials that run at
+    the same time share the machine, so no configuration systematically gets the busier half."""
     from gunn.train.engine import validate
 
     base = cfgmod.load(args.preset, args.overrides)
@@ -124,9 +157,11 @@ def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str,
         twice = _repeated(values)
         if twice is not None:  # two trials would share one run directory and one name
             raise ConfigError(f"{option}: {twice} given twice")
+    points = study_points(args, base)
+    _refuse_sweep_fields(args, points)
     trials = []
-    for point, seed in itertools.product(study_points(args, base), args.seeds):
-        key = trial_key(point, seed)
+    for seed, (name, point) in itertools.product(args.seeds, points):
+        key = trial_key(name, seed)
         if any(t["key"] == key for t in trials):
             raise ConfigError(f"two trials would share the name and run directory {key}")
         # Diagnostics on by default (one batch per epoch), so the report compares them; the
@@ -168,15 +203,22 @@ def run_trial(space: dict[str, Any]) -> None:
     config = cfgmod.from_dict(space["trial"]["config"])
     reported = []
 
-    def report_epoch(metrics: dict[str, float], checkpoint: Path | None) -> None:
+    def report_epoch(metrics: dict[str, float], checkpoint: Path | None) -> bool:
+        """Reports the epoch to Tune; True when Tune ends the trial here (its scheduler stopped it, or the
+        sweep is interrupted): the engine then stops as on a stop request, and the driver, which knows
+        why, completes the trial's MLflow record (complete_records)."""
         reported.append(metrics["epoch"])
-        if checkpoint is None:
-            tune.report(dict(metrics))
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            pointer = {"run_dir": str(checkpoint.parent), "checkpoint": checkpoint.name, "epoch": metrics["epoch"]}
-            (Path(folder) / "pointer.json").write_text(json.dumps(pointer))
-            tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(folder))
+        try:
+            if checkpoint is None:
+                tune.report(dict(metrics))
+                return False
+            with tempfile.TemporaryDirectory() as folder:
+                pointer = {"run_dir": str(checkpoint.parent), "checkpoint": checkpoint.name, "epoch": metrics["epoch"]}
+                (Path(folder) / "pointer.json").write_text(json.dumps(pointer))
+                tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(folder))
+        except SystemExit:  # how Tune's report ends a trial that it stops
+            return True
+        return False
 
     result = train(config, on_epoch=report_epoch)
     if not reported and result.history:
@@ -208,56 +250,225 @@ def parent_run(tracking_uri: str, experiment: str, name: str, args: argparse.Nam
     return run.info.run_id
 
 
-def drive(args: argparse.Namespace, sweep_dir: Path, address: str | None = None) -> int:
-    """Runs (or resumes) the sweep on a Ray cluster and writes the report; an exit status."""
+def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> int:
+    """Runs (or resumes) the sweep on the Ray cluster at ``address``, completes every trial's MLflow
+    record and writes the report; an exit status (0, 1 a trial failed, 3 interrupted)."""
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from gunn.train.tracking import resolve_tracking_uri
+    from gunn.train.tracking import resolve_tracking_uri, sync_command
 
     base = cfgmod.load(args.preset, args.overrides)
     tracking_uri = resolve_tracking_uri(base.logging.tracking_uri)
     parent = parent_run(tracking_uri, base.logging.experiment, sweep_dir.name, args, sweep_dir)
     trials = trial_configs(args, sweep_dir, parent, tracking_uri)
     print(f"sweep {sweep_dir.name}: {len(trials)} trials, MLflow parent run {parent} at {tracking_uri}", flush=True)
-
-    ray.init(address=address, include_dashboard=False, log_to_driver=args.verbose,
-             **({} if address else {"num_cpus": args.ray_cpus or os.cpu_count()}))
-    trainable = tune.with_resources(run_trial, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    tune_dir = sweep_dir / "tune"
-    if args.resume and tune_dir.exists():
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        epochs = base.optim.epochs
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=args.asha_grace,
-                                  reduction_factor=2) if args.asha else None
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(trials)},
-            tune_config=tune.TuneConfig(
-                metric="eval_top1_error", mode="min", scheduler=scheduler,
-                max_concurrent_trials=args.max_concurrent or None,
-                trial_dirname_creator=lambda trial: trial.config["trial"]["key"][:120],
-                trial_name_creator=lambda trial: trial.config["trial"]["key"][:120],
-            ),
-            run_config=tune.RunConfig(
-                name="tune", storage_path=str(sweep_dir), verbose=1 if args.verbose else 0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # pointers: a few bytes each
-                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            ),
-        )
-    results = tuner.fit()
-    ray.shutdown()
-    failed = [r for r in results if r.error is not None]
-    for result in failed:
-        print(f"trial failed: {result.path}\n{result.error}", file=sys.stderr)
+    if not args.verbose:
+        _quiet_ray()
+    endings_file = sweep_dir / "tune-endings.json"
+    interrupted = False
+    try:
+        ray.init(address=address, log_to_driver=args.verbose,
+                 logging_level=logging.INFO if args.verbose else logging.WARNING)
+        trainable = tune.with_resources(run_trial, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+        tune_dir = sweep_dir / "tune"
+        if args.resume and tune_dir.exists():
+            tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search(trials)},
+                tune_config=tune.TuneConfig(
+                    metric="eval_top1_error", mode="min", scheduler=_scheduler(args, base.optim.epochs),
+                    max_concurrent_trials=args.max_concurrent or None,
+                    trial_dirname_creator=lambda trial: trial.config["trial"]["key"][:120],
+                    trial_name_creator=lambda trial: trial.config["trial"]["key"][:120],
+                ),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=str(sweep_dir), verbose=1 if args.verbose else 0,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # pointers: a few bytes each
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    callbacks=[_progress_callback(str(endings_file), len(trials))],
+                ),
+            )
+        tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune took over the signal
+        interrupted = True
+    finally:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+    statuses = json.loads(endings_file.read_text()) if endings_file.is_file() else {}
+    endings, unsent = complete_records(trials, sweep_dir, statuses)
+    interrupted = interrupted or any(e in ("interrupted", "not started") for e in endings.values())
+    failed = [k for k, e in endings.items() if e == "failed"]
+    counts = ", ".join(f"{sum(e == what for e in endings.values())} {what}" for what in
+                       ("finished", "stopped early", "failed", "interrupted", "not started")
+                       if what in endings.values())
+    client = MlflowClient(tracking_uri)
+    if interrupted:
+        client.set_terminated(parent, status="KILLED")
+        launch.say(f"sweep {sweep_dir.name} interrupted ({counts} of {len(trials)} trials); the parent run and the "
+            f"unfinished trials are KILLED in MLflow, and no report was written. To continue: "
+            f"{shlex.join(['python', str(HERE / 'sweep.py'), '--resume', str(sweep_dir)])}")
+        return 3
+    for key in failed:
+        launch.say(f"trial failed: {key} (its log: {sweep_dir / 'tune' / key[:120]}, run directory: {sweep_dir / 'runs' / key})")
     table = report.build(tracking_uri, parent, sweep_dir / "report")
     print(table)
-    MlflowClient(tracking_uri).set_terminated(parent, status="FAILED" if failed else "FINISHED")
+    client.set_terminated(parent, status="FAILED" if failed or unsent else "FINISHED")
+    print(f"sweep {sweep_dir.name}: {counts} of {len(trials)} trials")
     print(f"report: {sweep_dir / 'report'}  (rebuild: {rebuild_command(parent, tracking_uri)})")
-    return 1 if failed else 0
+    for run_dir in unsent:
+        launch.say(f"warning: MLflow has not received all of {run_dir}'s records; send them with: {sync_command(run_dir)}")
+    return 1 if failed or unsent else 0
+
+
+def _quiet_ray() -> None:
+    """Hides Ray's own chatter (TensorBoard hints, token notices, restore warnings); --verbose shows it."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the experiment box and TensorBoard hint
+    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _scheduler(args: argparse.Namespace, epochs: int) -> Any:
+    """ASHA on eval_top1_error with --asha, else None (every trial runs every epoch).
+
+    A trial that reaches the full budget is never stopped by it at its last report: it ends by
+    itself, so that its last epoch's files and MLflow record are complete."""
+    if not args.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class FullBudgetEndsByItself(ASHAScheduler):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            if result.get(self._time_attr, 0) >= self._max_t:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    return FullBudgetEndsByItself(time_attr="training_iteration", max_t=epochs, grace_period=args.asha_grace,
+                                  reduction_factor=2)
+
+
+def _progress_callback(endings_file: str, total: int) -> Any:
+    """A Tune callback that prints one line per trial event (started, each epoch with its error,
+    finished, stopped early, failed) with how many trials have ended, and writes every trial's Tune
+    status and last epoch to ``endings_file`` when the experiment ends (also when interrupted)."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self, endings: str, total: int) -> None:
+            self.endings, self.total = endings, total
+
+        def _line(self, trials: list[Any], trial: Any, text: str, ending: bool = False) -> None:
+            ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + ending
+            print(f"[{ended}/{self.total} done] {trial.config['trial']['key']}: {text}", flush=True)
+
+        @staticmethod
+        def _epochs(trial: Any) -> int:
+            return trial.config["trial"]["config"]["optim"]["epochs"]
+
+        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._line(trials, trial, "started")
+
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
+            if "epoch" in result and "eval_top1_error" in result:
+                self._line(trials, trial, f"epoch {int(result['epoch'])}/{self._epochs(trial)}, "
+                                          f"eval top-1 error {result['eval_top1_error']:.2f}%")
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            epoch = int((trial.last_result or {}).get("epoch", 0))
+            text = "finished" if epoch >= self._epochs(trial) else f"stopped early by ASHA after epoch {epoch}"
+            self._line(trials, trial, text, ending=True)
+            self._record(trial, "TERMINATED", epoch)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._line(trials, trial, "failed", ending=True)
+            self._record(trial, "ERROR", int((trial.last_result or {}).get("epoch", 0)))
+
+        def _record(self, trial: Any, status: str, epoch: int) -> None:
+            """Tune's decision on the trial, kept across --resume. (Trials that an interrupted sweep stops
+            get no decision: Tune marks them TERMINATED, too, when it cleans up.)"""
+            path = Path(self.endings)
+            endings = json.loads(path.read_text()) if path.is_file() else {}
+            endings[trial.config["trial"]["key"]] = {"status": status, "epoch": epoch}
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(endings))
+            os.replace(tmp, path)
+
+    return Progress(endings_file, total)
+
+
+def complete_records(trials: list[dict], sweep_dir: Path, statuses: dict[str, dict]) -> tuple[dict[str, str], list[Path]]:
+    """Ends every trial's MLflow run as the sweep saw the trial end, from its run directory and journal.
+
+    A trial's own process may have been killed before its record was complete (Ctrl-C, SIGKILL, or Tune
+    ending it right after a report), and only the sweep knows why a trial stopped. Endings:
+    finished (model-final.pt: FINISHED, with its curves, configuration and weights logged), failed
+    (FAILED), stopped early by ASHA (FINISHED, tags stopped_early=true and stopped_epoch), interrupted
+    (KILLED; --resume continues it) and not started (no run). Returns the endings by trial name and the
+    run directories whose records MLflow has not all received (it did not answer).
+    """
+    from gunn.train.rundir import RunDirError, RunDirLock
+    from gunn.train.tracking import JOURNAL_NAME, complete
+
+    endings: dict[str, str] = {}
+    unsent: list[Path] = []
+    for trial in trials:
+        key, run_dir = trial["key"], sweep_dir / "runs" / trial["key"]
+        seen = statuses.get(key, {})
+        if (run_dir / "model-final.pt").exists():
+            ending, status, tags = "finished", "FINISHED", {}
+        elif seen.get("status") == "ERROR":
+            ending, status, tags = "failed", "FAILED", {}
+        elif seen.get("status") == "TERMINATED":
+            ending, status = "stopped early", "FINISHED"
+            tags = {"stopped_early": "true", "stopped_epoch": str(seen.get("epoch", 0))}
+        elif (run_dir / JOURNAL_NAME).exists():
+            ending, status, tags = "interrupted", "KILLED", {}
+        else:
+            endings[key] = "not started"
+            continue
+        endings[key] = ending
+        if not (run_dir / JOURNAL_NAME).exists():
+            continue
+        lock = RunDirLock(run_dir)
+        deadline = time.monotonic() + 60
+        while True:  # the trial's process may still be ending
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # taking over from a killed trial is the point
+                    lock.acquire()
+                break
+            except RunDirError as err:
+                if time.monotonic() > deadline:
+                    launch.say(f"warning: {err}; its MLflow record is completed by --resume")
+                    lock = None
+                    break
+                time.sleep(1)
+        if lock is None:
+            continue
+        try:
+            if ending == "finished" and not (run_dir / "curves.png").exists():
+                _plot_from_checkpoint(run_dir)  # the trial was killed before it drew them
+            files = (run_dir / "curves.png", run_dir / "config.yaml", run_dir / "model-final.pt")
+            _, left = complete(run_dir, status, tags=tags, artifacts=files if ending == "finished" else files[1:2])
+        finally:
+            lock.release()
+        if left:
+            unsent.append(run_dir)
+    return endings, unsent
+
+
+def _plot_from_checkpoint(run_dir: Path) -> None:
+    """curves.png of the run in ``run_dir`` from the history in its newest checkpoint, if it can."""
+    from gunn.train import checkpoint as ckpt
+    from gunn.train.tracking import plot_curves
+
+    with contextlib.suppress(Exception):  # a plot is not worth failing the record for
+        loaded = ckpt.load_latest(run_dir)
+        if loaded is not None and loaded[0].get("history"):
+            plot_curves(loaded[0]["history"], run_dir / "curves.png")
 
 
 def rebuild_command(parent: str, tracking_uri: str) -> str:
@@ -265,13 +476,109 @@ def rebuild_command(parent: str, tracking_uri: str) -> str:
     return shlex.join(["python", str(HERE / "report.py"), parent, "--tracking-uri", tracking_uri])
 
 
+# -- this sweep's own Ray ----------------------------------------------------------------------
+
+# Runs beside a sweep's Ray head, in a session of its own; when the driver's end of its stdin
+# closes (the driver ended, even by SIGKILL), it stops the head's process group and removes the
+# head's temporary folder, unless the driver wrote "keep".
+WATCHDOG = """
+import os, shutil, signal, sys, time
+group, temp = int(sys.argv[1]), sys.argv[2]
+keep = sys.stdin.read().strip() == "keep"
+for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 0)):
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        break
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+if not keep:
+    shutil.rmtree(temp, ignore_errors=True)
+"""
+
+
+def auth_token(sweep_dir: Path, create: bool) -> Path:
+    """Token authentication with a secret of this sweep (beside it, on the shared file system): an
+    open Ray head would run anyone's code as you. Sets it for this process and the Ray it starts."""
+    token = sweep_dir / "ray-auth-token"
+    if create and not token.exists():
+        token.touch(mode=0o600)
+        token.write_text(secrets.token_hex(32))
+    deadline = time.monotonic() + 120
+    while not (token.exists() and token.stat().st_size):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{token} did not appear: is the sweep directory on a shared file system?")
+        time.sleep(1)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    return token
+
+
+@contextlib.contextmanager
+def ray_head(temp: Path, *, ip: str, port: int, cpus: float, verbose: bool) -> Iterator[tuple[str, list[str]]]:
+    """Starts a Ray head node that belongs to this sweep alone: its own process group, temporary folder
+    ``temp`` and ports (``port`` 0: any free one). Yields its address; stops the whole group on the way
+    out and, through a watchdog, also if this process is killed, and removes ``temp`` unless the sweep
+    wrote ``keep`` (its logs, when trials failed) to the list it gets."""
+    temp.mkdir(parents=True, exist_ok=True)
+    (temp / "ray_current_cluster").unlink(missing_ok=True)
+    command = [*RAY, "start", "--head", "--block", "--node-ip-address", ip, "--port", str(port),
+               "--num-cpus", str(int(cpus)), "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(temp)]
+    output = None if verbose else subprocess.DEVNULL
+    head = subprocess.Popen(command, start_new_session=True, stdout=output, stderr=output)
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(head.pid), str(temp)], stdin=subprocess.PIPE,
+                                start_new_session=True, text=True)
+    keep: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (temp / "ray_current_cluster").is_file() or not (temp / "ray_current_cluster").read_text().strip():
+            if head.poll() is not None:
+                raise RuntimeError(f"Ray's head node did not start (exit status {head.returncode}): "
+                                   f"{shlex.join(command)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray's head node did not start within 180 s: {shlex.join(command)}")
+            time.sleep(0.5)
+        port = (temp / "ray_current_cluster").read_text().strip().rsplit(":", 1)[1]  # the one Ray chose
+        yield f"{ip}:{port}", keep
+    finally:
+        watchdog.stdin.write("keep" if keep else "")
+        watchdog.stdin.close()  # the watchdog stops the head's group now
+        watchdog.wait()
+        head.wait()
+
+
+def run_locally(args: argparse.Namespace, sweep_dir: Path) -> int:
+    """The sweep on this machine: its own Ray head (127.0.0.1, free ports) and the driver."""
+    auth_token(sweep_dir, create=True)
+    temp = Path(tempfile.gettempdir()) / f"gunn-ray-{os.getpid()}"  # short: Ray's socket paths have a limit
+    with ray_head(temp, ip="127.0.0.1", port=0, cpus=args.ray_cpus or os.cpu_count() or 1,
+                  verbose=args.verbose) as (address, keep):
+        status = drive(args, sweep_dir, address)
+        if status == 1:
+            keep.append("keep")
+            launch.say(f"Ray's logs: {temp}")
+    return status
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM interrupts the sweep as Ctrl-C does (Tune's own SIGINT handler ends it cleanly)."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+
 class SweepJob:
     """The whole sweep inside one Slurm allocation: one task per node, a Ray node each.
 
     Task 0 starts the Ray head, waits for the other nodes and drives the sweep; the other
     tasks start Ray workers that join it. On SIGUSR2 (time limit, preemption) task 0 requeues
-    the job, and the requeued job resumes the sweep from its directory.
+    the job and interrupts the sweep, and the requeued job resumes it from its directory;
+    SIGTERM interrupts it. Both hold from the task's first instant (see launch.job_python).
     """
+
+    takes_blocked_signals = True
 
     def __init__(self, args: argparse.Namespace, sweep_dir: Path, max_requeues: int) -> None:
         self.args, self.sweep_dir, self.max_requeues = args, sweep_dir, max_requeues
@@ -280,48 +587,44 @@ class SweepJob:
         import submitit
 
         env = submitit.JobEnvironment()
-        # Token authentication with a secret of this sweep (on the shared file system): on a
-        # shared cluster an open Ray head would run anyone's code as you.
-        token = self.sweep_dir / "ray-auth-token"
-        if env.global_rank == 0 and not token.exists():
-            token.touch(mode=0o600)
-            token.write_text(secrets.token_hex(32))
-        deadline = time.monotonic() + 120
-        while not (token.exists() and token.stat().st_size):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{token} did not appear: is the sweep directory on a shared file system?")
-            time.sleep(1)
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        if env.global_rank == 0:
+            def requeue(*_: Any) -> None:
+                launch.requeue_job(env.job_id, self.max_requeues, self.sweep_dir)
+                signal.raise_signal(signal.SIGINT)
+
+            signal.signal(signal.SIGUSR2, requeue)
+            _stop_on_signals()
+        else:
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # task 0 requeues the job
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, launch.JOB_SIGNALS)
+        auth_token(self.sweep_dir, create=env.global_rank == 0)
         head = socket.gethostbyname(env.hostnames[0])
         port = 20000 + int(env.job_id.split("_")[0]) % 20000
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK", "1")
-        # A Ray directory per node of this job: nodes that share /tmp (several on one host,
-        # as in slurm/dev-cluster) would otherwise share sockets.
+        cpus = float(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        # A Ray folder per node of this job: nodes that share /tmp (several on one host, as in
+        # slurm/dev-cluster) would otherwise share sockets.
         temp = Path(tempfile.gettempdir()) / f"ray-{env.job_id}-{env.node}"
-        common = ["--num-cpus", cpus, "--disable-usage-stats", "--temp-dir", str(temp)]
         done = self.sweep_dir / f"ray-done-{env.job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
         if env.global_rank != 0:
-            _ray_worker([*RAY, "start", "--address", f"{head}:{port}", "--block", *common], done)
-            if done.is_file() and done.read_text() == "0":
-                shutil.rmtree(temp, ignore_errors=True)  # Ray's logs are kept when the sweep failed
+            _ray_worker([*RAY, "start", "--address", f"{head}:{port}", "--block", "--num-cpus", str(int(cpus)),
+                         "--disable-usage-stats", "--temp-dir", str(temp)], done)
+            if done.is_file() and done.read_text() != "1":
+                shutil.rmtree(temp, ignore_errors=True)  # Ray's logs are kept when trials failed
             return {"status": "worker", "summary": "Ray worker stopped"}
         done.unlink(missing_ok=True)
-        signal.signal(signal.SIGUSR2, lambda *_: launch.requeue_job(env.job_id, self.max_requeues, self.sweep_dir))
-        subprocess.run([*RAY, "start", "--head", "--node-ip-address", head, "--port", str(port),
-                        "--include-dashboard=false", *common], check=True)
         status = 1
         try:
-            _wait_for_nodes(f"{head}:{port}", env.num_nodes)
-            self.args.resume = True  # a requeued job continues the sweep it started
-            status = drive(self.args, self.sweep_dir, address=f"{head}:{port}")
+            with ray_head(temp, ip=head, port=port, cpus=cpus, verbose=self.args.verbose) as (address, keep):
+                _wait_for_nodes(address, env.num_nodes)
+                self.args.resume = True  # a requeued job continues the sweep it started
+                status = drive(self.args, self.sweep_dir, address)
+                if status == 1:
+                    keep.append("keep")
         finally:
             done.write_text(str(status))  # tells the workers to stop their Ray nodes
-            subprocess.run([*RAY, "stop", "--force"], check=False, capture_output=True)
-        if status == 0:
-            shutil.rmtree(temp, ignore_errors=True)
+        ending = {0: "finished", 1: "had failed trials", 3: "was interrupted"}.get(status, "failed")
         return {"status": "finished" if status == 0 else "failed",
-                "summary": f"sweep {self.sweep_dir.name} {'finished' if status == 0 else 'had failed trials'}, "
-                           f"report in {self.sweep_dir / 'report'}"}
+                "summary": f"sweep {self.sweep_dir.name} {ending}, report in {self.sweep_dir / 'report'}"}
 
     def checkpoint(self) -> Any:
         """submitit's own requeue path: rerun as is (the sweep resumes from its directory)."""
@@ -350,7 +653,7 @@ def _ray_worker(command: list[str], done: Path) -> None:
 def _wait_for_nodes(address: str, nodes: int, timeout: float = 300) -> None:
     import ray
 
-    ray.init(address=address)
+    ray.init(address=address, logging_level=logging.WARNING)
     deadline = time.monotonic() + timeout
     while sum(n["Alive"] for n in ray.nodes()) < nodes:
         if time.monotonic() > deadline:
@@ -450,9 +753,9 @@ def _changed_settings(parser: argparse.ArgumentParser, argv: list[str], saved: a
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # not imported: Ray reads its settings once, on first import
         print('error: the sweeps need Ray Tune: pip install -e ".[sweeps]"', file=sys.stderr)
         return 2
     try:
@@ -473,9 +776,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in ("targets", "resume", *WHERE_TO_RUN)}
+        if settings["space"]:  # --resume may run from another folder
+            settings["space"] = str(Path(settings["space"]).resolve())
         (sweep_dir / SETTINGS).write_text(yaml.safe_dump(settings))
     if args.cluster != "slurm":
-        return drive(args, sweep_dir)
+        _stop_on_signals()
+        try:
+            return run_locally(args, sweep_dir)
+        except KeyboardInterrupt:  # before the trials started, or a second Ctrl-C while the sweep ended
+            launch.say(f"sweep {sweep_dir.name} interrupted; to continue: "
+                f"{shlex.join(['python', str(HERE / 'sweep.py'), '--resume', str(sweep_dir)])}")
+            return 3
     # The job unpickles this script's SweepJob, which imports report.py and launch.py by name.
     options["setup"] = [*options["setup"], f'export PYTHONPATH="{HERE}:{HERE.parent / "jobs"}${{PYTHONPATH:+:$PYTHONPATH}}"']
     job = SweepJob(args, sweep_dir, options["max_requeues"])

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,10 +46,36 @@ def sweep_runs(cwd: Path, sweep_dir: Path) -> tuple[object, list[object]]:
     return parent, children
 
 
+def ray_processes(folder: Path) -> list[str]:
+    """Command lines of the processes that use Ray's folder ``folder`` (read from /proc, signalled by no one)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(folder) in command:
+            found.append(f"{proc.name}: {command[:200]}")
+    return found
+
+
 def test_a_sunn_vs_gunn_sweep_on_digits_nests_its_trials_and_writes_the_report(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    done = run(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=1", "--dir", str(sweep_dir)], tmp_path)
+    driver = subprocess.Popen(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=1", "--dir", str(sweep_dir)],
+                              cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = driver.communicate(timeout=900)
+    done = subprocess.CompletedProcess(driver.args, driver.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # One line per trial event, with the count of trials done; none of Ray's own chatter.
+    for trial in ("mode=sunn_seed=0", "mode=gunn_seed=0"):
+        assert re.search(rf"^\[[01]/2 done\] {trial}: started$", done.stdout, re.M), done.stdout
+        assert re.search(rf"^\[[01]/2 done\] {trial}: epoch 1/1, eval top-1 error [0-9.]+%$", done.stdout, re.M)
+        assert re.search(rf"^\[[12]/2 done\] {trial}: finished$", done.stdout, re.M)
+    for noise in ("TensorBoard", "Token authentication", "Started a local Ray instance", "Tuner.restore"):
+        assert noise not in done.stdout + done.stderr
+    # The sweep's own Ray is gone, with its folder.
+    ray_folder = Path(tempfile.gettempdir()) / f"gunn-ray-{driver.pid}"
+    assert not ray_folder.exists() and not ray_processes(ray_folder)
     parent, children = sweep_runs(tmp_path, sweep_dir)
     assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "sunn-vs-gunn"
     assert sorted(c.data.params["model.mode"] for c in children) == ["gunn", "sunn"]
@@ -73,6 +100,8 @@ def test_a_partitions_sweep_compares_segment_widths_with_sunn_as_reference(tmp_p
     _, children = sweep_runs(tmp_path, sweep_dir)
     segments = sorted(c.data.params["model.segments"] for c in children)
     assert segments == ["None", "[2, 3, 4]", "[4, 6, 8]"]  # SUNN with the model's own segments
+    # Named after what the study varies: the segment width.
+    assert sorted(c.info.run_name for c in children) == ["mode=sunn_seed=0", "width=16_seed=0", "width=8_seed=0"]
     with open(sweep_dir / "report" / "report.csv") as f:
         widths = {(row["mode"], row["segment_width"]) for row in csv.DictReader(f)}
     assert widths == {("sunn", "8/12/16"), ("gunn", "8/8/8"), ("gunn", "16/16/16")}
@@ -96,6 +125,13 @@ def test_a_partitions_sweep_compares_segment_widths_with_sunn_as_reference(tmp_p
         (["--study", "sunn-vs-gunn", "--seeds", "0", "0"], "--seeds: 0 given twice"),
         (["--study", "sunn-vs-gunn", "optim.lr=-1"], "optim.lr must be >= 0.0, got -1.0"),
         (["--study", "custom", "--space", "missing.yaml"], "--space missing.yaml"),
+        (["--study", "sunn-vs-gunn", "runtime.seed=5"],
+         "runtime.seed=5: runtime.seed is set by the sweep for every trial (use --seeds)"),
+        (["--study", "sunn-vs-gunn", "checkpoint.dir=x"], "checkpoint.dir=x: checkpoint.dir is set by the sweep"),
+        (["--study", "sunn-vs-gunn", "logging.run_name=x"], "logging.run_name=x: logging.run_name is set by the sweep"),
+        (["--study", "sunn-vs-gunn", "model.mode=gunn"], "model.mode=gunn: model.mode is what --study sunn-vs-gunn varies"),
+        (["--study", "partitions", "--widths", "8", "model.segments=[2,2,2]"],
+         "model.segments=[2,2,2]: model.segments is what --study partitions varies"),
     ],
 )
 def test_bad_sweeps_are_refused_before_ray_starts(tmp_path, args, message):
@@ -172,30 +208,83 @@ def test_refused_resume_spares_where_to_run_and_repeated_settings(tmp_path, swee
         sweep_module.parse_args(["--resume", str(folder), "--seeds", "0"])  # the default, but not the saved value
 
 
+def test_trials_run_seed_major_so_that_configurations_share_the_load_evenly(tmp_path, sweep_module):
+    args = sweep_module.parse_args(["--study", "sunn-vs-gunn", "--seeds", "0", "1", *TINY])
+    trials = sweep_module.trial_configs(args, tmp_path, "parent", "sqlite:///unused.db", check_device=False)
+    assert [t["key"] for t in trials] == ["mode=sunn_seed=0", "mode=gunn_seed=0", "mode=sunn_seed=1",
+                                          "mode=gunn_seed=1"]
+
+
 def test_a_custom_space_is_a_grid_of_configuration_values(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("model.expansion: [1, 2]\noptim.lr: [0.05]\n")
     sweep_dir = tmp_path / "sweep"
-    done = run(SWEEP + ["--study", "custom", "--space", str(space), *TINY, "optim.epochs=1",
+    done = run(SWEEP + ["--study", "custom", "--space", "space.yaml", *TINY, "optim.epochs=1",
                         "--dir", str(sweep_dir)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    # Saved as an absolute path: --resume may run from another folder.
+    assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["space"] == str(space)
     _, children = sweep_runs(tmp_path, sweep_dir)
     assert sorted((c.data.params["model.expansion"], c.data.params["optim.lr"]) for c in children) == \
         [("1", "0.05"), ("2", "0.05")]
 
 
+def start_sweep(args: list[str], cwd: Path) -> subprocess.Popen:
+    """A sweep's driver in a process group of its own, as a shell starts a command in a terminal."""
+    return subprocess.Popen(SWEEP + args, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_for(driver: subprocess.Popen, sweep_dir: Path, pattern: str, timeout: float = 600) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while not list(sweep_dir.glob(pattern)):
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no {pattern} in {timeout} s"
+        time.sleep(0.2)
+    return list(sweep_dir.glob(pattern))
+
+
+def test_ctrl_c_ends_a_sweep_with_status_3_its_unfinished_trials_killed_and_no_report(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    driver = start_sweep(["--study", "sunn-vs-gunn", "optim.epochs=2", "--max-concurrent", "1",
+                          "--dir", str(sweep_dir)], tmp_path)
+    wait_for(driver, sweep_dir, "runs/*/checkpoint-e0001-*.pt")
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C: to the terminal's foreground process group
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 3, stdout[-3000:] + stderr[-3000:]
+    assert f"To continue: python {REPO / 'pipelines' / 'sweep.py'} --resume {sweep_dir}" in stderr
+    assert "Tuner.restore" not in stdout + stderr and not (sweep_dir / "report").exists()
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    assert parent.info.status == "KILLED"
+    assert children and all(c.info.status in ("KILLED", "FINISHED") for c in children)
+    assert any(c.info.status == "KILLED" for c in children) or len(children) < 2
+    ray_folder = Path(tempfile.gettempdir()) / f"gunn-ray-{driver.pid}"
+    assert not ray_folder.exists() and not ray_processes(ray_folder)
+
+    resumed = run(SWEEP + ["--resume", str(sweep_dir)], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Failed to fetch metrics" not in resumed.stdout + resumed.stderr  # Ray's restore noise
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all([m.step for m in client(tmp_path).get_metric_history(c.info.run_id, "eval_top1_error")] == [1, 2]
+               for c in children)
+
+
 def test_a_sweep_whose_driver_is_killed_resumes_without_redoing_finished_trials(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    args = SWEEP + ["--study", "sunn-vs-gunn", "--seeds", "0", "1", *TINY, "optim.epochs=2", "--max-concurrent", "1",
-                    "--dir", str(sweep_dir)]
-    driver = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not list(sweep_dir.glob("runs/*/model-final.pt")):
-        assert driver.poll() is None and time.monotonic() < deadline, "the sweep ended or stalled"
+    driver = start_sweep(["--study", "sunn-vs-gunn", "--seeds", "0", "1", *TINY, "optim.epochs=2",
+                          "--max-concurrent", "1", "--dir", str(sweep_dir)], tmp_path)
+    # Killed as the first trial has written its final weights: before it ended its MLflow run.
+    wait_for(driver, sweep_dir, "runs/*/model-final.pt")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.communicate()
+    # The sweep's own Ray goes with it (a watchdog stops it): no process left, no folder.
+    ray_folder = Path(tempfile.gettempdir()) / f"gunn-ray-{driver.pid}"
+    deadline = time.monotonic() + 60
+    while ray_folder.exists() or ray_processes(ray_folder):
+        assert time.monotonic() < deadline, ray_processes(ray_folder)
         time.sleep(0.5)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    driver.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep_dir.glob("runs/*/model-final.pt")}
     assert 1 <= len(finished) < 4
     resumed = run(SWEEP + ["--resume", str(sweep_dir)], tmp_path)
@@ -205,16 +294,56 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_redoing_finished_trials(
     parent, children = sweep_runs(tmp_path, sweep_dir)
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     mlflow = client(tmp_path)
-    assert all([m.step for m in mlflow.get_metric_history(c.info.run_id, "eval_top1_error")] == [1, 2]
-               for c in children)
+    for child in children:  # every record complete: metrics once per epoch, and the final artifacts
+        assert [m.step for m in mlflow.get_metric_history(child.info.run_id, "eval_top1_error")] == [1, 2]
+        assert {a.path for a in mlflow.list_artifacts(child.info.run_id)} >= {"config.yaml", "curves.png",
+                                                                              "model-final.pt"}
     assert parent.info.status == "FINISHED"
+    with open(sweep_dir / "report" / "report.csv") as f:
+        assert [row["finished"] for row in csv.DictReader(f)] == ["2", "2"]
+
+
+def test_asha_stops_poor_trials_as_a_normal_ending_and_the_report_compares_equal_epochs(tmp_path):
+    # Trials in order, one at a time: the one that learns sets rung 1, the one with lr 0 falls below it.
+    (tmp_path / "space.yaml").write_text("optim.lr: [0.1, 0.0]\n")
+    sweep_dir = tmp_path / "sweep"
+    done = run(SWEEP + ["--study", "custom", "--space", "space.yaml", "optim.epochs=2", "--max-concurrent", "1",
+                        "--asha", "--dir", str(sweep_dir)], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[2/2 done] lr=0.0_seed=0: stopped early by ASHA after epoch 1" in done.stdout
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    mlflow = client(tmp_path)
+    runs = {c.data.params["optim.lr"]: c for c in children}
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+    stopped, full = runs["0.0"], runs["0.1"]
+    assert (stopped.data.tags.get("stopped_early"), stopped.data.tags.get("stopped_epoch")) == ("true", "1")
+    assert "stopped_early" not in full.data.tags
+    assert [m.step for m in mlflow.get_metric_history(stopped.info.run_id, "eval_top1_error")] == [1]
+    assert {a.path for a in mlflow.list_artifacts(full.info.run_id)} >= {"config.yaml", "curves.png", "model-final.pt"}
+    with open(sweep_dir / "report" / "report.csv") as f:
+        rows = {row["configuration"]: row for row in csv.DictReader(f)}
+    assert (rows["lr=0.0"]["epoch"], rows["lr=0.0"]["stopped"]) == ("1", "1")
+    assert (rows["lr=0.1"]["epoch"], rows["lr=0.1"]["stopped"]) == ("2", "0")
+    assert "Full budget (2 epochs): best lr=0.1" in done.stdout
 
 
 def test_a_sweep_runs_inside_one_allocation_of_the_local_slurm_cluster(slurm_cluster, tmp_path):
+    # Another user's sweep runs locally on the same host meanwhile: the Slurm sweep must not touch its Ray.
+    (tmp_path / "other").mkdir()
+    other = start_sweep(["--study", "sunn-vs-gunn", "optim.epochs=20", "--max-concurrent", "1",
+                         "--dir", str(tmp_path / "other" / "sweep")], tmp_path / "other")
+    other_ray = Path(tempfile.gettempdir()) / f"gunn-ray-{other.pid}"
+    wait_for(other, tmp_path / "other" / "sweep", "runs/*/config.yaml")
+
     sweep_dir = tmp_path / "sweep"
     done = run(SWEEP + ["--study", "sunn-vs-gunn", *TINY, "optim.epochs=1", "--dir", str(sweep_dir),
                         "--cluster", "slurm", "--profile", "dev", "--cpus-per-task", "2", "--mem-gb", "4",
                         "--logs", str(tmp_path / "logs"), "--wait"], tmp_path)
+    for _ in range(30):  # the other sweep and its Ray live on after this one stopped its own
+        assert other.poll() is None and ray_processes(other_ray), other.communicate()[1][-3000:]
+        time.sleep(0.5)
+    os.killpg(other.pid, signal.SIGINT)
+    assert other.wait(300) == 3, other.communicate()[1][-3000:]  # interrupted cleanly, not crashed
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     job = re.search(r"submitted job (\S+):", done.stdout).group(1)
     assert re.search(rf"job {job}: sweep sweep finished", done.stdout)
@@ -246,3 +375,30 @@ def test_a_sweep_over_two_nodes_places_trials_on_ray_workers_started_with_srun(s
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert sorted(c.data.tags["host"] for c in children) == slurm_cluster.nodes[:2]
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_preempted_sweep_requeues_its_allocation_and_finishes_every_trial(slurm_cluster, tmp_path):
+    sweep_dir, logs = tmp_path / "sweep", tmp_path / "logs"
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=2", "--max-concurrent", "1", "--dir", str(sweep_dir),
+                        "--cluster", "slurm", "--profile", "dev", "--cpus-per-task", "2", "--mem-gb", "4",
+                        "--logs", str(logs)], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job = re.search(r"submitted job (\S+):", done.stdout).group(1)
+    deadline = time.monotonic() + 600
+    while not list(sweep_dir.glob("runs/*/checkpoint-e0001-*.pt")):  # preempted in the first trial's epoch 2
+        assert time.monotonic() < deadline, "the sweep did not start training"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what Slurm sends before preemption
+    deadline = time.monotonic() + 900
+    while job in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split():
+        assert time.monotonic() < deadline, "the requeued sweep did not end"
+        time.sleep(2)
+    out = (logs / job / f"{job}_0_log.out").read_text()
+    assert f"requeueing job {job} (restart 1)" in out, out[-3000:]
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.info.status == "FINISHED" for c in children)
+    mlflow = client(tmp_path)
+    assert all([m.step for m in mlflow.get_metric_history(c.info.run_id, "eval_top1_error")] == [1, 2]
+               for c in children)
+    assert (sweep_dir / "report" / "report.md").is_file()
