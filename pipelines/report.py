@@ -109,6 +109,7 @@ class Summary(NamedTuple):
     curves: dict[str, dict[str, tuple[list[int], list[float]]]]
     budget: int | None
     full: set[str]
+    at_budget: dict[str, list[float]]  # each configuration's errors of the trials that reached the budget
 
 
 def _by_epoch(history: list[Any]) -> dict[int, float]:
@@ -136,7 +137,7 @@ def summarize(client: Any, children: list[Any]) -> Summary:
                  for c in children}
     last = {run_id: max(h["eval_top1_error"], default=None) for run_id, h in histories.items()}
     budget = max((e for e in last.values() if e is not None), default=None)
-    rows, curves, full = [], {}, set()
+    rows, curves, full, at_budget = [], {}, set(), {}
     for label, runs in sorted(groups.items()):
         params, flops, widths, mode = model_cost(runs[0].data.params)
         runs_h = [histories[r.info.run_id] for r in runs]
@@ -180,7 +181,9 @@ def summarize(client: Any, children: list[Any]) -> Summary:
                          for name in ("eval_top1_error", "train_top1_error")}
         if budget is not None and all(last[r.info.run_id] == budget for r in runs):
             full.add(label)
-    return Summary(rows, curves, budget, full)
+        at_budget[label] = [histories[r.info.run_id]["eval_top1_error"][budget] for r in evaluated
+                            if last[r.info.run_id] == budget]
+    return Summary(rows, curves, budget, full, at_budget)
 
 
 def _mean_curve(histories: list[dict[int, float]]) -> tuple[list[int], list[float]]:
@@ -196,11 +199,18 @@ def budget_line(summary: Summary) -> str:
         return "Full budget: no trial has logged an evaluation yet."
     head = f"Full budget ({summary.budget} epoch{'s' * (summary.budget != 1)})"
     done = [r for r in summary.rows if r["configuration"] in summary.full and not math.isnan(r["top1_error_mean"])]
-    if not done:
-        return f"{head}: no configuration ran the full budget in all its trials."
-    best = min(done, key=lambda r: r["top1_error_mean"])
-    return (f"{head}: best {best['configuration']}: top-1 error "
-            f"{best['top1_error_mean']:.2f} ± {best['top1_error_std']:.2f} %")
+    if done:
+        best = min(done, key=lambda r: r["top1_error_mean"])
+        return (f"{head}: best {best['configuration']}: top-1 error "
+                f"{best['top1_error_mean']:.2f} ± {best['top1_error_std']:.2f} %")
+    some = {label: errors for label, errors in summary.at_budget.items() if errors}
+    if not some:
+        return f"{head}: no configuration ran the full budget in all its trials, and no trial reached it."
+    label = min(some, key=lambda k: statistics.mean(some[k]))
+    errors, seeds = some[label], next(r["seeds"] for r in summary.rows if r["configuration"] == label)
+    spread = statistics.stdev(errors) if len(errors) > 1 else 0.0
+    return (f"{head}: no configuration ran the full budget in all its trials; of the trials that did, best "
+            f"{label}: top-1 error {statistics.mean(errors):.2f} ± {spread:.2f} % ({len(errors)} of {seeds} seeds)")
 
 
 # The engine's peak_memory_mb: torch.cuda.max_memory_allocated on CUDA, else the process's ru_maxrss.
