@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,112 @@ def test_copy_layout_refuses_two_tensors_of_one_layout(ops):
     x = torch.randn(2, 8, 4, 4)
     with pytest.raises(RuntimeError, match="between NCHW and channels_last only"):
         ops.copy_layout(torch.empty_like(x), x)
+
+
+# The build cache: real builds in a temporary GUNN_KERNEL_DIR, in subprocesses (a process can
+# register the gunn_cpu operators once). Two fresh builds in all.
+
+COMPILING = "compiling the CPU kernels"
+
+USE = textwrap.dedent(
+    """
+    import hashlib, sys
+    from pathlib import Path
+    import torch
+    from gunn.layers import cpu_kernels
+    if len(sys.argv) > 1:
+        cpu_kernels.SOURCE = Path(sys.argv[1])  # another checkout's copy of the source
+    assert cpu_kernels.available(), "the kernels did not load"
+    torch.manual_seed(0)
+    x = torch.randn(300, 12, dtype=torch.float64)
+    gamma, beta = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    out_a, out_b = torch.empty(300, 5, dtype=torch.float64), torch.empty(300, 7, dtype=torch.float64)
+    mean, invstd = torch.ops.gunn_cpu.bn_forward(x, gamma, beta, None, None, 0.1, 1e-5, out_a, out_b, None, False)
+    result = torch.cat([out_a.flatten(), out_b.flatten(), mean, invstd])
+    print("result", hashlib.sha256(result.numpy().tobytes()).hexdigest())
+    """
+)
+
+
+def _compiler():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+
+
+def _start(root, source=None):
+    env = dict(os.environ, GUNN_KERNEL_DIR=str(root), OMP_NUM_THREADS="1")
+    env.pop("GUNN_CPU_KERNELS", None)
+    args = [sys.executable, "-c", USE] + ([str(source)] if source else [])
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+
+
+def _finish(process):
+    out, err = process.communicate(timeout=900)
+    assert process.returncode == 0, err
+    result = [line for line in out.splitlines() if line.startswith("result ")]
+    return result[0], err
+
+
+def _libraries(root):
+    """Every compiled library under the cache root, with its modification time."""
+    return {path: path.stat().st_mtime_ns for path in root.rglob("*.so")}
+
+
+def test_two_checkouts_share_one_build(tmp_path):
+    _compiler()
+    root = tmp_path / "kernels"
+    copies = []
+    for checkout in ("checkout-a", "venv-b/checkout-b"):
+        copy = tmp_path / checkout / "gunn" / "layers" / "cpu_kernels.cpp"
+        copy.parent.mkdir(parents=True)
+        shutil.copy(cpu_kernels.SOURCE, copy)
+        copies.append(copy)
+
+    first, err = _finish(_start(root, copies[0]))
+    assert COMPILING in err
+    built = _libraries(root)
+    assert len(built) == 1, built
+
+    second, err = _finish(_start(root, copies[1]))
+    assert COMPILING not in err, err
+    assert _libraries(root) == built  # loaded as it was: not rebuilt, not relinked
+    assert second == first
+    ninja_files = list(root.rglob("build.ninja"))
+    assert len(ninja_files) == 1
+    text = ninja_files[0].read_text()
+    assert "checkout-a" not in text and "checkout-b" not in text  # builds the cache's own copy
+
+
+def test_processes_starting_at_once_build_once(tmp_path):
+    _compiler()
+    root = tmp_path / "kernels"
+    processes = [_start(root) for _ in range(3)]
+    finished = [_finish(process) for process in processes]
+    messages = sum(err.count(COMPILING) for _, err in finished)
+    assert messages == 1, [err for _, err in finished]
+    assert len({result for result, _ in finished}) == 1
+    assert len(_libraries(root)) == 1
+
+
+def test_the_cache_is_keyed_by_the_source_contents_not_its_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("GUNN_KERNEL_DIR", str(tmp_path / "kernels"))
+    same, changed = tmp_path / "a" / "cpu_kernels.cpp", tmp_path / "b" / "cpu_kernels.cpp"
+    for copy in (same, changed):
+        copy.parent.mkdir()
+        shutil.copy(cpu_kernels.SOURCE, copy)
+    with changed.open("a") as file:
+        file.write("\n// an edit\n")
+    directory = cpu_kernels.build_directory()
+    assert directory.parent == tmp_path / "kernels"
+    assert cpu_kernels.build_directory(same) == directory
+    assert cpu_kernels.build_directory(changed) != directory
+    assert cpu_kernels.build_directory(changed).parent == tmp_path / "kernels"
+
+
+def test_the_default_cache_is_per_user(monkeypatch, tmp_path):
+    monkeypatch.delenv("GUNN_KERNEL_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_kernels.build_directory().parent == tmp_path / "xdg" / "gunn" / "kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cpu_kernels.build_directory().parent == Path.home() / ".cache" / "gunn" / "kernels"
