@@ -8,6 +8,7 @@ read as YAML, so ``optim.lr=0.05``, ``model.segments=[10,10,10]``, ``runtime.amp
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -52,10 +53,10 @@ class ModelConfig:
     """Which network, and the overrides that the ablations need (None keeps the model's)."""
 
     name: str = field(default="gunn_tiny", metadata=_meta("registered model name (gunn.models.list_models())"))
-    mode: Literal["gunn", "sunn"] | None = field(default=None, metadata=_meta("update order"))
-    residual: bool | None = field(default=None, metadata=_meta("residual updates (False: the NoRes ablation)"))
-    segments: list[int] | None = field(default=None, metadata=_meta("segment count of each GUNN layer"))
-    expansion: int | None = field(default=None, metadata=_meta("bottleneck expansion K", min=1))
+    mode: Literal["gunn", "sunn"] | None = field(default=None, metadata=_meta("update order: gunn (gradual) or sunn (simultaneous); null: the model's"))
+    residual: bool | None = field(default=None, metadata=_meta("residual updates (false: the NoRes ablation); null: the model's"))
+    segments: list[int] | None = field(default=None, metadata=_meta("segment count of each GUNN layer, e.g. [10, 10, 10]; null: the model's"))
+    expansion: int | None = field(default=None, metadata=_meta("bottleneck expansion K; null: the model's", min=1))
     memory: Literal["efficient", "recompute", "autograd"] = field(
         default="efficient", metadata=_meta("backward strategy of the GUNN layers")
     )
@@ -243,6 +244,44 @@ def flatten(config: RunConfig) -> dict[str, Any]:
     return out
 
 
+def resolve(config: RunConfig) -> RunConfig:
+    """A copy of ``config`` whose model fields left None (``mode``, ``residual``, ``segments``,
+    ``expansion``) hold the values its model actually uses: the values to print, save and log.
+
+    The model is built on the meta device (nothing allocated). ``segments`` becomes one count per
+    GUNN layer; a field whose value differs between layers (no registered model does that) stays
+    None. Resolving a resolved configuration changes nothing, and it builds the same model.
+    ConfigError if the model cannot be built from these values.
+    """
+    import torch
+
+    from gunn.layers import GunnLayer
+    from gunn.models import create_model, list_models
+
+    m = config.model
+    if m.name not in list_models():
+        raise ConfigError(f"model.name {m.name!r} is not a model; models: {', '.join(list_models())}")
+    try:
+        with torch.device("meta"):
+            model = create_model(m.name, mode=m.mode, residual=m.residual, segments=m.segments,
+                                 expansion=m.expansion, memory=m.memory)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+    layers = [layer for layer in model.modules() if isinstance(layer, GunnLayer)]
+    resolved = copy.deepcopy(config)
+    if not layers:
+        return resolved
+
+    def shared(attribute: str) -> Any:
+        values = {getattr(layer, attribute) for layer in layers}
+        return values.pop() if len(values) == 1 else None
+
+    r = resolved.model
+    r.mode, r.residual, r.expansion = shared("mode"), shared("residual"), shared("expansion")
+    r.segments = [int(layer.segments) for layer in layers]
+    return resolved
+
+
 def dump(config: RunConfig) -> str:
     """The configuration as YAML; ``load`` of this text gives the same configuration."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)
@@ -321,9 +360,15 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported type {hint} for {path}")  # a schema bug, not a user error
 
 
+def _as_written(value: Any) -> str:
+    """A value as it is written in YAML or an override (``null``, ``true``, ``[0.5, 0.75]``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
 def help_text() -> str:
-    """Every field with its default and meaning (``jobs/launch.py --fields``)."""
-    lines = []
+    """Every field with its default and meaning, in aligned columns (``jobs/launch.py --fields``)."""
+    rows = []
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -332,7 +377,12 @@ def help_text() -> str:
                 walk(hints[f.name], f"{prefix}{f.name}.")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {prefix}{f.name} = {default!r:14}  {f.metadata.get('help', '')}")
+            rows.append((f"{prefix}{f.name}", _as_written(default), f.metadata.get("help", "")))
 
     walk(RunConfig, "")
-    return "\n".join(lines)
+    rows.insert(0, ("FIELD", "DEFAULT", "MEANING"))
+    name_width, default_width = (max(len(row[i]) for row in rows) for i in (0, 1))
+    head = ("Configuration fields. DEFAULT is the schema's default, used where the preset or YAML file does not\n"
+            "set the field: a preset sets its own values (see them with: python jobs/launch.py PRESET --print-config).\n"
+            "Set any field with section.field=value (a YAML value).\n")
+    return head + "\n".join(f"  {n:{name_width}}  {d:{default_width}}  {h}".rstrip() for n, d, h in rows)

@@ -58,6 +58,23 @@ CLUSTER_OPTIONS: dict[str, tuple[type, Any]] = {
     "sbatch": (dict, {}),
     "setup": (list, []),
 }
+# What each cluster option of the command line means, and its metavar.
+CLUSTER_HELP: dict[str, tuple[str, str]] = {
+    "partition": ("NAME", "Slurm partition (sbatch --partition; default: the cluster's default partition)"),
+    "account": ("NAME", "account charged for the job (sbatch --account)"),
+    "qos": ("NAME", "quality of service (sbatch --qos)"),
+    "constraint": ("FEATURES", "node features the job needs, e.g. a100 (sbatch --constraint)"),
+    "nodes": ("N", "nodes of the job (default 1); DDP runs nodes x tasks-per-node ranks"),
+    "tasks_per_node": ("N", "tasks (DDP ranks) per node, one per GPU (default 1)"),
+    "gpus_per_node": ("N", "GPUs per node (default 0); with GPUs the run trains on CUDA"),
+    "cpus_per_task": ("N", "CPUs per task: data loader workers + the training process (default 1)"),
+    "mem_gb": ("GB", "memory per node in GB (default: the partition's)"),
+    "time_min": ("MINUTES", "time limit of each start of the job (default 60); it checkpoints and requeues "
+                 "itself before it"),
+    "signal_delay_s": ("SECONDS", "send SIGUSR2 (checkpoint and requeue) this long before the time limit "
+                       "(default 120)"),
+    "max_requeues": ("N", "give up after this many requeues, time limits and preemptions together (default 10)"),
+}
 # Signals that make a local run checkpoint at the next batch and stop (a second one aborts).
 LOCAL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # Signals a Slurm task handles: SIGUSR2 checkpoints and requeues, SIGTERM checkpoints and stops.
@@ -79,8 +96,8 @@ def hoist_overrides(argv: list[str]) -> list[str]:
     return overrides + rest
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    argv = hoist_overrides(sys.argv[1:] if argv is None else list(argv))
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's command line."""
     parser = argparse.ArgumentParser(
         prog="python jobs/launch.py", description=__doc__.split("\n\n")[0],
         epilog=f"presets: {', '.join(cfgmod.list_presets())}; profiles: {', '.join(list_profiles())}. "
@@ -88,11 +105,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("targets", nargs="*", metavar="PRESET|CONFIG|FIELD=VALUE",
                         help="presets or YAML files (default: digits), then section.field=value overrides")
-    parser.add_argument("--nproc", type=int, default=1, help="local data-parallel processes (default 1)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (runtime.seed); a job array on Slurm")
-    parser.add_argument("--fields", action="store_true", help="list every configuration field and exit")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration(s) and exit")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="local data-parallel processes (default 1): gloo on the CPU, NCCL on GPUs")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="one run per seed (runtime.seed); a job array on Slurm")
+    parser.add_argument("--fields", action="store_true",
+                        help="list every configuration field with its schema default and meaning, and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the configuration(s) with the values the run will use (the model's own "
+                        "where a model field is null) and exit; needs no data")
     add_cluster_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = hoist_overrides(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.configs = [t for t in args.targets if "=" not in t] or [None]
     args.overrides = [t for t in args.targets if "=" in t]
@@ -105,20 +133,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that say where and how a job runs (shared with pipelines/sweep.py)."""
-    slurm = parser.add_argument_group("Slurm (--cluster slurm)")
-    slurm.add_argument("--cluster", choices=["local", "slurm"], default="local", help="where to run (default: here)")
-    slurm.add_argument("--profile", help="cluster profile: a name in slurm/profiles/ or a YAML file")
+    slurm = parser.add_argument_group(
+        "Slurm (--cluster slurm)",
+        "Where and how the job runs. Each option overrides the --profile's value; the defaults hold where neither "
+        "sets it.")
+    slurm.add_argument("--cluster", choices=["local", "slurm"], default="local",
+                       help="local: run on this machine (default); slurm: submit a Slurm job through submitit")
+    slurm.add_argument("--profile", metavar="NAME|FILE",
+                       help=f"cluster profile: a name in slurm/profiles/ ({', '.join(list_profiles()) or 'none'}) or "
+                       "a YAML file of the options below")
     for key, (kind, _) in CLUSTER_OPTIONS.items():
         if kind in (int, str):
-            slurm.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=None)
+            metavar, text = CLUSTER_HELP[key]
+            slurm.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=None, metavar=metavar,
+                               help=text)
     slurm.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other sbatch option, e.g. --sbatch exclusive=true --sbatch mail-type=END")
-    slurm.add_argument("--logs", type=Path, default=Path("runs/slurm"), help="submitit's job folder (logs)")
-    slurm.add_argument("--wait", action="store_true", help="follow the job(s) to the end; exit with their status")
+                       help="any other sbatch option, repeatable, e.g. --sbatch exclusive=true --sbatch mail-type=END")
+    slurm.add_argument("--logs", type=Path, default=Path("runs/slurm"), metavar="DIR",
+                       help="folder of submitit's job files and the Slurm logs (default: runs/slurm)")
+    slurm.add_argument("--wait", action="store_true",
+                       help="follow the job(s) to the end and exit with their status (default: return once submitted)")
 
 
 def resolve(args: argparse.Namespace, world_size: int, gpus_per_node: int = 0) -> list[RunConfig]:
     """The checked configuration of every run, each with its run directory fixed.
+
+    With ``--print-config`` data that is missing is no error (a note on stderr says so): printing
+    a configuration does not need the data, only training does.
 
     A Slurm job that asks for GPUs trains on them (runtime.device ``auto`` becomes ``cuda``), so that a
     job whose GPUs CUDA cannot use stops with the reason instead of training on the CPU. Whether
@@ -136,7 +177,12 @@ def resolve(args: argparse.Namespace, world_size: int, gpus_per_node: int = 0) -
             config.name = f"{config.name}-seed{seed}"
         if gpus_per_node > 0 and config.runtime.device == "auto":
             config.runtime.device = "cuda"
-        validate(config, world_size=world_size, check_device=args.cluster != "slurm")
+        try:
+            validate(config, world_size=world_size, check_device=args.cluster != "slurm")
+        except DataError as err:  # the data is checked last: everything else was checked
+            if not args.print_config:  # printing a configuration does not need its data; training does
+                raise
+            print(f"note: {config.name} cannot train here yet: {err}", file=sys.stderr)
         configs.append(config)
     if len(configs) > 1 and any(c.checkpoint.dir for c in configs):
         raise ConfigError("checkpoint.dir names one directory, but this call starts several runs; leave it unset")
@@ -758,7 +804,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
-        print("---\n".join(cfgmod.dump(c) for c in configs), end="")
+        try:  # the values the model uses where the configuration leaves them to the model
+            printed = [cfgmod.dump(cfgmod.resolve(c)) for c in configs]
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print("---\n".join(printed), end="")
         return 0
     if args.cluster == "slurm":
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gunn import config
@@ -94,6 +96,44 @@ def test_flatten_gives_one_key_per_field():
 def test_help_lists_every_field_with_its_meaning():
     text = config.help_text()
     assert "optim.lr_steps" in text and "fractions of the epochs" in text and "data.root" in text
+
+
+def test_the_field_list_has_aligned_columns_and_says_its_defaults_are_the_schemas():
+    text = config.help_text()
+    head, rows = text.split("\n  FIELD", 1)
+    assert "schema" in head and "preset" in head and "--print-config" in head
+    header, *rows = ("  FIELD" + rows).splitlines()
+    default, meaning = header.index("DEFAULT"), header.index("MEANING")
+    assert len(rows) == len(config.flatten(config.RunConfig()))
+    for row in rows:
+        assert row[default - 2 : default] == "  " and row[default] != " ", row  # every default starts in its column
+        assert row[meaning - 2 : meaning] == "  " and row[meaning] != " ", row  # every meaning too
+        assert row[2:default].strip() in config.flatten(config.RunConfig())
+    assert re.search(r"^  optim\.lr_steps +\[0\.5, 0\.75\] +step: fractions", text, re.M)
+    assert re.search(r"^  model\.mode +null +update order.*null: the model's", text, re.M)
+
+
+@pytest.mark.parametrize("preset, mode, segments, expansion", [
+    ("digits", "gunn", [4, 4, 4], 2), ("gunn24-cifar10", "gunn", [20, 25, 30], 3),
+    ("sunn15-cifar10", "sunn", [20, 25, 30], 2), ("gunn18-imagenet", "gunn", [10, 20, 40, 50], 2),
+])
+def test_resolve_records_the_values_the_model_uses(preset, mode, segments, expansion):
+    loaded = config.load(preset)
+    assert (loaded.model.mode, loaded.model.segments, loaded.model.residual, loaded.model.expansion) == (None,) * 4
+    resolved = config.resolve(loaded)
+    m = resolved.model
+    assert (m.mode, m.segments, m.residual, m.expansion) == (mode, segments, True, expansion)
+    assert loaded.model.mode is None  # a copy: the configuration given is left as it was
+    assert config.resolve(resolved) == resolved
+    flat = config.flatten(resolved)
+    assert (flat["model.mode"], flat["model.segments"]) == (mode, segments)
+
+
+def test_resolve_keeps_the_values_a_run_sets_and_refuses_a_model_that_cannot_be_built():
+    c = config.resolve(config.load("digits", ["model.mode=sunn", "model.segments=[2, 4, 8]", "model.residual=false"]))
+    assert (c.model.mode, c.model.segments, c.model.residual, c.model.expansion) == ("sunn", [2, 4, 8], False, 2)
+    with pytest.raises(ConfigError, match="model: segments"):
+        config.resolve(config.load("digits", ["model.segments=[5, 5, 5]"]))
 
 
 @pytest.mark.parametrize("written, value", [("1e-3", 1e-3), ("1E-3", 1e-3), ("5e2", 500.0), ("-2e-1", -0.2),

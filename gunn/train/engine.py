@@ -31,7 +31,7 @@ from gunn import config as cfgmod
 from gunn.config import ConfigError, RunConfig
 from gunn.data import DataBundle, build_data, check_data
 from gunn.layers import GunnLayer
-from gunn.models import create_model, list_models
+from gunn.models import create_model
 from gunn.train import checkpoint as ckpt
 from gunn.train import distributed
 from gunn.train.device import resolve as resolve_device
@@ -113,8 +113,7 @@ def validate(config: RunConfig, world_size: int = 1, check_device: bool = True) 
         raise ConfigError(f"optim.snapshots={o.snapshots} must divide optim.epochs={o.epochs} (whole-epoch cycles)")
     if o.batch_size % world_size:
         raise ConfigError(f"optim.batch_size={o.batch_size} must be a multiple of the {world_size} ranks")
-    if config.model.name not in list_models():
-        raise ConfigError(f"model.name {config.model.name!r} is not a model; models: {', '.join(list_models())}")
+    cfgmod.resolve(config)  # builds the model on the meta device: ConfigError for a name or values it rejects
     r = config.runtime
     if r.cuda_graphs and r.compile:
         raise ConfigError("runtime.cuda_graphs and runtime.compile exclude each other: choose one")
@@ -125,11 +124,6 @@ def validate(config: RunConfig, world_size: int = 1, check_device: bool = True) 
         raise ConfigError("runtime.cuda_graphs=true cannot capture dist.sync_bn's collectives; turn one of them off")
     if r.cuda_graphs and kind == "cpu":
         raise ConfigError("runtime.cuda_graphs=true needs a GPU (CUDA graphs); set it to false on the CPU")
-    try:
-        with torch.device("meta"):  # builds the architecture without allocating it
-            create_model(config.model.name, **_model_overrides(config, num_classes=10, in_chans=3))
-    except ValueError as err:
-        raise ConfigError(f"model: {err}") from None
     check_data(config.data)
 
 
@@ -161,6 +155,7 @@ def train(config: RunConfig, *, stop_after: int | None = None, on_epoch: EpochCa
     together = False  # after an error the other ranks may never reach the final barrier
     try:
         validate(config, info.world_size)
+        config = cfgmod.resolve(config)  # the model's own values where model fields are null: saved and logged
         run = _Run(config, info, on_epoch)
         with run.locked():
             result = run.run(stop_after)
@@ -309,7 +304,7 @@ class _Run:
 
     def _warn_config_changes(self, saved: dict[str, Any]) -> None:
         now = cfgmod.flatten(self.config)
-        old = cfgmod.flatten(cfgmod.from_dict(saved))
+        old = cfgmod.flatten(cfgmod.resolve(cfgmod.from_dict(saved)))  # runs saved before resolving held nulls
         changed = [k for k in now if now[k] != old.get(k) and not k.startswith(_NO_EFFECT_ON_RESULTS)]
         if changed and self.info.is_main:
             warnings.warn(f"continuing {self.run_dir} with changed settings: "

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
@@ -90,10 +91,46 @@ def test_bad_input_is_reported_with_its_field_before_any_work(tmp_path, args, me
 def test_fields_and_the_resolved_configuration_can_be_printed(tmp_path):
     fields = launch(["--fields"], tmp_path)
     assert fields.returncode == 0 and "optim.batch_size" in fields.stdout
-    resolved = launch(["gunn15-cifar100", "optim.epochs=3", "--print-config", "data.root=."], tmp_path)
-    assert resolved.returncode == 2  # no CIFAR here: checked even before printing
     printed = launch(["optim.epochs=3", "--print-config"], tmp_path)
     assert printed.returncode == 0 and "epochs: 3" in printed.stdout and f"dir: {tmp_path}/runs/digits-" in printed.stdout
+
+
+def test_printing_a_configuration_needs_no_data_but_training_does(tmp_path):
+    # The README's own example, on a machine without CIFAR.
+    printed = launch(["gunn24-cifar10", "--print-config"], tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    config = yaml.safe_load(printed.stdout)
+    assert (config["name"], config["model"]["name"], config["data"]["name"]) == ("gunn24-cifar10", "gunn24", "cifar10")
+    assert "cifar10 not found" in printed.stderr and "Traceback" not in printed.stderr  # said, as a note
+    trained = launch(["gunn24-cifar10", "optim.epochs=1"], tmp_path)
+    assert trained.returncode == 2
+    assert "error: cifar10 not found: expected data/cifar-10-batches-py/" in trained.stderr
+    assert "python -m gunn.data download cifar10 --root data" in trained.stderr and "Traceback" not in trained.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_printed_configuration_holds_the_model_values_the_run_uses(launcher, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert launcher.main(["--print-config"]) == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model == {"name": "gunn_tiny", "mode": "gunn", "residual": True, "segments": [4, 4, 4], "expansion": 2,
+                     "memory": "efficient"}
+    assert launcher.main(["sunn15-cifar10", "model.segments=[10, 10, 10]", "model.residual=false", "data.root=.",
+                          "--print-config"]) == 0
+    out = capsys.readouterr()
+    model = yaml.safe_load(out.out)["model"]
+    assert (model["mode"], model["segments"], model["residual"], model["expansion"]) == ("sunn", [10, 10, 10], False, 2)
+    assert "cifar10 not found" in out.err
+
+
+def test_every_option_of_the_help_says_what_it_does(launcher):
+    parser = launcher.build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), f"{action.option_strings or action.dest} has no description"
+    text = parser.format_help()
+    for option, words in [("--time-min", "time limit"), ("--partition", "partition"), ("--gpus-per-node", "GPUs"),
+                          ("--max-requeues", "requeues"), ("--signal-delay-s", "SIGUSR2"), ("--mem-gb", "memory")]:
+        assert re.search(rf"{option} \S+\s+[^\n]*{words}", text), (option, text)
 
 
 def test_a_slurm_job_given_gpus_must_train_on_them_and_the_login_node_does_not_check_them(tmp_path):

@@ -99,7 +99,7 @@ def test_a_partitions_sweep_compares_segment_widths_with_sunn_as_reference(tmp_p
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _, children = sweep_runs(tmp_path, sweep_dir)
     segments = sorted(c.data.params["model.segments"] for c in children)
-    assert segments == ["None", "[2, 3, 4]", "[4, 6, 8]"]  # SUNN with the model's own segments
+    assert segments == ["[2, 3, 4]", "[4, 4, 4]", "[4, 6, 8]"]  # SUNN with the model's own segments, as used
     # Named after what the study varies: the segment width.
     assert sorted(c.info.run_name for c in children) == ["mode=sunn_seed=0", "width=16_seed=0", "width=8_seed=0"]
     with open(sweep_dir / "report" / "report.csv") as f:

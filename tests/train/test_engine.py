@@ -53,6 +53,9 @@ def test_a_run_reports_every_epoch_and_saves_its_configuration(tmp_path):
         assert all(math.isfinite(h[key]) for h in result.history), key
     saved = cfgmod.load(result.run_dir / "config.yaml")
     assert saved.optim.epochs == 3 and saved.checkpoint.dir == str(result.run_dir)
+    # The values the model used, not the nulls that left them to it.
+    m = saved.model
+    assert (m.mode, m.residual, m.segments, m.expansion) == ("gunn", True, [4, 4, 4], 2), m
     assert (result.run_dir / "model-final.pt").is_file()
 
 
@@ -188,6 +191,7 @@ def test_a_run_logs_config_metrics_tags_and_artifacts_to_mlflow_and_resumes_the_
     run = client.get_run(second.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["model.name"] == "gunn_tiny"
+    assert (run.data.params["model.mode"], run.data.params["model.segments"]) == ("gunn", "[4, 4, 4]")
     assert len(run.data.params) == len(cfgmod.flatten(small(tmp_path)))
     assert {"model", "mode", "segments", "world_size", "git_commit", "host"} <= set(run.data.tags)
     assert run.data.tags["mode"] == "gunn" and run.data.tags["segments"] == "4,4,4"
