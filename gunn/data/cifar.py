@@ -1,4 +1,4 @@
-"""CIFAR-10/100 through torchvision's reader, with the paper's augmentation (SPEC section 3)."""
+"""CIFAR-10/100 through torchvision's reader, with the paper's augmentation (docs/lifecycle.md, "The paper's recipes")."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Cifar:
         except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
             raise DataError(f"cifar{classes} in {root} is incomplete or corrupt ({err}); download it again") from None
         self.num_classes = classes
-        # Normalisation with the per-channel mean and std of the training set (SPEC section 3).
+        # Normalisation with the per-channel mean and std of the training set (the paper's recipe).
         pixels = train_set.data.reshape(-1, 3).astype(np.float64) / 255.0
         self.mean = torch.tensor(pixels.mean(0), dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(pixels.std(0), dtype=torch.float32).view(3, 1, 1)

@@ -231,8 +231,8 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         try:
-            # A fresh pipeline per epoch: its reader gets this epoch's file order (building takes
-            # milliseconds) and its random streams restart from (seed, epoch, rank). Building it
+            # A fresh pipeline per epoch: its reader gets this epoch's file order (building is
+            # cheap next to an epoch) and its random streams restart from (seed, epoch, rank). Building it
             # starts DALI on the device: a missing GPU or a driver too old for DALI's CUDA fails here.
             pipe = self._pipeline(files, labels, epoch)
             pipe.build()

@@ -89,8 +89,8 @@ class GunnLayer(GradualUpdate):
     ``residual=False`` replaces each segment by its update (the paper's NoRes ablation).
 
     Training in GUNN mode with ``memory="efficient"`` runs a hand-written backward for these
-    units (``gunn.layers.fastpath``) where it applies; ``fast_path = False`` makes the layer
-    use the generic container's path instead (same numbers, slower).
+    units (``gunn.layers.fastpath``) where ``fast_path_applies`` says so; ``fast_path = False``
+    makes the layer use the generic container's path instead (same numbers, slower).
     """
 
     def __init__(
@@ -127,9 +127,37 @@ class GunnLayer(GradualUpdate):
             f"depth={self.depth}, projection={self.projection}, " + super().extra_repr()
         )
 
+    def fast_path_applies(self, x: Tensor) -> bool:
+        """Whether training in GUNN mode with ``memory="efficient"`` runs x through the
+        hand-written backward (``gunn.layers.fastpath``), which then computes exactly what the
+        generic path would.
+
+        The layer's side: ``fast_path`` on, ``depth`` 1, units made of nothing but the
+        paper's bottleneck and projection (plain ``Conv2d`` and ``BatchNorm2d``, no module
+        swapped in) and no hooks, on these modules or global ones (the fast path calls no
+        module's forward). ``fastpath.supported`` adds what it can compute: the input, the
+        convolutions' and BatchNorms' settings.
+        """
+        if not getattr(self, "fast_path", False) or self.depth != 1 or _global_hooks():
+            return False
+        convs: list[nn.Conv2d] = []
+        norms: list[nn.BatchNorm2d] = []
+        for module in _submodules(self.units):
+            if _has_hooks(module):
+                return False
+            kind = type(module)
+            if kind is nn.BatchNorm2d:
+                norms.append(module)
+            elif kind is nn.Conv2d:
+                convs.append(module)
+            elif kind not in _CONTAINERS:
+                return False
+        return fastpath.supported(x, convs, norms)
+
     def _gradual_efficient(self, x: Tensor) -> Tensor:
-        if self.memory == "efficient" and fastpath.supported(self, x):
-            return fastpath.gradual_update(self, x)
+        if self.memory == "efficient" and self.fast_path_applies(x):
+            units = [_unit_modules(unit) for unit in self.units]
+            return fastpath.gradual_update(x, units, self.residual, self._gradual_autograd)
         return super()._gradual_efficient(x)
 
     def simultaneous_update(self, x: Tensor) -> Tensor:
@@ -154,6 +182,48 @@ def _bottleneck_tail_many(h: Tensor, blocks: Sequence[Bottleneck], groups: int) 
     """``Bottleneck.tail`` of every unit at once, as grouped convs."""
     h = F.relu(conv_bn_many(h, [b.conv2 for b in blocks], [b.bn2 for b in blocks], groups))
     return conv_bn_many(h, [b.conv3 for b in blocks], [b.bn3 for b in blocks], groups)
+
+
+# Modules of the units that only arrange the convs and norms (their forwards add nothing).
+_CONTAINERS = (nn.ModuleList, nn.Sequential, UpdateUnit, Bottleneck)
+
+
+def _unit_modules(unit: UpdateUnit) -> fastpath.UnitModules:
+    """A unit with one bottleneck (depth 1) as the fast path reads it."""
+    block = unit.blocks[0]
+    proj_conv, proj_bn = (None, None) if unit.proj is None else (unit.proj[0], unit.proj[1])
+    return fastpath.UnitModules(
+        block.conv1, block.bn1, block.conv2, block.bn2, block.conv3, block.bn3, proj_conv, proj_bn
+    )
+
+
+def _submodules(root: nn.Module) -> list[nn.Module]:
+    """Every module under root (root included), like ``root.modules()`` at a fraction of its cost."""
+    found, stack = [], [root]
+    while stack:
+        module = stack.pop()
+        found.append(module)
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return found
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or getattr(module, "_backward_pre_hooks", None)
+    )
+
+
+def _global_hooks() -> bool:
+    hooks = nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or getattr(hooks, "_global_backward_pre_hooks", None)
+    )
 
 
 def _batch_norms_fusable(module: nn.Module) -> bool:

@@ -338,8 +338,8 @@ void copy_layout(const at::Tensor& dst, const at::Tensor& src) {
   // As matrices: src (C, HW) or (HW, C) with leading dimension lds into its transpose.
   const int64_t lds = to_cl ? src.stride(1) : src.stride(3), ldd = to_cl ? dst.stride(3) : dst.stride(1);
   // Tiles of 8 channels x 8 pixels; a task takes 8 channels of one image and walks its
-  // pixels: the NCHW side is read or written as 8 sequential streams (measured 3x faster
-  // than walking the channels_last side row after row).
+  // pixels: the NCHW side is read or written as 8 sequential streams (faster than walking
+  // the channels_last side row after row; `python -m gunn.bench --only kernels` times the copy).
   const int64_t outer = (C + 7) / 8, inner = (HW + 7) / 8;
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "gunn_copy_layout", [&] {
     using T = scalar_t;
@@ -371,8 +371,8 @@ void copy_layout(const at::Tensor& dst, const at::Tensor& src) {
 // One GUNN update unit of the paper (1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU, 1x1 conv, BN,
 // plus the projection's 1x1 conv and BN), forward and backward, in channels_last. What
 // gunn/layers/fastpath.py computes op by op for the ATen backend, as one call: per unit that
-// saves about 15 calls from Python (0.3-0.5 ms of interpreter and dispatch per unit on the
-// reference CPU, more than the arithmetic on 8x8 and 16x16 inputs).
+// saves about 15 calls from Python, whose interpreter and dispatch cost exceeds the
+// arithmetic on small feature maps (README, "Benchmark").
 
 at::Tensor empty_channels_last(const at::Tensor& like, int64_t channels) {
   return at::empty({like.size(0), channels, like.size(2), like.size(3)},

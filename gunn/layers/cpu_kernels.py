@@ -2,12 +2,13 @@
 tensors, layout copies.
 
 The fast path (``fastpath.py``) normalises 12 to 36 channels per unit, where ATen's
-channels_last BatchNorm is 1.7 to 4.4 times slower than a plain two-pass kernel, and runs
-one unit after another, where each unit's dozen ATen calls from Python cost about as much
-as its arithmetic on 8x8 and 16x16 inputs. ``cpu_kernels.cpp`` holds the BatchNorm kernels,
+channels_last BatchNorm is slower than a plain two-pass kernel, and runs one unit after
+another, where each unit's dozen ATen calls from Python cost as much as its arithmetic on
+small feature maps (the benchmark's ``kernels`` section, ``python -m gunn.bench --only
+kernels``, and README's "Benchmark" give the figures). ``cpu_kernels.cpp`` holds the BatchNorm kernels,
 a tiled NCHW <-> channels_last copy and a unit's forward and backward as one call each
 (ATen's convolutions and matrix products, these BatchNorms). It is compiled with the
-system's C++ compiler on first use (10 to 60 seconds) and registered as
+system's C++ compiler on first use (once per machine, see below) and registered as
 ``torch.ops.gunn_cpu``. Without a compiler, or with ``GUNN_CPU_KERNELS=0``, the fast path
 composes the same units from ATen ops in Python: same numbers up to rounding, slower.
 
@@ -21,7 +22,7 @@ so every checkout and venv with the same source and torch shares one build per m
 and a changed source gets a new one. An exclusive ``flock`` on the directory's
 ``gunn-build.lock`` makes concurrent first uses (DDP ranks, Ray trials) build once: the
 others wait and then load. A real build prints "gunn: compiling the CPU kernels (once per
-machine, ~20 s)" to stderr; loading a finished one prints nothing.
+machine)" and, when done, how long it took to stderr; loading a finished one prints nothing.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _ARCH_FLAGS = {
 NAME = "gunn_cpu_kernels"
 MARKER = "BUILT"  # written after a build succeeded: its presence means "load, don't build"
 LOCK_FILE = "gunn-build.lock"  # not cpp_extension's own "lock" in the same directory
-COMPILING = "gunn: compiling the CPU kernels (once per machine, ~20 s)"
+COMPILING = "gunn: compiling the CPU kernels (once per machine, ~20 s)"  # the wording users see
 
 _lock = threading.Lock()
 _loaded: bool | None = None

@@ -14,12 +14,12 @@ of the first convs of a block of consecutive units is computed together: one in-
 ``addmm_`` adds the block's input gradients to the state gradient, and one product gives
 its weight gradients, corrected on the block's own segments. Autograd would instead make
 two passes over the N-channel state per unit, and allocate and add an N-channel input
-gradient per unit. (Doing the same for the forward convs measured slower: 1.05x.) The
-units' last 1x1 convs are matrix products there too. On the CPU each unit's forward and
-backward is one call of the C++ kernels (``cpu_kernels.py``: ATen's convolutions, and
-BatchNorms fused with the ReLU after them, the projection's sum and the write into the
-state); where they cannot be built, ``_unit_forward`` and ``_unit_backward`` compose the
-same unit from ATen ops.
+gradient per unit. (The forward convs stay one call per unit: batching them did not pay in
+the benchmark, ``python -m gunn.bench``.) The units' last 1x1 convs are matrix products
+there too. On the CPU each unit's forward and backward is one call of the C++ kernels
+(``cpu_kernels.py``: ATen's convolutions, and BatchNorms fused with the ReLU after them,
+the projection's sum and the write into the state); where they cannot be built,
+``_unit_forward`` and ``_unit_backward`` compose the same unit from ATen ops.
 
 Under autocast (bfloat16, or float16 with a gradient scaler) it computes what autocast
 would: the convolutions and matrix products in the lower precision from weights cast once
@@ -29,13 +29,19 @@ parameters' dtype. It keeps exactly the tensors a plain autograd loop keeps insi
 unit, never the intermediate states, and gives the same numbers up to rounding (the tests
 compare with the plain loop in float64, and under autocast with the generic path in the
 same precision). What it does not cover (M >= 2, SyncBatchNorm or other norms, BatchNorm
-in eval mode, hooks on the units, second-order gradients) runs on the generic path instead.
+in eval mode, hooks on the units) runs on the generic path instead; second-order gradients
+recompute the layer's plain loop.
+
+Whether a layer runs here is the layer's decision (``GunnLayer.fast_path_applies``, with
+``supported`` below for what this module can compute); the layer passes the units' modules
+(``UnitModules``), its residual switch and its plain loop, and this module imports nothing
+from ``bottleneck.py``. See docs/layer.md, "The fast path of GunnLayer".
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +49,7 @@ from torch import Tensor, nn
 
 from gunn.layers import cpu_kernels
 from gunn.layers.fused import count_batch, write_running_stats
-from gunn.layers.gradual import _check_fits, check_unchanged
+from gunn.layers.gradual import check_fits, check_unchanged, check_width
 
 aten = torch.ops.aten
 
@@ -70,84 +76,72 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
-def supported(layer: nn.Module, x: Tensor) -> bool:
-    """Whether ``gradual_update(layer, x)`` computes exactly what the generic path would."""
-    if not getattr(layer, "fast_path", False) or layer.depth != 1 or x.dim() != 4:
-        return False
-    if not x.is_floating_point():
+class UnitModules(NamedTuple):
+    """One of the paper's bottleneck units (M = 1) as the fast path reads it: conv1 (1x1),
+    bn1, ReLU, conv2 (3x3), bn2, ReLU, conv3 (1x1), bn3, plus, where ``proj_conv`` is not
+    None, the projection ``proj_conv`` (1x1) and ``proj_bn`` of the same input."""
+
+    conv1: nn.Conv2d
+    bn1: nn.BatchNorm2d
+    conv2: nn.Conv2d
+    bn2: nn.BatchNorm2d
+    conv3: nn.Conv2d
+    bn3: nn.BatchNorm2d
+    proj_conv: nn.Conv2d | None = None
+    proj_bn: nn.BatchNorm2d | None = None
+
+
+def supported(x: Tensor, convs: Iterable[nn.Conv2d], norms: Iterable[nn.BatchNorm2d]) -> bool:
+    """Whether ``gradual_update`` computes for input x exactly what autograd would, given the
+    units' convolutions and BatchNorms (plain ``nn.Conv2d`` and ``nn.BatchNorm2d``).
+
+    Only what this module can compute is checked here: a 4-d floating input, without
+    autocast or under autocast to bfloat16 or float16 (then with float32 weights);
+    convolutions without bias or groups, 1x1 or 3x3 with zero padding that keeps the size,
+    stride and dilation 1; BatchNorms in train mode, affine, all with the same settings.
+    Whether a layer is made of such units only, without hooks, is the layer's decision
+    (``GunnLayer.fast_path_applies``).
+    """
+    if x.dim() != 4 or not x.is_floating_point():
         return False
     lower = autocast_dtype(x)
     if lower is not None and lower not in _LOWER_PRECISION:
         return False
     # Under autocast the weights are float32, cast to the lower precision as autocast does.
     weights = None if lower is None else torch.float32
-    if _global_hooks():
-        return False
-    from gunn.layers.bottleneck import Bottleneck, UpdateUnit  # noqa: PLC0415 (imports this module)
-
-    containers = (nn.ModuleList, nn.Sequential, UpdateUnit, Bottleneck)
     reference: tuple | None = None
-    for module in _submodules(layer.units):
-        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+    for module in norms:
+        settings = (module.training, module.momentum, module.eps, module.affine, module.track_running_stats)
+        if reference is None:
+            reference = settings
+        if settings != reference or not module.training or not module.affine:
             return False
-        if getattr(module, "_backward_pre_hooks", None):
+        if weights is not None and module.weight.dtype != weights:
             return False
-        kind = type(module)
-        if kind is nn.BatchNorm2d:
-            settings = (module.training, module.momentum, module.eps, module.affine, module.track_running_stats)
-            if reference is None:
-                reference = settings
-            if settings != reference or not module.training or not module.affine:
-                return False
-            if weights is not None and module.weight.dtype != weights:
-                return False
-        elif kind is nn.Conv2d:
-            k = module.kernel_size
-            if (
-                module.bias is not None
-                or module.groups != 1
-                or module.padding_mode != "zeros"
-                or k not in ((1, 1), (3, 3))
-                or module.padding != (k[0] // 2, k[1] // 2)
-                or module.stride != (1, 1)
-                or module.dilation != (1, 1)
-                or weights is not None and module.weight.dtype != weights
-            ):
-                return False
-        elif kind not in containers:
+    for module in convs:
+        k = module.kernel_size
+        if (
+            module.bias is not None
+            or module.groups != 1
+            or module.padding_mode != "zeros"
+            or k not in ((1, 1), (3, 3))
+            or module.padding != (k[0] // 2, k[1] // 2)
+            or module.stride != (1, 1)
+            or module.dilation != (1, 1)
+            or weights is not None and module.weight.dtype != weights
+        ):
             return False
     return True
 
 
-def _submodules(root: nn.Module) -> list[nn.Module]:
-    """Every module under root (root included), like ``root.modules()`` at a fraction of its cost."""
-    found, stack = [], [root]
-    while stack:
-        module = stack.pop()
-        found.append(module)
-        stack.extend(m for m in module._modules.values() if m is not None)
-    return found
-
-
-def _global_hooks() -> bool:
-    hooks = nn.modules.module
-    return bool(
-        hooks._global_forward_hooks
-        or hooks._global_forward_pre_hooks
-        or hooks._global_backward_hooks
-        or getattr(hooks, "_global_backward_pre_hooks", None)
-    )
-
-
-def _unit_parameters(unit: nn.Module) -> list[Tensor]:
-    block = unit.blocks[0]
+def _unit_parameters(unit: UnitModules) -> list[Tensor]:
     params = [
-        block.conv1.weight, block.bn1.weight, block.bn1.bias,
-        block.conv2.weight, block.bn2.weight, block.bn2.bias,
-        block.conv3.weight, block.bn3.weight, block.bn3.bias,
+        unit.conv1.weight, unit.bn1.weight, unit.bn1.bias,
+        unit.conv2.weight, unit.bn2.weight, unit.bn2.bias,
+        unit.conv3.weight, unit.bn3.weight, unit.bn3.bias,
     ]  # fmt: skip
-    if unit.proj is not None:
-        params += [unit.proj[0].weight, unit.proj[1].weight, unit.proj[1].bias]
+    if unit.proj_conv is not None:
+        params += [unit.proj_conv.weight, unit.proj_bn.weight, unit.proj_bn.bias]
     return params
 
 
@@ -157,12 +151,11 @@ class _Unit:
 
     __slots__ = ("params", "bn1", "bn2", "bn3", "proj_bn", "hidden")
 
-    def __init__(self, unit: nn.Module) -> None:
-        block = unit.blocks[0]
+    def __init__(self, unit: UnitModules) -> None:
         self.params = _unit_parameters(unit)
-        self.bn1, self.bn2, self.bn3 = block.bn1, block.bn2, block.bn3
-        self.proj_bn = None if unit.proj is None else unit.proj[1]
-        self.hidden = block.conv1.out_channels
+        self.bn1, self.bn2, self.bn3 = unit.bn1, unit.bn2, unit.bn3
+        self.proj_bn = None if unit.proj_conv is None else unit.proj_bn
+        self.hidden = unit.conv1.out_channels
 
     @property
     def norms(self) -> list[nn.BatchNorm2d]:
@@ -176,10 +169,20 @@ class _Unit:
         return pairs
 
 
-def gradual_update(layer: nn.Module, x: Tensor) -> Tensor:
-    """The layer's output in GUNN mode (train mode, with autograd), see the module docstring."""
-    units = [_Unit(unit) for unit in layer.units]
-    return _GradualBottlenecks.apply(x, layer, units, autocast_dtype(x), *[p for unit in units for p in unit.params])
+def gradual_update(
+    x: Tensor, units: Sequence[UnitModules], residual: bool, plain_loop: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """A GUNN layer's output in GUNN mode (train mode, with autograd), see the module docstring.
+
+    ``units`` in update order, their segments one after the other along dim 1;
+    ``residual``: add each update to its segment (else replace the segment);
+    ``plain_loop``: the layer's plain differentiable loop, which the backward recomputes
+    only for higher-order gradients (``create_graph=True``). Call it only where
+    ``supported`` says so.
+    """
+    parts = [_Unit(unit) for unit in units]
+    params = [p for unit in parts for p in unit.params]
+    return _GradualBottlenecks.apply(x, parts, autocast_dtype(x), residual, plain_loop, *params)
 
 
 class _FirstConvs:
@@ -274,7 +277,8 @@ def _norm_backward(
 
 def _copy(dst: Tensor, src: Tensor, kernels: bool) -> None:
     """``dst.copy_(src)``; between NCHW and channels_last by the C++ kernel if ``kernels``
-    (ATen's copy between the two layouts is 1.8-3.8x slower on the CPU)."""
+    (faster than ATen's copy between the two layouts on the CPU: ``python -m gunn.bench
+    --only kernels`` measures both)."""
     if kernels and src.dtype == dst.dtype and _between_layouts(dst, src):
         torch.ops.gunn_cpu.copy_layout(dst, src)
     else:
@@ -406,11 +410,13 @@ def _unit_forward(
 class _GradualBottlenecks(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, layer: nn.Module, units: Sequence[_Unit], lower: torch.dtype | None, *params: Tensor
+        ctx: Any, x: Tensor, units: Sequence[_Unit], lower: torch.dtype | None, residual: bool,
+        plain_loop: Callable[[Tensor], Tensor], *params: Tensor,
     ) -> Tensor:
         # ``lower``: autocast's dtype (the convolutions run in it), or None without autocast.
+        ctx.residual, ctx.plain_loop = residual, plain_loop
         with _explicit_precision(x.device.type, lower):
-            return _forward(ctx, x, layer, units, lower)
+            return _forward(ctx, x, units, lower)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
@@ -420,10 +426,14 @@ class _GradualBottlenecks(torch.autograd.Function):
         with _explicit_precision(ctx.y.device.type, ctx.lower):
             grad, unit_grads = _backward(ctx, grad_y)
         grads = [_like(g, p) for unit, ugrads in zip(ctx.units, unit_grads) for g, p in zip(ugrads, unit.params)]
-        return (grad, None, None, None, *grads)
+        return (grad, *_NOT_DIFFERENTIABLE, *grads)
 
 
-def _forward(ctx: Any, x: Tensor, layer: nn.Module, units: Sequence[_Unit], lower: torch.dtype | None) -> Tensor:
+# ``_GradualBottlenecks.forward``'s arguments between x and the parameters: no gradients.
+_NOT_DIFFERENTIABLE = (None, None, None, None)
+
+
+def _forward(ctx: Any, x: Tensor, units: Sequence[_Unit], lower: torch.dtype | None) -> Tensor:
     """``_GradualBottlenecks.forward``."""
     first = _FirstConvs(units)
     # The state runs in channels_last wherever a 1x1 conv can be a matrix product: on the
@@ -447,13 +457,13 @@ def _forward(ctx: Any, x: Tensor, layer: nn.Module, units: Sequence[_Unit], lowe
     parts = zip(*(first.split(t) for t in (weight, first.gamma, first.beta, first.mean, first.var)))
     for unit, first_conv, factor in zip(units, parts, factors):
         width = unit.params[6].shape[0]
-        _check_fits(state.shape[1], starts[-1], width, 1)
-        saved += _unit_forward(kernels, matrices, state, conv_in, unit, first_conv, factor, starts[-1], layer.residual)
+        check_fits(state.shape[1], starts[-1], width, 1)
+        saved += _unit_forward(kernels, matrices, state, conv_in, unit, first_conv, factor, starts[-1], ctx.residual)
         starts.append(starts[-1] + width)
-    layer._check_width(x, starts[-1])
+    check_width(x, starts[-1], 1)
     first.write_back()
     ctx.save_for_backward(x, first.weight, first.gamma, *saved)
-    ctx.layer, ctx.units, ctx.offsets, ctx.sizes, ctx.starts = layer, units, first.offsets, first.sizes, starts
+    ctx.units, ctx.offsets, ctx.sizes, ctx.starts = units, first.offsets, first.sizes, starts
     if matrices and not x.is_contiguous(memory_format=torch.channels_last):
         state = _contiguous(state, kernels)  # back to the input's layout
     ctx.matrices, ctx.kernels, ctx.lower, ctx.dtype = matrices, kernels, lower, dtype
@@ -536,7 +546,7 @@ def _backward_as_convs(
         start, end = ctx.starts[i], ctx.starts[i + 1]
         # Contiguous: BatchNorm is slow on strided tensors. In the update's dtype (autocast).
         grad_delta = grad[:, start:end].to(ctx.dtype, memory_format=torch.contiguous_format, copy=True)
-        if not ctx.layer.residual:
+        if not ctx.residual:
             grad[:, start:end].zero_()
         g1, grads = _unit_backward(False, False, units[i], _saved(saved, i), grad_delta, gammas[i])
         state[:, start:end] = ctx.x[:, start:end]
@@ -571,7 +581,7 @@ def _backward_as_matrices(
     sm = _pixels(state)
     w = weight.reshape(weight.shape[0], -1)
     # Without the identity term a segment's gradient stops at its unit: one unit per block.
-    per_block = max(1, BLOCK_ROWS // max(offsets[1], 1)) if ctx.layer.residual else 1
+    per_block = max(1, BLOCK_ROWS // max(offsets[1], 1)) if ctx.residual else 1
     out: list[list[Tensor]] = [[] for _ in units]
     end = len(units)
     while end > 0:
@@ -589,7 +599,7 @@ def _backward_as_matrices(
                     grad_delta = torch.addmm(gm[:, cols], pending, w_pending)
             else:
                 grad_delta = gm[:, cols]
-                if not ctx.layer.residual:
+                if not ctx.residual:
                     grad_delta = grad_delta.clone()
                     gm[:, cols].zero_()
                 elif not ctx.kernels and not mixed:
@@ -630,24 +640,24 @@ def _differentiable_backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, .
     Only for higher-order gradients (gradient penalties and the like); BatchNorm running
     statistics are restored so that the forward pass still counts once.
     """
-    layer = ctx.layer
     x = ctx.saved_tensors[0]
     params = [p for unit in ctx.units for p in unit.params]
     # The recomputation updates copies of the BatchNorm buffers, dropped afterwards;
     # writing the old values back would change tensors its graph has saved.
-    originals = [(m, dict(m._buffers)) for m in layer.units.modules() if m._buffers]
+    originals = [(m, dict(m._buffers)) for unit in ctx.units for m in unit.norms if m._buffers]
     for module, buffers in originals:
         module._buffers.update({k: None if b is None else b.clone() for k, b in buffers.items()})
     autocast = contextlib.nullcontext() if ctx.lower is None else torch.autocast(x.device.type, dtype=ctx.lower)
     try:
         with torch.enable_grad(), autocast:  # the forward's precision
             inp = x if x.requires_grad else x.detach().requires_grad_()
-            y = layer._gradual_autograd(inp)
+            y = ctx.plain_loop(inp)
     finally:
         for module, buffers in originals:
             module._buffers.update(buffers)
-    needs = ctx.needs_input_grad[:1] + ctx.needs_input_grad[4:]  # x and the parameters
+    skip = 1 + len(_NOT_DIFFERENTIABLE)
+    needs = ctx.needs_input_grad[:1] + ctx.needs_input_grad[skip:]  # x and the parameters
     wanted = [t for t, need in zip([inp, *params], needs) if need]
     got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
     grads = [next(got) if need else None for need in needs]
-    return (grads[0], None, None, None, *grads[1:])
+    return (grads[0], *_NOT_DIFFERENTIABLE, *grads[1:])

@@ -112,11 +112,7 @@ class GradualUpdate(nn.Module):
         return torch.cat([unit(x) for unit in self.units], self.dim)
 
     def _check_width(self, x: Tensor, width: int) -> None:
-        if width != x.shape[self.dim]:
-            raise ValueError(
-                f"the update units' output widths add up to {width} channels but the input "
-                f"has {x.shape[self.dim]} along dim {self.dim}"
-            )
+        check_width(x, width, self.dim)
 
     def _gradual_inplace(self, x: Tensor) -> Tensor:
         """Eq. 4 without autograd: one copy of the input, segments overwritten in order."""
@@ -136,7 +132,7 @@ class GradualUpdate(nn.Module):
         for unit in self.units:
             delta = unit(state)
             width = delta.shape[self.dim]
-            _check_fits(channels, start, width, self.dim)
+            check_fits(channels, start, width, self.dim)
             updated.append(x.narrow(self.dim, start, width) + delta if self.residual else delta)
             start += width
             rest = [x.narrow(self.dim, start, channels - start)] if start < channels else []
@@ -166,7 +162,17 @@ class GradualUpdate(nn.Module):
         return state
 
 
-def _check_fits(channels: int, start: int, width: int, dim: int) -> None:
+def check_width(x: Tensor, width: int, dim: int) -> None:
+    """Raises ValueError unless the units' output widths add up to ``width`` = x's channels along ``dim``."""
+    if width != x.shape[dim]:
+        raise ValueError(
+            f"the update units' output widths add up to {width} channels but the input "
+            f"has {x.shape[dim]} along dim {dim}"
+        )
+
+
+def check_fits(channels: int, start: int, width: int, dim: int) -> None:
+    """Raises ValueError if a segment of ``width`` at ``start`` runs past ``channels``."""
     if start + width > channels:
         raise ValueError(
             f"the update units' output widths add up to more than the input's {channels} "
@@ -177,7 +183,7 @@ def _check_fits(channels: int, start: int, width: int, dim: int) -> None:
 def _write_segment(state: Tensor, delta: Tensor, dim: int, start: int, residual: bool) -> None:
     """state[c_i] += delta_i (residual, Eq. 5) or state[c_i] = delta_i, in place."""
     width = delta.shape[dim]
-    _check_fits(state.shape[dim], start, width, dim)
+    check_fits(state.shape[dim], start, width, dim)
     segment = state.narrow(dim, start, width)
     if residual:
         segment.add_(delta)

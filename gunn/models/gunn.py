@@ -2,7 +2,7 @@
 
 One resolution, one representation (paper, Section 5): at each resolution a transition
 conv1x1 + BN + ReLU sets the width N, then one GUNN layer updates those N channels.
-Exact widths and segment counts are in SPEC section 2.
+Widths, segment counts and parameter counts: docs/layer.md, "The models".
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class GunnNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """ResNet initialisation (SPEC section 2)."""
+        """ResNet initialisation (docs/layer.md, "The models")."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 k = m.kernel_size[0] * m.kernel_size[1]

@@ -20,7 +20,7 @@ def cycle_epochs(cfg: OptimConfig) -> int:
 def learning_rate(cfg: OptimConfig, epoch: int, batch: int, batches_per_epoch: int) -> float:
     """The LR for batch ``batch`` of ``epoch``.
 
-    ``step``: the paper's schedule, LR / 10 at each milestone (SPEC section 3).
+    ``step``: the paper's schedule, LR / 10 at each milestone (docs/lifecycle.md, "The paper's recipes").
     ``snapshot``: Snapshot Ensembles (Huang et al., 2017, Eq. 2): in each of M cycles the LR
     falls from its initial value to 0 along a half cosine, per iteration.
     """

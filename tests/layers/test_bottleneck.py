@@ -1,4 +1,4 @@
-"""GunnLayer: the paper's bottleneck units in gradual and simultaneous order (SPEC section 1)."""
+"""GunnLayer: the paper's bottleneck units in gradual and simultaneous order (docs/layer.md)."""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def test_memory_saving_backward_keeps_about_what_sunn_keeps(first_layer_memory):
 
 
 def test_a_plain_autograd_loop_keeps_every_intermediate_state(first_layer_memory):
-    # P = 20 copies of the 240-channel state: about 2.7x SUNN's activations (SPEC section 1).
+    # P = 20 copies of the 240-channel state (docs/layer.md, "The memory-saving backward").
     assert first_layer_memory["autograd"] >= 2.5 * first_layer_memory["sunn"]
 
 

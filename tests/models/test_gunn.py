@@ -1,4 +1,4 @@
-"""The paper's networks (SPEC section 2): structure, parameter counts, initialisation, modes."""
+"""The paper's networks (docs/layer.md, "The models"): structure, parameter counts, initialisation, modes."""
 
 from __future__ import annotations
 

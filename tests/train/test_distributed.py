@@ -133,7 +133,7 @@ def test_host_lists_expand_as_scontrol_show_hostnames_does(tmp_path, nodelist, h
 def test_sync_batch_norm_converts_only_what_lies_outside_the_gunn_layers():
     from torch import nn
 
-    from gunn.layers import GunnLayer, fastpath
+    from gunn.layers import GunnLayer
     from gunn.models import create_model
 
     model, synced, kept = distributed.sync_batch_norm(create_model("gunn18"))
@@ -144,7 +144,7 @@ def test_sync_batch_norm_converts_only_what_lies_outside_the_gunn_layers():
     assert not any(isinstance(m, nn.SyncBatchNorm) for layer in layers for m in layer.modules())
     # So the layers keep their fast path (and SUNN its fused path): it needs plain BatchNorm2d.
     x = torch.randn(2, 400, 4, 4)
-    assert fastpath.supported(layers[0], x)
+    assert layers[0].fast_path_applies(x)
 
 
 def _threads_of_a_rank(rank: int, port: int, out: str) -> None:
