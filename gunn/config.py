@@ -151,6 +151,16 @@ class LoggingConfig:
     diagnostics: bool = field(
         default=False, metadata=_meta("log collapsed channel pairs and effective dimension per GUNN layer each epoch")
     )
+    system_metrics: bool = field(
+        default=True,
+        metadata=_meta("log MLflow's system metrics (system/: CPU, memory, disk, network, GPU) of rank 0's machine "
+                       "every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL), and once at the end"),
+    )
+    model: bool = field(
+        default=True,
+        metadata=_meta("log the finished run's model as an MLflow model named 'model' (mlflow.pytorch.load_model, "
+                       "mlflow models serve)"),
+    )
 
 
 @dataclass

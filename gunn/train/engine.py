@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -202,7 +204,10 @@ class _Run:
         lock held, no other process writes here."""
         for tmp in [*self.run_dir.glob(".*.tmp-*"), *self.run_dir.glob("snapshots/.*.tmp-*")]:
             self.log(f"removing {tmp}, left by a write that did not finish")
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():  # an MLflow model being saved
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
     def _record_start(self, me: dict[str, Any]) -> None:
         """Appends this start (the lock holder ``me``) to the run directory's ``starts.log``: when, where,
@@ -327,16 +332,20 @@ class _Run:
             "host": socket.gethostname(),  # rank 0's node
             "git_commit": _git_commit(),
         }
+        if tags["git_commit"] != "unknown":
+            tags["mlflow.source.git.commit"] = tags["git_commit"]  # shown by the MLflow UI
         job = slurm_job()
         if job is not None:
             tags["slurm_job_id"] = job  # 8_1 for task 1 of array job 8
             tags["slurm_job_ids"] = ",".join(self._slurm_jobs())  # every job the run has lived in
+            tags["mlflow.source.type"] = "JOB"  # else LOCAL (the tracker's default, with source name and user)
         if c.logging.parent_run_id:
             tags["mlflow.parentRunId"] = c.logging.parent_run_id  # shown nested under the sweep
         if c.logging.study:
             tags["study"] = c.logging.study
         return Tracker(run_dir=self.run_dir, tracking_uri=c.logging.tracking_uri, experiment=c.logging.experiment,
-                       run_name=c.logging.run_name or self.run_dir.name, params=cfgmod.flatten(c), tags=tags)
+                       run_name=c.logging.run_name or self.run_dir.name, params=cfgmod.flatten(c), tags=tags,
+                       system_metrics=c.logging.system_metrics)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, stop_after: int | None) -> RunResult:
@@ -586,10 +595,11 @@ class _Run:
 
         with contextlib.suppress(Exception):  # a plot is not worth failing a finished run for
             plot_curves(self.history, self.run_dir / "curves.png")
-        self._log_final_artifacts(tracker)
+        self._log_final_artifacts(tracker, save_model=True)
 
-    def _log_final_artifacts(self, tracker: Any) -> None:
-        """Logs the finished run's files (curves, configuration, final weights) that it has not logged yet."""
+    def _log_final_artifacts(self, tracker: Any, save_model: bool = False) -> None:
+        """Logs the finished run's files (curves, configuration, final weights) and MLflow model that it
+        has not logged yet; ``save_model``: save the MLflow model even if the run directory has one."""
         from gunn.train.tracking import plot_curves
 
         if not (self.run_dir / "curves.png").exists():  # killed before it drew them
@@ -602,6 +612,67 @@ class _Run:
         for path in (self.run_dir / "curves.png", self.run_dir / "config.yaml", final):
             if path.exists():
                 tracker.log_artifact(path, once=True)
+        if not self.config.logging.model:
+            return
+        from gunn.train.tracking import MODEL_DIR_NAME, model_step
+
+        model_dir = self.run_dir / MODEL_DIR_NAME
+        if save_model or not (model_dir / "MLmodel").is_file():
+            try:
+                self._save_mlflow_model(model_dir)
+            except Exception as err:  # noqa: BLE001 - the run has finished: its weights are in model-final.pt
+                warnings.warn(f"the MLflow model of {self.run_dir} was not saved ({type(err).__name__}: {err}); "
+                              f"its weights are in model-final.pt", stacklevel=2)
+                return
+        tracker.log_model(model_dir, step=model_step(model_dir), once=True)
+
+    def _save_mlflow_model(self, model_dir: Path) -> None:
+        """Saves the final weights as an MLflow model (``mlflow.pytorch.save_model``) in ``model_dir``.
+
+        A float32 CPU copy of the network in eval mode, rebuilt from ``model-final.pt``; its input
+        example is two images of the evaluation set as the data pipeline gives them (normalized,
+        N x C x H x W), and its signature that input and the logits it gives. MLflow 3's default
+        format, pt2 (``torch.export``: loads without gunn's code and without unpickling code, any
+        batch size); pickled with gunn's code (``code_paths``) if the network cannot be exported.
+        Its MLmodel metadata ``gunn`` holds the epoch (the step it is logged at) and that
+        epoch's metrics (for whoever reads the MLmodel). Written whole or not at all."""
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        c = self.config
+        model = create_model(c.model.name, **_model_overrides(c, self.data.num_classes, self.data.in_chans))
+        model.load_state_dict(torch.load(self.run_dir / "model-final.pt", map_location="cpu", weights_only=True))
+        model.eval()
+        x, _ = next(iter(self.data.eval.iterate(0)))
+        x = x[:2].detach().to("cpu", torch.float32).contiguous()
+        if len(x) < 2:  # torch.export fixes a batch dimension of 1: the model would take one image only
+            x = torch.cat([x, x])
+        with torch.no_grad():
+            logits = model(x)
+        example = x.numpy()
+        last = self.history[-1] if self.history else {}
+        metrics = {k: float(v) for k, v in last.items()
+                   if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v)}
+        options = dict(signature=infer_signature(example, logits.numpy()), input_example=example,
+                       pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                       metadata={"gunn": {"step": self.epoch, "metrics": metrics, "model": c.model.name}})
+        tmp = self.run_dir / f".{model_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            try:
+                mlflow.pytorch.save_model(model, str(tmp), serialization_format="pt2", **options)
+            except Exception as err:  # noqa: BLE001 - torch.export could not trace the network
+                warnings.warn(f"torch.export could not export {c.model.name} ({type(err).__name__}: {err}); its "
+                              f"MLflow model is pickled with gunn's code instead", stacklevel=3)
+                shutil.rmtree(tmp, ignore_errors=True)
+                with warnings.catch_warnings(), _quiet("mlflow.pytorch"):  # its warning about pickles: said above
+                    warnings.simplefilter("ignore")
+                    mlflow.pytorch.save_model(model, str(tmp), serialization_format="pickle",
+                                              code_paths=[str(Path(__file__).resolve().parents[1])], **options)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            os.replace(tmp, model_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _StopPoll:
@@ -649,6 +720,20 @@ class _StopPoll:
         if bad >= 0:
             self.bad_loss(int(bad))  # every rank sees it at this same check, so all stop together
         return flag > 0
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silences the warnings of ``logger`` for a while."""
+    import logging
+
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _summary_line(m: dict[str, float], epochs: int) -> str:

@@ -6,9 +6,18 @@ the journal and is sent when it comes back, or later with
 ``python -m gunn.train.tracking sync RUN_DIR``.
 
 Journal lines (JSON): work records ``{"seq": 3, "op": "metrics", ...}`` with ``op`` one
-of start, params, metrics, artifact, tags, finish; ``{"sent": 3}`` once record 3 is
+of start, params, metrics, artifact, model, tags, finish; ``{"sent": 3}`` once record 3 is
 on the server (``"rejected": reason`` added if the server refused it for good); and
 ``{"run_id": ..., "tracking_uri": ...}`` once the MLflow run exists.
+
+A model record names an MLflow model directory that the training process saved
+(``mlflow.pytorch.save_model``: weights, signature, input example); sending it makes it the
+run's LoggedModel (MLflow 3), as ``mlflow.pytorch.log_model`` would, so that
+``runs:/<run id>/<name>`` and ``models:/<model id>`` load and serve it.
+
+System metrics (``system/...``, MLflow's CPU, memory, disk, network and GPU monitors) are
+not journaled: they describe the moment they are taken, so samples taken while the server
+is down are dropped, quietly.
 """
 
 from __future__ import annotations
@@ -16,11 +25,14 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import getpass
 import json
 import logging
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -32,6 +44,8 @@ from urllib.parse import urlparse
 
 __all__ = [
     "JOURNAL_NAME",
+    "MODEL_DIR_NAME",
+    "MODEL_NAME",
     "JournalWriteError",
     "Tracker",
     "complete",
@@ -45,7 +59,16 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "mlflow-journal.jsonl"
+MODEL_DIR_NAME = "mlflow-model"  # the MLflow model a finished run saves in its run directory
+MODEL_NAME = "model"  # its LoggedModel's name: runs:/<run id>/model
 FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow's own tag names (mlflow.utils.mlflow_tags), copied so that importing this module stays cheap.
+MLFLOW_SOURCE_NAME = "mlflow.source.name"
+MLFLOW_SOURCE_TYPE = "mlflow.source.type"
+MLFLOW_USER = "mlflow.user"
+# MLflow's default for system metrics (mlflow.system_metrics): one sample every 10 s;
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL and ..._SAMPLES_BEFORE_LOGGING override it as in MLflow.
+SYSTEM_METRICS_INTERVAL_S = 10.0
 
 # MLflow's limits (mlflow.utils.validation), copied so that importing this module stays cheap.
 MAX_PARAM_VAL_LENGTH = 6000
@@ -185,6 +208,10 @@ class _Journal:
     def artifacts(self) -> set[tuple[str, str | None]]:
         """(path, artifact_path) of every artifact call recorded."""
         return {(r["path"], r.get("artifact_path")) for r in self.work if r["op"] == "artifact"}
+
+    def models(self) -> set[tuple[str, str, int]]:
+        """(path, name, step) of every model call recorded."""
+        return {(r["path"], r["name"], r["step"]) for r in self.work if r["op"] == "model"}
 
     def ending(self) -> str | None:
         """The status of the last finish call, if no start came after it (the run has ended)."""
@@ -417,6 +444,64 @@ class _Sender:
         else:
             raise _Rejected(f"artifact {path} no longer exists")
 
+    def _send_model(self, record: dict[str, Any], uri: str) -> None:
+        """Make the saved MLflow model in ``record["path"]`` the run's LoggedModel ``record["name"]``.
+
+        What ``mlflow.pytorch.log_model`` does after it saved the model, with the client of this
+        store (no global tracking URI or active run): create the LoggedModel (source run, the
+        run's params), link it to the run as an output at ``step``, upload the directory with
+        the model and run ids written into its MLmodel, and mark it READY. (Not log_model's copy
+        of the step's metrics with the model's id: they would be a second point at that step in
+        the run's history.) Sent again (the ``sent`` line lost), it finds the model of this run,
+        name and step and carries on from where it stopped, or does nothing if it is READY.
+        """
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        client, run_id = self._client(uri), self._run_id(uri)
+        path, name, step = Path(record["path"]), record["name"], int(record["step"])
+        if not (path / "MLmodel").is_file():
+            raise _Rejected(f"MLflow model {path} no longer exists")
+        run = client.get_run(run_id)
+        experiment_id = run.info.experiment_id
+        model = self._logged_model(client, experiment_id, run_id, name, step)
+        if model is not None and model.status == LoggedModelStatus.READY:
+            return
+        if model is None:
+            tags = {k: v for k, v in run.data.tags.items() if k.startswith("mlflow.source.") or k == MLFLOW_USER}
+            model = client.create_logged_model(
+                experiment_id, name=name, source_run_id=run_id, params=dict(run.data.params),
+                tags={**tags, "gunn.step": str(step)},
+            )
+        outputs = run.outputs.model_outputs if run.outputs is not None else []
+        if not any(o.model_id == model.model_id for o in outputs):
+            client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+        with tempfile.TemporaryDirectory(prefix="gunn-mlflow-model-") as tmp:
+            # The run's copy stays as saved; the uploaded one names its run and LoggedModel, as log_model's does.
+            local = Path(tmp) / path.name
+            shutil.copytree(path, local)
+            mlmodel = Model.load(str(local / "MLmodel"))
+            mlmodel.run_id, mlmodel.model_id, mlmodel.model_uuid = run_id, model.model_id, model.model_id
+            mlmodel.artifact_path = model.artifact_location
+            mlmodel.save(str(local / "MLmodel"))
+            client.log_model_artifacts(model.model_id, str(local))
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+
+    @staticmethod
+    def _logged_model(client: Any, experiment_id: str, run_id: str, name: str, step: int) -> Any:
+        """The LoggedModel `name` of run `run_id` at `step` that an earlier send created, or None."""
+        token = None
+        while True:
+            page = client.search_logged_models(
+                [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'", page_token=token
+            )
+            for model in page:
+                if model.tags.get("gunn.step") == str(step):
+                    return model
+            token = page.token
+            if not token:
+                return None
+
     def _send_tags(self, record: dict[str, Any], uri: str) -> None:
         self._log_tags(self._client(uri), self._run_id(uri), record["tags"])
 
@@ -429,6 +514,127 @@ class _Sender:
 
         for chunk in _chunks([RunTag(k, v) for k, v in tags.items()], _PARAMS_PER_BATCH):
             client.log_batch(run_id, tags=chunk)
+
+
+# --------------------------------------------------------------------------- system metrics
+
+
+class _SystemMetrics:
+    """MLflow's system metrics of this machine, logged to one run from a thread of their own.
+
+    The monitors are MLflow's (``mlflow.system_metrics``: CPU, memory, disk, network, and the
+    NVIDIA or AMD GPUs when there are any), and so are the names (``system/cpu_utilization_percentage``,
+    ``system/gpu_0_utilization_percentage``, ...) and steps (one per logged sample, continuing a
+    resumed run's). MLflow's own ``SystemMetricsMonitor`` is not used: it needs a fluent active run
+    or the process-wide tracking URI, stops for good at the first failed call, with a warning,
+    and waits for MLflow's slow HTTP retries. Here each sample is logged once, with the short
+    timeouts of the sender, and dropped if the server does not answer (debug log only); `stop`
+    logs what was sampled since the last one, so that a run of a few seconds has a sample too.
+    """
+
+    def __init__(self, uri: str, run_id: str, interval: float, samples_before_logging: int = 1) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.interval, self.samples_before_logging = interval, max(1, samples_before_logging)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gunn-mlflow-system-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Log a last sample and stop, waiting `timeout` seconds at most."""
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+
+    def _loop(self) -> None:
+        with _short_http_timeouts():
+            monitors = self._monitors()
+            if not monitors:
+                return
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            client, step, samples = MlflowClient(tracking_uri=self.uri), None, 0
+            while True:
+                stopping = self._stop.wait(self.interval)
+                for monitor in monitors:
+                    try:
+                        monitor.collect_metrics()
+                    except Exception as e:  # noqa: BLE001 - a failing sensor costs its values, not the others'
+                        _log.debug("System metrics: %s failed: %s", type(monitor).__name__, _brief(e))
+                samples += 1
+                if samples >= self.samples_before_logging or stopping:
+                    values: dict[str, float] = {}
+                    for monitor in monitors:
+                        try:
+                            values.update(monitor.aggregate_metrics())
+                        except Exception as e:  # noqa: BLE001
+                            _log.debug("System metrics: %s failed: %s", type(monitor).__name__, _brief(e))
+                        monitor.clear_metrics()
+                    samples = 0
+                    try:
+                        if values:
+                            if step is None:
+                                step = self._next_step(client)
+                            now = int(time.time() * 1000)
+                            client.log_batch(self.run_id, metrics=[
+                                Metric(f"system/{k}", float(v), now, step) for k, v in values.items()])
+                            step += 1
+                    except Exception as e:  # noqa: BLE001 - the sender reports outages; a lost sample is no news
+                        _log.debug("System metrics sample not logged to %s: %s", self.uri, _brief(e))
+                if stopping:
+                    return
+
+    def _next_step(self, client: Any) -> int:
+        """The step after the run's last system metrics sample (a resumed run continues its steps)."""
+        run = client.get_run(self.run_id)
+        steps = [m.step for m in getattr(run.data, "_metric_objs", ()) if m.key.startswith("system/")]
+        return max(steps) + 1 if steps else 0
+
+    @staticmethod
+    def _monitors() -> list[Any]:
+        try:
+            import psutil
+            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+            from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+            from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+        except ImportError as e:
+            _log.warning("MLflow system metrics are not logged: %s (install psutil, or set logging.system_metrics="
+                         "false)", e)
+            return []
+        psutil.cpu_percent()  # the first sample then covers its interval, not the time since this process began
+        monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        for module, name in (("gpu_monitor", "GPUMonitor"), ("rocm_monitor", "ROCMMonitor")):
+            try:  # pynvml (nvidia-ml-py) for NVIDIA GPUs; both fail without a GPU
+                monitors.append(getattr(__import__(f"mlflow.system_metrics.metrics.{module}", fromlist=[name]), name)())
+                break
+            except Exception as e:  # noqa: BLE001
+                _log.debug("No %s system metrics: %s", name, _brief(e))
+        return monitors
+
+
+def _system_metrics_settings() -> tuple[float, int]:
+    """The sampling interval (s) and samples per logged value: MLflow's variables if set, else 10 s and 1."""
+    def number(name: str, kind: type, default: float | int) -> Any:
+        raw = os.environ.get(name)
+        try:
+            return kind(raw) if raw else default
+        except ValueError:
+            _log.warning("Ignoring %s=%r: not a number", name, raw)
+            return default
+
+    interval = number("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", float, SYSTEM_METRICS_INTERVAL_S)
+    return max(interval, 0.1), number("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", int, 1)
+
+
+def _source_tags() -> dict[str, str]:
+    """The run's source and user as MLflow's fluent API sets them (mlflow.tracking.context.default_context)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no name for this uid (some containers)
+        user = str(os.getuid())
+    main = sys.argv[0] if sys.argv and sys.argv[0] else "<console>"
+    if main not in ("-c", "<console>") and os.path.exists(main):
+        main = str(Path(main).resolve())
+    return {MLFLOW_SOURCE_NAME: main, MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: user}
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -467,7 +673,11 @@ class Tracker:
         start_timeout: float = 30.0,
         drain_timeout: float = 5.0,
         retry_interval: float = 30.0,
+        system_metrics: bool = False,
     ) -> None:
+        """``tags`` may override the source tags (mlflow.source.name: the script, mlflow.source.type:
+        LOCAL, mlflow.user); ``system_metrics``: log this machine's (see `_SystemMetrics`) while the
+        run lasts, from when the server has the run."""
         if not experiment:
             raise ValueError(f"experiment must be a non-empty name, got {experiment!r}")
         self.run_dir = Path(run_dir).resolve()
@@ -505,11 +715,13 @@ class Tracker:
         self._failures = 0
         self._rejections = 0
         self._sender = _Sender(self._journal)
+        self._system_metrics = system_metrics
+        self._monitor: _SystemMetrics | None = None
 
         flat = {_check_key("param", k): str(v) for k, v in _flatten(params).items()}
         truncated = sorted(k for k, v in flat.items() if len(v) > MAX_PARAM_VAL_LENGTH)
         flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flat.items()}
-        run_tags = {"gunn.run_dir": str(self.run_dir), **tags}
+        run_tags = {**_source_tags(), "gunn.run_dir": str(self.run_dir), **tags}
         if truncated:
             _log.info("Params longer than %d characters were truncated: %s", MAX_PARAM_VAL_LENGTH, truncated)
             run_tags["gunn.truncated_params"] = ", ".join(truncated)
@@ -551,6 +763,18 @@ class Tracker:
             return
         self._enqueue("artifact", path=str(path), artifact_path=artifact_path)
 
+    def log_model(self, path: Path, name: str = MODEL_NAME, *, step: int = 0, once: bool = False) -> None:
+        """Log the MLflow model directory `path` (``mlflow.pytorch.save_model``'s; read when sent, so
+        leave it in place) as the run's LoggedModel `name`, output of the run at `step`; returns at
+        once. ``once``: not if this run directory's journal already holds the call for this path,
+        name and step."""
+        path = Path(path).resolve()
+        if not (path / "MLmodel").is_file():
+            raise FileNotFoundError(f"{path} is not an MLflow model directory (no MLmodel file)")
+        if once and (str(path), name, int(step)) in self._journal.models():
+            return
+        self._enqueue("model", path=str(path), name=_check_key("model", name), step=int(step))
+
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags; returns at once."""
         self._enqueue("tags", tags=self._clean_tags(tags))
@@ -561,6 +785,10 @@ class Tracker:
             raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
         if self._closed:
             return
+        with self._cond:
+            monitor, self._monitor, self._system_metrics = self._monitor, None, False
+        if monitor is not None:  # its last sample, sent directly (bounded: a dead server must not hold the run)
+            monitor.stop(timeout=min(self._drain_timeout, 5.0))
         self._enqueue("finish", status=status)
         with self._cond:
             failures = self._failures
@@ -615,6 +843,8 @@ class Tracker:
                 record = self._queue[0]
             try:
                 self._sender.send(record)
+                if record["op"] == "start":
+                    self._start_system_metrics()
             except Exception as e:  # noqa: BLE001 - whatever goes wrong, the sender thread must live on
                 if _is_rejection(e):
                     self._sender.reject(record, e)
@@ -639,6 +869,18 @@ class Tracker:
                     )
                 self._cond.notify_all()
             delay = first_delay
+
+    def _start_system_metrics(self) -> None:
+        """Starts logging system metrics once the server has the run (this attempt's start sent)."""
+        with self._cond:
+            if not self._system_metrics or self._monitor is not None or self._closed or self.run_id is None:
+                return
+            interval, samples = _system_metrics_settings()
+            try:
+                self._monitor = _SystemMetrics(self.tracking_uri, self.run_id, interval, samples)
+            except Exception as e:  # noqa: BLE001 - not worth failing the start record for
+                self._system_metrics = False
+                _log.warning("MLflow system metrics are not logged: %s", _brief(e))
 
     def _on_outage(self, error: Exception) -> None:
         with self._cond:
@@ -702,8 +944,9 @@ def sync(run_dir: Path, *, final_status: str | None = None) -> tuple[int, int]:
 def complete(
     run_dir: Path, status: str, *, tags: dict[str, str] | None = None, artifacts: tuple[Path, ...] = ()
 ) -> tuple[int, int]:
-    """Makes the run of `run_dir` end as `status` (with `tags`), with `artifacts` logged once, and sends
-    what its journal holds; (sent, still unsent). For a run whose own process may have ended it
+    """Makes the run of `run_dir` end as `status` (with `tags`), with `artifacts` logged once, and its
+    MLflow model (``MODEL_DIR_NAME``, if the run saved one) too if FINISHED, and sends what its journal holds;
+    (sent, still unsent). For a run whose own process may have ended it
     otherwise, or not at all (killed): the caller knows better, e.g. a sweep knows that its
     scheduler stopped a trial. Hold the run directory's lock: no other process may write here."""
     run_dir = Path(run_dir).resolve()
@@ -718,6 +961,12 @@ def complete(
         if path.exists() and (str(path), None) not in logged:
             journal.append({"seq": journal.next_seq, "op": "artifact", "time": int(time.time() * 1000),
                             "path": str(path), "artifact_path": None})
+    model_dir = run_dir / MODEL_DIR_NAME
+    if (status == "FINISHED" and (model_dir / "MLmodel").is_file()
+            and not any(p == str(model_dir) for p, _, _ in journal.models())):
+        # Saved by a process that died before it journaled it.
+        journal.append({"seq": journal.next_seq, "op": "model", "time": int(time.time() * 1000),
+                        "path": str(model_dir), "name": MODEL_NAME, "step": model_step(model_dir)})
     recorded: dict[str, str] = {}
     for record in sorted(journal.work, key=lambda r: r["seq"]):
         recorded.update(record.get("tags", {}) if record["op"] in ("start", "tags") else {})
@@ -727,6 +976,17 @@ def complete(
             journal.append({"seq": journal.next_seq, "op": "tags", "time": int(time.time() * 1000), "tags": tags})
         journal.append({"seq": journal.next_seq, "op": "finish", "time": int(time.time() * 1000), "status": status})
     return sync(run_dir)
+
+
+def model_step(model_dir: Path) -> int:
+    """The step (epoch) that the engine saved in an MLflow model's MLmodel (metadata ``gunn``); 0 if none."""
+    import yaml
+
+    try:
+        meta = (yaml.safe_load((Path(model_dir) / "MLmodel").read_text()).get("metadata") or {}).get("gunn") or {}
+        return int(meta.get("step", 0))
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -537,3 +537,121 @@ def test_complete_without_a_journal_does_nothing(tmp_path: Path) -> None:
     assert (tmp_path / "empty" / JOURNAL_NAME).read_text() == ""
     with pytest.raises(ValueError, match="status must be one of"):
         complete(tmp_path / "empty", "RUNNING")
+
+
+# --------------------------------------------------------------------------- the model, system metrics, source tags
+
+
+def _model_dir(path: Path, step: int, metrics: dict[str, float]) -> Path:
+    """A stand-in for the MLflow model directory the engine saves: its MLmodel and one weights file."""
+    path.mkdir(parents=True)
+    (path / "MLmodel").write_text(json.dumps({
+        "artifact_path": None, "flavors": {}, "model_uuid": "local",
+        "metadata": {"gunn": {"step": step, "metrics": metrics}},
+    }))
+    (path / "data").mkdir()
+    (path / "data" / "weights.bin").write_bytes(b"\0" * 100)
+    return path
+
+
+def _logged_models(uri: str, run_id: str) -> list:
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return list(client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"))
+
+
+def test_a_model_is_logged_once_as_the_runs_output_even_when_sent_again(
+    server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+    from mlflow.artifacts import download_artifacts
+    from mlflow.entities import LoggedModelStatus
+
+    from gunn.train.tracking import MODEL_DIR_NAME, _Journal
+
+    run_dir = tmp_path / "run"
+    model_dir = _model_dir(run_dir / MODEL_DIR_NAME, 3, {})
+    tracker = _tracker(run_dir, server.uri)
+    tracker.log_metrics({"eval_top1_error": 5.0}, step=3)
+    tracker.log_model(model_dir, step=3)
+    tracker.log_model(model_dir, step=3, once=True)  # journaled already: nothing
+    tracker.finish()
+    journal = _Journal(run_dir / JOURNAL_NAME)
+    (record,) = [r for r in journal.work if r["op"] == "model"]
+    assert record["seq"] in journal.sent
+
+    # Its "sent" line lost (killed right after sending it): sent again, it finds the model it logged.
+    lines = [line for line in _journal_lines(run_dir) if json.loads(line) != {"sent": record["seq"]}]
+    (run_dir / JOURNAL_NAME).write_text("\n".join(lines) + "\n")
+    assert sync(run_dir) == (1, 0)
+
+    (model,) = _logged_models(server.uri, tracker.run_id)
+    assert (model.name, model.status, model.tags["gunn.step"]) == ("model", LoggedModelStatus.READY, "3")
+    assert model.params["optim.lr"] == "0.1" and model.tags["mlflow.source.type"] == "LOCAL"
+    client = MlflowClient(server.uri)
+    run = client.get_run(tracker.run_id)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_top1_error")] == [3]  # not twice
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 3)]
+    assert sorted(a.path for a in client.list_logged_model_artifacts(model.model_id)) == ["MLmodel", "data"]
+    # runs:/ resolves to the LoggedModel, whose repository MLflow looks up in the default store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    local = Path(download_artifacts(f"runs:/{tracker.run_id}/model", dst_path=str(tmp_path)))
+    uploaded = yaml.safe_load((local / "MLmodel").read_text())
+    assert (uploaded["run_id"], uploaded["model_id"]) == (tracker.run_id, model.model_id)
+    assert json.loads((model_dir / "MLmodel").read_text())["model_uuid"] == "local"  # the run's copy as saved
+
+
+def test_complete_logs_the_model_a_dead_run_saved(server: MlflowServer, tmp_path: Path) -> None:
+    from mlflow.entities import LoggedModelStatus
+
+    from gunn.train.tracking import MODEL_DIR_NAME, complete
+
+    run_dir = tmp_path / "run"
+    run_id = _died_after_two_epochs(server, run_dir)
+    _model_dir(run_dir / MODEL_DIR_NAME, 2, {"eval_top1_error": 7.5})  # saved, then it died
+    assert complete(run_dir, "FINISHED") == (2, 0)  # the model and the finish
+    lines = _journal_lines(run_dir)
+    assert complete(run_dir, "FINISHED") == (0, 0) and _journal_lines(run_dir) == lines
+    (model,) = _logged_models(server.uri, run_id)
+    assert model.tags["gunn.step"] == "2" and model.status == LoggedModelStatus.READY
+
+
+def test_system_metrics_and_source_tags_reach_the_run_and_an_outage_only_loses_samples(
+    server: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import getpass
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    client = MlflowClient(server.uri)
+    off = _tracker(tmp_path / "off", server.uri)  # the default: none
+    off.finish()
+    assert not [k for k in client.get_run(off.run_id).data.metrics if k.startswith("system/")]
+    tracker = _tracker(tmp_path / "run", server.uri, system_metrics=True, drain_timeout=1.0)
+
+    def system_steps() -> list[int]:
+        return _steps(server.uri, tracker.run_id, "system/cpu_utilization_percentage")
+
+    wait_for(lambda: len(system_steps()) >= 2, 30, "two system metrics samples")
+    tags = client.get_run(tracker.run_id).data.tags
+    assert (tags["mlflow.user"], tags["mlflow.source.type"]) == (getpass.getuser(), "LOCAL")
+    assert tags["mlflow.source.name"] == str(Path(sys.argv[0]).resolve())
+    server.stop()
+    with caplog.at_level(logging.DEBUG, logger="gunn.train.tracking"):
+        time.sleep(1.0)  # samples taken while it is down, and lost
+        tracker.log_metrics({"train_loss": 1.0}, step=1)
+        started = time.monotonic()
+        tracker.finish()
+        assert time.monotonic() - started < 15
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 2 and "unreachable" in warned[0] and "not sent" in warned[1], warned
+    assert any("System metrics sample not logged" in r.getMessage() for r in caplog.records)
+    server.start()
+    steps = system_steps()
+    assert steps == list(range(len(steps)))  # one step per sample sent, from 0
+
+    # Continued (a resumed run): its samples continue the steps.
+    again = _tracker(tmp_path / "run", server.uri, system_metrics=True)
+    assert again.run_id == tracker.run_id
+    wait_for(lambda: again._monitor is not None, 30, "the start to be sent and the monitor to start")
+    again.finish()
+    assert system_steps() == list(range(len(steps) + 1))
