@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Ablation sweeps with Ray Tune: python pipelines/sweep.py --study STUDY [PRESET] [field=value ...]
 
 Studies, on any preset (the paper's comparisons, Table 5):
@@ -23,163 +22,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import logging
 import os
-import secrets
 import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from datetime import datetime
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "jobs")]  # report.py and launch.py beside us
+from gunn import config as cfgmod
+from gunn.cluster import launch, slurm
+from gunn.cluster.commands import command, program
+from gunn.cluster.options import CLUSTER_OPTIONS, LaunchError, add_cluster_arguments, cluster_options
+from gunn.config import ConfigError
+from gunn.data import DataError
+from gunn.sweeps import report
+from gunn.sweeps.ray_nodes import RAY, auth_token, ray_head, ray_worker, wait_for_nodes
+from gunn.sweeps.studies import STUDIES, trial_configs
 
-import launch  # noqa: E402  (jobs/launch.py: cluster options and submission)
-import report  # noqa: E402
-
-from gunn import config as cfgmod  # noqa: E402
-from gunn.config import ConfigError, RunConfig  # noqa: E402
-from gunn.data import DataError  # noqa: E402
-
-STUDIES = ("sunn-vs-gunn", "partitions", "residual", "custom")
 SETTINGS = "sweep.yaml"  # the sweep's arguments, read back by --resume
 # Options that say where and how a sweep runs: not saved with it, taken anew on --resume.
-WHERE_TO_RUN = ("cluster", "wait", "logs", "verbose", "profile", "sbatch", "ray_cpus", *launch.CLUSTER_OPTIONS)
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # Ray's command line, from this environment
-
-
-# -- what the trials are -------------------------------------------------------------------
-
-Point = tuple[dict[str, Any], dict[str, Any]]  # (what names the configuration, its overrides)
-
-
-def study_points(args: argparse.Namespace, base: RunConfig) -> list[Point]:
-    """The configurations a study compares (before seeds): each as its name's fields and its overrides."""
-    if args.study == "sunn-vs-gunn":
-        return [({"mode": m}, {"model.mode": m}) for m in ("sunn", "gunn")]
-    if args.study == "residual":
-        return [({"residual": r}, {"model.mode": "gunn", "model.residual": r}) for r in (True, False)]
-    if args.study == "partitions":
-        layers = report.layer_widths(base)
-        valid = [w for w in range(1, min(layers, default=1) + 1) if all(n % w == 0 for n in layers)]
-        hint = (f"widths that divide every GUNN layer of {base.model.name} (widths {layers}): "
-                f"{' '.join(map(str, valid))}")
-        if not args.widths:
-            raise ConfigError(f"--study partitions needs --widths, the segment widths to compare; {hint}")
-        points: list[Point] = [({"mode": "sunn"}, {"model.mode": "sunn"})]
-        for width in args.widths:
-            if width <= 0:
-                raise ConfigError(f"--widths: segment width {width} is not positive; {hint}")
-            bad = [n for n in layers if n % width]
-            if bad:
-                raise ConfigError(f"--widths: segment width {width} does not divide the GUNN layer width(s) {bad} "
-                                  f"of {base.model.name}; {hint}")
-            points.append(({"width": width}, {"model.mode": "gunn", "model.segments": [n // width for n in layers]}))
-        return points
-    if not args.space:
-        raise ConfigError("--study custom needs --space FILE: a YAML mapping of fields to lists of values")
-    try:
-        space = cfgmod.read_yaml(Path(args.space).read_text())  # 1e-3 is a number
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"--space {args.space}: {err}") from None
-    if not isinstance(space, dict) or not all(isinstance(v, list) and v for v in space.values()):
-        raise ConfigError(f"--space {args.space} must map configuration fields to non-empty lists of values")
-    for field, values in space.items():
-        if str(field).startswith(report.PER_TRIAL):
-            raise ConfigError(f"--space {args.space}: {field} is set by the sweep for every trial "
-                              "(seeds: --seeds; logging: an override on the command line)")
-        twice = _repeated(values)
-        if twice is not None:
-            raise ConfigError(f"--space {args.space}: {field} lists {json.dumps(twice)} twice")
-    keys = list(space)
-    return [({k.split(".")[-1]: v for k, v in zip(keys, values)}, dict(zip(keys, values)))
-            for values in itertools.product(*(space[k] for k in keys))]
-
-
-# Fields the sweep sets in every trial: an override of them on the command line would be ignored.
-SWEEP_SETS = {"runtime.seed": "--seeds", "checkpoint.dir": "--dir",
-              **{f"logging.{k}": "the sweep" for k in ("mlflow", "progress", "parent_run_id", "study", "run_name")}}
-
-
-def _refuse_sweep_fields(args: argparse.Namespace, points: list[Point]) -> None:
-    """An override on the command line of a field that the sweep or its study sets per trial is an error."""
-    studied = {field for _, overrides in points for field in overrides}
-    for override in args.overrides:
-        field = override.split("=", 1)[0].strip()
-        if field in SWEEP_SETS:
-            raise ConfigError(f"{override}: {field} is set by the sweep for every trial (use {SWEEP_SETS[field]})")
-        if field in studied:
-            raise ConfigError(f"{override}: {field} is what --study {args.study} varies; leave it out, "
-                              "or compare your own values with --study custom")
-
-
-def _repeated(values: list[Any]) -> Any:
-    """The first value that appears twice in ``values``, else None."""
-    seen: set[str] = set()
-    for value in values:
-        text = json.dumps(value, sort_keys=True, default=str)  # 1 and true are different values
-        if text in seen:
-            return value
-        seen.add(text)
-    return None
-
-
-def trial_key(name: dict[str, Any], seed: int) -> str:
-    """A readable, unique and stable name of one trial (its directory and MLflow run name)."""
-    parts = [f"{k}={json.dumps(v, separators=(',', ''))}" for k, v in name.items()]
-    return "_".join(parts + [f"seed={seed}"]).replace('"', "").replace("/", "-")
-
-
-def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str, tracking_uri: str,
-                  check_device: bool = True) -> list[dict]:
-    """Every trial's fully resolved configuration, checked before Ray starts (``check_device``: that
-    the device is usable; not on a Slurm login node). Trials given GPUs train on them.
-
-    Seed-major order (every configuration with seed 0, then with seed 1, ...): trials that run at
-    the same time share the machine, so no configuration systematically gets the busier half."""
-    from gunn.train.engine import validate
-
-    base = cfgmod.load(args.preset, args.overrides)
-    for option, values in (("--seeds", args.seeds), ("--widths", args.widths or [])):
-        twice = _repeated(values)
-        if twice is not None:  # two trials would share one run directory and one name
-            raise ConfigError(f"{option}: {twice} given twice")
-    points = study_points(args, base)
-    _refuse_sweep_fields(args, points)
-    trials = []
-    for seed, (name, point) in itertools.product(args.seeds, points):
-        key = trial_key(name, seed)
-        if any(t["key"] == key for t in trials):
-            raise ConfigError(f"two trials would share the name and run directory {key}")
-        # Diagnostics on by default (one batch per epoch), so the report compares them; the
-        # user's overrides come next and may turn them off, the study's own values after that.
-        overrides = ["logging.diagnostics=true", *args.overrides] + [f"{k}={json.dumps(v)}" for k, v in point.items()] + [
-            f"runtime.seed={seed}",
-            f"checkpoint.dir={sweep_dir / 'runs' / key}",
-            "logging.progress=false", "logging.mlflow=true", f"logging.tracking_uri={tracking_uri}",
-            f"logging.parent_run_id={parent_run_id}", f"logging.study={args.study}", f"logging.run_name={key}",
-        ]
-        config = cfgmod.load(args.preset, overrides)
-        if config.data.root:  # trials run elsewhere (Ray workers change directory)
-            config.data.root = str(Path(config.data.root).expanduser().resolve())
-        if args.gpus_per_trial > 0 and config.runtime.device == "auto":
-            config.runtime.device = "cuda"  # a GPU CUDA cannot use is an error, not a CPU run
-        validate(config, check_device=check_device)
-        trials.append({"key": key, "config": cfgmod.to_dict(config)})
-    return trials
+WHERE_TO_RUN = ("cluster", "wait", "logs", "verbose", "profile", "sbatch", "ray_cpus", *CLUSTER_OPTIONS)
 
 
 # -- one trial, in a Ray worker --------------------------------------------------------------
@@ -310,7 +182,7 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> int:
         client.set_terminated(parent, status="KILLED")
         launch.say(f"sweep {sweep_dir.name} interrupted ({counts} of {len(trials)} trials); the parent run and the "
             f"unfinished trials are KILLED in MLflow, and no report was written. To continue: "
-            f"{shlex.join(['python', str(HERE / 'sweep.py'), '--resume', str(sweep_dir)])}")
+            f"{shlex.join([*command('sweep', absolute=True), '--resume', str(sweep_dir)])}")
         return 3
     for key in failed:
         launch.say(f"trial failed: {key} (its log: {sweep_dir / 'tune' / key[:120]}, run directory: {sweep_dir / 'runs' / key})")
@@ -473,83 +345,10 @@ def _plot_from_checkpoint(run_dir: Path) -> None:
 
 def rebuild_command(parent: str, tracking_uri: str) -> str:
     """The command that rebuilds the report of the sweep ``parent`` from MLflow, from any folder."""
-    return shlex.join(["python", str(HERE / "report.py"), parent, "--tracking-uri", tracking_uri])
+    return shlex.join([*command("report", absolute=True), parent, "--tracking-uri", tracking_uri])
 
 
-# -- this sweep's own Ray ----------------------------------------------------------------------
-
-# Runs beside a sweep's Ray head, in a session of its own; when the driver's end of its stdin
-# closes (the driver ended, even by SIGKILL), it stops the head's process group and removes the
-# head's temporary folder, unless the driver wrote "keep".
-WATCHDOG = """
-import os, shutil, signal, sys, time
-group, temp = int(sys.argv[1]), sys.argv[2]
-keep = sys.stdin.read().strip() == "keep"
-for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 0)):
-    try:
-        os.killpg(group, sig)
-    except ProcessLookupError:
-        break
-    end = time.monotonic() + wait
-    while time.monotonic() < end:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-if not keep:
-    shutil.rmtree(temp, ignore_errors=True)
-"""
-
-
-def auth_token(sweep_dir: Path, create: bool) -> Path:
-    """Token authentication with a secret of this sweep (beside it, on the shared file system): an
-    open Ray head would run anyone's code as you. Sets it for this process and the Ray it starts."""
-    token = sweep_dir / "ray-auth-token"
-    if create and not token.exists():
-        token.touch(mode=0o600)
-        token.write_text(secrets.token_hex(32))
-    deadline = time.monotonic() + 120
-    while not (token.exists() and token.stat().st_size):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{token} did not appear: is the sweep directory on a shared file system?")
-        time.sleep(1)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    return token
-
-
-@contextlib.contextmanager
-def ray_head(temp: Path, *, ip: str, port: int, cpus: float, verbose: bool) -> Iterator[tuple[str, list[str]]]:
-    """Starts a Ray head node that belongs to this sweep alone: its own process group, temporary folder
-    ``temp`` and ports (``port`` 0: any free one). Yields its address; stops the whole group on the way
-    out and, through a watchdog, also if this process is killed, and removes ``temp`` unless the sweep
-    wrote ``keep`` (its logs, when trials failed) to the list it gets."""
-    temp.mkdir(parents=True, exist_ok=True)
-    (temp / "ray_current_cluster").unlink(missing_ok=True)
-    command = [*RAY, "start", "--head", "--block", "--node-ip-address", ip, "--port", str(port),
-               "--num-cpus", str(int(cpus)), "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(temp)]
-    output = None if verbose else subprocess.DEVNULL
-    head = subprocess.Popen(command, start_new_session=True, stdout=output, stderr=output)
-    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(head.pid), str(temp)], stdin=subprocess.PIPE,
-                                start_new_session=True, text=True)
-    keep: list[str] = []
-    try:
-        deadline = time.monotonic() + 180
-        while not (temp / "ray_current_cluster").is_file() or not (temp / "ray_current_cluster").read_text().strip():
-            if head.poll() is not None:
-                raise RuntimeError(f"Ray's head node did not start (exit status {head.returncode}): "
-                                   f"{shlex.join(command)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Ray's head node did not start within 180 s: {shlex.join(command)}")
-            time.sleep(0.5)
-        port = (temp / "ray_current_cluster").read_text().strip().rsplit(":", 1)[1]  # the one Ray chose
-        yield f"{ip}:{port}", keep
-    finally:
-        watchdog.stdin.write("keep" if keep else "")
-        watchdog.stdin.close()  # the watchdog stops the head's group now
-        watchdog.wait()
-        head.wait()
-
+# -- where the sweep runs: here, or in one Slurm allocation ---------------------------------
 
 def run_locally(args: argparse.Namespace, sweep_dir: Path) -> int:
     """The sweep on this machine: its own Ray head (127.0.0.1, free ports) and the driver."""
@@ -575,7 +374,7 @@ class SweepJob:
     Task 0 starts the Ray head, waits for the other nodes and drives the sweep; the other
     tasks start Ray workers that join it. On SIGUSR2 (time limit, preemption) task 0 requeues
     the job and interrupts the sweep, and the requeued job resumes it from its directory;
-    SIGTERM interrupts it. Both hold from the task's first instant (see launch.job_python).
+    SIGTERM interrupts it. Both hold from the task's first instant (see gunn.cluster.slurm.job_python).
     """
 
     takes_blocked_signals = True
@@ -589,14 +388,14 @@ class SweepJob:
         env = submitit.JobEnvironment()
         if env.global_rank == 0:
             def requeue(*_: Any) -> None:
-                launch.requeue_job(env.job_id, self.max_requeues, self.sweep_dir)
+                slurm.requeue_job(env.job_id, self.max_requeues, self.sweep_dir)
                 signal.raise_signal(signal.SIGINT)
 
             signal.signal(signal.SIGUSR2, requeue)
             _stop_on_signals()
         else:
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # task 0 requeues the job
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, launch.JOB_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, slurm.JOB_SIGNALS)
         auth_token(self.sweep_dir, create=env.global_rank == 0)
         head = socket.gethostbyname(env.hostnames[0])
         port = 20000 + int(env.job_id.split("_")[0]) % 20000
@@ -606,7 +405,7 @@ class SweepJob:
         temp = Path(tempfile.gettempdir()) / f"ray-{env.job_id}-{env.node}"
         done = self.sweep_dir / f"ray-done-{env.job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
         if env.global_rank != 0:
-            _ray_worker([*RAY, "start", "--address", f"{head}:{port}", "--block", "--num-cpus", str(int(cpus)),
+            ray_worker([*RAY, "start", "--address", f"{head}:{port}", "--block", "--num-cpus", str(int(cpus)),
                          "--disable-usage-stats", "--temp-dir", str(temp)], done)
             if done.is_file() and done.read_text() != "1":
                 shutil.rmtree(temp, ignore_errors=True)  # Ray's logs are kept when trials failed
@@ -615,7 +414,7 @@ class SweepJob:
         status = 1
         try:
             with ray_head(temp, ip=head, port=port, cpus=cpus, verbose=self.args.verbose) as (address, keep):
-                _wait_for_nodes(address, env.num_nodes)
+                wait_for_nodes(address, env.num_nodes)
                 self.args.resume = True  # a requeued job continues the sweep it started
                 status = drive(self.args, self.sweep_dir, address)
                 if status == 1:
@@ -633,40 +432,13 @@ class SweepJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def _ray_worker(command: list[str], done: Path) -> None:
-    """Runs a Ray worker node until the head marks the sweep done (or the node dies)."""
-    node = subprocess.Popen(command, start_new_session=True)
-    while node.poll() is None and not done.exists():
-        time.sleep(1)
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(node.pid, sig)  # the node's raylet and workers are in its process group
-        except ProcessLookupError:
-            break
-        try:
-            node.wait(wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wait_for_nodes(address: str, nodes: int, timeout: float = 300) -> None:
-    import ray
-
-    ray.init(address=address, logging_level=logging.WARNING)
-    deadline = time.monotonic() + timeout
-    while sum(n["Alive"] for n in ray.nodes()) < nodes:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {sum(n['Alive'] for n in ray.nodes())} of {nodes} Ray nodes joined")
-        time.sleep(1)
-    ray.shutdown()
-
-
 # -- command line ------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = launch.hoist_overrides(sys.argv[1:] if argv is None else list(argv))
-    parser = argparse.ArgumentParser(prog="python pipelines/sweep.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program("sweep"),
+                                     description=__doc__.split("\n\n")[0].replace("python pipelines/sweep.py",
+                                                                                   program("sweep")),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("targets", nargs="*", metavar="PRESET|CONFIG|FIELD=VALUE",
@@ -685,7 +457,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--asha-grace", type=int, default=1, help="ASHA: epochs every trial gets (default 1)")
     parser.add_argument("--ray-cpus", type=int, default=0, help="local Ray: CPUs it may use (default: all)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the trials' output")
-    launch.add_cluster_arguments(parser)
+    add_cluster_arguments(parser)
     args = parser.parse_args(argv)
     if args.resume:
         saved = args.resume / SETTINGS
@@ -765,10 +537,10 @@ def main(argv: list[str] | None = None) -> int:
             args.dir = (args.dir or Path("sweeps") / name).resolve()
             # Checked now, before Ray or Slurm: every trial's configuration and the data.
             trial_configs(args, args.dir, "unknown", "unknown", check_device=args.cluster != "slurm")
-        options = launch.cluster_options(args) if args.cluster == "slurm" else {}
+        options = cluster_options(args) if args.cluster == "slurm" else {}
         if options:
-            launch.check_partition(options)  # a request the partition can never run: refused now
-    except (ConfigError, DataError, launch.LaunchError) as err:
+            slurm.check_partition(options)  # a request the partition can never run: refused now
+    except (ConfigError, DataError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sweep_dir = Path(args.dir).resolve()
@@ -785,15 +557,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_locally(args, sweep_dir)
         except KeyboardInterrupt:  # before the trials started, or a second Ctrl-C while the sweep ended
             launch.say(f"sweep {sweep_dir.name} interrupted; to continue: "
-                f"{shlex.join(['python', str(HERE / 'sweep.py'), '--resume', str(sweep_dir)])}")
+                f"{shlex.join([*command('sweep', absolute=True), '--resume', str(sweep_dir)])}")
             return 3
-    # The job unpickles this script's SweepJob, which imports report.py and launch.py by name.
-    options["setup"] = [*options["setup"], f'export PYTHONPATH="{HERE}:{HERE.parent / "jobs"}${{PYTHONPATH:+:$PYTHONPATH}}"']
     job = SweepJob(args, sweep_dir, options["max_requeues"])
-    jobs = launch.submit_reporting_refusal([job], options, args.logs, sweep_dir.name)
+    jobs = slurm.submit_reporting_refusal([job], options, args.logs, sweep_dir.name)
     if jobs is None:
         return 1
-    return launch.follow(jobs, [sweep_dir.name], [str(sweep_dir)], args.wait)
+    return slurm.follow(jobs, [sweep_dir.name], [str(sweep_dir)], args.wait)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The comparison report of a sweep, rebuilt from MLflow alone.
 
     python pipelines/report.py PARENT_RUN_ID | SWEEP_NAME [--tracking-uri URI] [--out DIR]
@@ -28,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from gunn.cluster.commands import program
 from gunn.config import RunConfig
 from gunn.layers import GunnLayer
 from gunn.models import create_model
@@ -366,7 +366,7 @@ def check_store(tracking_uri: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python pipelines/report.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=program("report"), description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="the sweep's parent run id, or the sweep's name")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store)")
     parser.add_argument("--out", type=Path, default=None, help="directory of the report files (default: report-<sweep>)")

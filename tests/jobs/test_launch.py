@@ -1,8 +1,8 @@
-"""jobs/launch.py as users run it: defaults, checks before work, signals, local processes."""
+"""The launcher (gunn/cluster/; jobs/launch.py) as users run it: defaults, checks before work, signals, local
+processes, cluster profiles."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shutil
@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from gunn import config as cfgmod
+from gunn.cluster import commands, options, slurm
+from gunn.cluster.options import cluster_options
+from gunn.cluster import launch as launcher
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
@@ -32,16 +37,6 @@ def _env() -> dict[str, str]:
 def launch(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(LAUNCH + args, check=False, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600,
                           **kwargs)
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    """jobs/launch.py as a module (as pipelines/sweep.py imports it)."""
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        yield importlib.import_module("launch")
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
 
 
 def launch_until_checkpoint(args: list[str], cwd: Path, run_dir: Path, **kwargs) -> subprocess.Popen:
@@ -109,7 +104,7 @@ def test_printing_a_configuration_needs_no_data_but_training_does(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_printed_configuration_holds_the_model_values_the_run_uses(launcher, tmp_path, monkeypatch, capsys):
+def test_the_printed_configuration_holds_the_model_values_the_run_uses(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert launcher.main(["--print-config"]) == 0
     model = yaml.safe_load(capsys.readouterr().out)["model"]
@@ -123,7 +118,7 @@ def test_the_printed_configuration_holds_the_model_values_the_run_uses(launcher,
     assert "cifar10 not found" in out.err
 
 
-def test_every_option_of_the_help_says_what_it_does(launcher):
+def test_every_option_of_the_help_says_what_it_does():
     parser = launcher.build_parser()
     for action in parser._actions:
         assert action.help and action.help.strip(), f"{action.option_strings or action.dest} has no description"
@@ -252,27 +247,27 @@ def test_cluster_options_that_cannot_work_are_refused_before_submission(tmp_path
     assert "Traceback" not in done.stderr and not (tmp_path / "logs").exists()
 
 
-def test_a_failed_requeue_says_why_and_how_to_continue_the_run(launcher, capsys, monkeypatch):
+def test_a_failed_requeue_says_why_and_how_to_continue_the_run(capsys, monkeypatch):
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     command = "python jobs/launch.py checkpoint.dir=/runs/r --cluster slurm"
-    problem = launcher.requeue_job("999999999", 3, "/runs/r", command)
+    problem = slurm.requeue_job("999999999", 3, "/runs/r", command)
     err = capsys.readouterr().err
     assert problem is not None and problem.startswith("scontrol requeue 999999999 failed: ")
     assert f"error: {problem}; to continue the run: {command}" in err
     if shutil.which("scontrol") and Path("/etc/slurm/slurm.conf").exists():  # scontrol's own words
         assert "Invalid job id specified" in problem, problem
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
-    assert launcher.requeue_job("999999999", 3, "/runs/r", command) == \
+    assert slurm.requeue_job("999999999", 3, "/runs/r", command) == \
         "stopped at its requeue limit (3 requeues, max_requeues 3)"
     assert f"not requeued: the job stopped at its requeue limit (3 requeues, max_requeues 3); to continue the run: " \
         f"{command}" in capsys.readouterr().out
 
 
-def test_the_command_that_continues_a_slurm_run_names_its_directory_and_its_options(launcher, tmp_path, monkeypatch):
+def test_the_command_that_continues_a_slurm_run_names_its_directory_and_its_options(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     args = launcher.parse_args(["gunn15-cifar10", "optim.lr=0.05", "--seeds", "3", "4", "--cluster", "slurm",
                                 "--profile", "dev", "--time-min", "30", "--sbatch", "exclusive=true", "--wait"])
-    config = launcher.cfgmod.load("gunn15-cifar10", ["optim.lr=0.05", "name=gunn15-cifar10-seed4",
+    config = cfgmod.load("gunn15-cifar10", ["optim.lr=0.05", "name=gunn15-cifar10-seed4",
                                                      f"checkpoint.dir={tmp_path}/r"])
     assert launcher.continue_command(args, "gunn15-cifar10", 4, config) == (
         f"python jobs/launch.py gunn15-cifar10 optim.lr=0.05 runtime.seed=4 name=gunn15-cifar10-seed4 "
@@ -286,22 +281,22 @@ def test_the_command_that_continues_a_slurm_run_names_its_directory_and_its_opti
      ("Resources", False), ("Priority", False), ("JobHeldUser", False), ("BeginTime", False), ("Dependency", False),
      ("ReqNodeNotAvail", False), ("QOSMaxJobsPerUserLimit", False), ("AssocGrpCpuLimit", False), ("None", False)],
 )
-def test_only_pending_reasons_that_never_clear_stop_wait(launcher, reason, never):
-    assert (launcher.never_starts(reason) is not None) == never
+def test_only_pending_reasons_that_never_clear_stop_wait(reason, never):
+    assert (slurm.never_starts(reason) is not None) == never
 
 
 @pytest.mark.parametrize("text,minutes", [("UNLIMITED", None), ("INFINITE", None), ("30", 30), ("30:30", 30.5),
                                           ("02:00:00", 120), ("1-00:00:00", 1440), ("2-12", 3600), ("1-01:30", 1530)])
-def test_slurm_times_are_read_in_minutes(launcher, text, minutes):
-    assert launcher._minutes(text) == minutes
+def test_slurm_times_are_read_in_minutes(text, minutes):
+    assert slurm._minutes(text) == minutes
 
 
-def test_sbatch_options_of_the_profile_and_the_command_line_are_merged(launcher, tmp_path):
+def test_sbatch_options_of_the_profile_and_the_command_line_are_merged(tmp_path):
     profile = tmp_path / "site.yaml"
     profile.write_text("partition: gpu\nsbatch: {exclusive: true, mail-type: END}\nsetup: [module load cuda]\n")
     args = launcher.parse_args(["--cluster", "slurm", "--profile", str(profile), "--sbatch", "mail-type=FAIL",
                                 "--sbatch", "comment=x=y", "--partition", "dev"])
-    options = launcher.cluster_options(args)
+    options = cluster_options(args)
     assert options["sbatch"] == {"exclusive": True, "mail-type": "FAIL", "comment": "x=y"}
     assert options["setup"] == ["module load cuda"] and options["partition"] == "dev"
 
@@ -338,3 +333,50 @@ def test_a_storm_of_stop_signals_to_the_ranks_still_ends_in_one_checkpoint_and_e
     assert process.returncode == 3, out[-2000:] + err[-2000:]
     assert "Traceback" not in err and "terminate called" not in err
     assert re.search(r"interrupted: \d+/40 epochs", out)
+
+
+def test_a_profile_name_is_looked_up_in_the_users_folder_then_among_the_packaged_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    mine = tmp_path / "config" / "gunn" / "profiles"
+    assert options.user_profiles() == mine
+    packaged = Path(options.__file__).parent / "profiles"
+    assert options.find_profile("dev") == packaged / "dev.yaml"  # nothing of the user's yet
+    assert {"dev", "example-gpu"} <= set(options.list_profiles())
+    mine.mkdir(parents=True)
+    (mine / "dev.yaml").write_text("partition: mine\n")  # the user's own wins over the packaged one
+    (mine / "site.yaml").write_text("partition: site\ntime_min: 5\n")
+    assert options.load_profile("dev") == {"partition": "mine"} and options.load_profile("site")["time_min"] == 5
+    assert {"dev", "example-gpu", "site"} <= set(options.list_profiles())
+    assert "site" in launcher.build_parser().format_help()
+    elsewhere = tmp_path / "given.yaml"  # a file given by path comes first
+    elsewhere.write_text("partition: given\n")
+    assert options.load_profile(str(elsewhere)) == {"partition": "given"}
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert options.user_profiles() == tmp_path / "home" / ".config" / "gunn" / "profiles"
+
+
+def test_an_unknown_profile_is_an_error_that_says_where_it_looked(tmp_path):
+    done = launch(["--cluster", "slurm", "--profile", "nosuch", "--print-config"], tmp_path)
+    packaged = REPO / "gunn" / "cluster" / "profiles"
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert (f"error: no cluster profile 'nosuch' (looked for the file nosuch, {options.user_profiles()}/nosuch.yaml, "
+            f"{packaged}/nosuch.yaml); profiles: ") in done.stderr, done.stderr
+    missing = launch(["--cluster", "slurm", "--profile", "site/nosuch.yaml", "--print-config"], tmp_path)
+    assert missing.returncode == 2 and "error: no cluster profile 'site/nosuch.yaml' (looked for the file " \
+        "site/nosuch.yaml); profiles: " in missing.stderr, missing.stderr
+    found = launch(["--cluster", "slurm", "--profile", "dev", "--print-config"], tmp_path)
+    assert found.returncode == 0 and "name: digits" in found.stdout, found.stderr
+
+
+def test_printed_commands_are_the_checkouts_scripts_here_and_the_entry_points_once_installed(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert commands.command("launch") == ["python", "jobs/launch.py"]
+    assert commands.command("sweep", absolute=True) == ["python", str(REPO / "pipelines" / "sweep.py")]
+    assert commands.program("report") == "python pipelines/report.py"
+    monkeypatch.chdir(tmp_path)
+    assert commands.command("launch") == ["python", str(REPO / "jobs" / "launch.py")]
+    monkeypatch.setattr(commands, "CHECKOUT", tmp_path)  # an installed package: no scripts beside it
+    assert [commands.command(name) for name in ("launch", "sweep", "report")] == \
+        [["gunn-launch"], ["gunn-sweep"], ["gunn-report"]]
+    assert commands.program("launch") == "gunn-launch"

@@ -1,14 +1,14 @@
-"""pipelines/report.py on MLflow stores made by hand (no sweep, no Ray)."""
+"""The report (gunn/sweeps/report.py, pipelines/report.py) on MLflow stores made by hand (no sweep, no Ray)."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shlex
 import sys
 from pathlib import Path
 
-from tests.pipelines.test_sweep import REPO, REPORT, run
+from gunn.sweeps import driver, report
+from tests.pipelines.test_sweep import REPORT, run
 
 
 def hand_made_sweep(folder: Path) -> tuple[str, str]:
@@ -62,28 +62,13 @@ def test_the_report_never_creates_a_store_and_says_where_it_looked(tmp_path):
 
 
 def test_the_sweeps_rebuild_command_runs_from_another_folder(tmp_path):
-    path = list(sys.path)
-    spec = importlib.util.spec_from_file_location("sweep_under_test", REPO / "pipelines" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(sweep)  # puts pipelines/ and jobs/ on sys.path
-    finally:
-        sys.path[:] = path
     uri, parent = hand_made_sweep(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    command = shlex.split(sweep.rebuild_command(parent, uri))
+    command = shlex.split(driver.rebuild_command(parent, uri))
     assert command[0] == "python" and Path(command[1]).is_absolute()
     done = run([sys.executable, *command[1:]], elsewhere, timeout=120)
     assert done.returncode == 0 and "(custom), 2 trials" in done.stdout, done.stderr[-2000:]
-
-
-def report_module():
-    """pipelines/report.py, imported under another name (as the sweep imports it, beside pipelines/)."""
-    spec = importlib.util.spec_from_file_location("report_under_test", REPO / "pipelines" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sweep_of(folder: Path, trials: list[dict]) -> tuple[str, str]:
@@ -124,7 +109,6 @@ def test_trials_stopped_early_are_compared_at_the_last_epoch_every_seed_reached(
                                                 "singularity/l1/collapsed_pairs": [1, 4]}, "tags": STOPPED},
         {"expansion": 2, "seed": 0, "metrics": {"eval_top1_error": [45, 35, 25]}},
         {"expansion": 2, "seed": 1, "metrics": {"eval_top1_error": [47, 37, 27]}}])
-    report = report_module()
     text = report.build(uri, parent, tmp_path / "out")
     with open(tmp_path / "out" / "report.csv") as f:
         rows = {row["configuration"]: row for row in csv.DictReader(f)}
@@ -146,7 +130,7 @@ def test_the_report_says_when_no_configuration_ran_the_full_budget(tmp_path):
         {"expansion": 1, "seed": 0, "metrics": {"eval_top1_error": [50, 40, 30]}},
         {"expansion": 1, "seed": 1, "metrics": {"eval_top1_error": [52, 44]}, "tags": STOPPED},
         {"expansion": 2, "seed": 0, "metrics": {"eval_top1_error": [45, 35]}, "tags": STOPPED}])
-    text = report_module().build(uri, parent, tmp_path / "out")
+    text = report.build(uri, parent, tmp_path / "out")
     line = ("Full budget (3 epochs): no configuration ran the full budget in all its trials; of the trials that "
             "did, best expansion=1: top-1 error 30.00 ± 0.00 % (1 of 2 seeds)")
     assert text.endswith(line) and line in (tmp_path / "out" / "report.md").read_text()
@@ -159,7 +143,6 @@ def test_the_report_shows_throughput_per_configuration_with_its_spread_over_tria
         {"expansion": 1, "seed": 1, "metrics": {"eval_top1_error": [50, 40], "images_per_s": [300, 300],
                                                 "epoch_time": [3, 3]}},
         {"expansion": 2, "seed": 0, "metrics": {"eval_top1_error": [50, 40], "images_per_s": [400, 400]}}])
-    report = report_module()
     text = report.build(uri, parent, tmp_path / "out")
     with open(tmp_path / "out" / "report.csv") as f:
         reader = csv.DictReader(f)
@@ -173,7 +156,6 @@ def test_the_report_shows_throughput_per_configuration_with_its_spread_over_tria
 
 
 def test_the_peak_memory_header_and_text_say_what_was_measured(tmp_path):
-    report = report_module()
     for device, title in (("cpu", "peak MB (process RSS)"), ("cuda", "peak MB (CUDA allocated)"), (None, "peak MB")):
         folder = tmp_path / str(device)
         folder.mkdir()
@@ -191,7 +173,6 @@ def test_the_peak_memory_header_and_text_say_what_was_measured(tmp_path):
 def test_the_training_curves_mark_their_points_on_integer_epochs(tmp_path):
     from matplotlib.ticker import MaxNLocator
 
-    report = report_module()
     fig = report.curves_figure({"one epoch": {"eval_top1_error": ([7], [30.0]), "train_top1_error": ([7], [35.0])},
                                 "long": {"eval_top1_error": (list(range(3, 43)), [20.0] * 40),
                                          "train_top1_error": ([], [])}})

@@ -1,9 +1,9 @@
-"""pipelines/sweep.py and pipelines/report.py: Ray Tune sweeps over the engine, MLflow parent/child runs."""
+"""The sweeps (gunn/sweeps/; pipelines/sweep.py and pipelines/report.py): Ray Tune sweeps over the engine,
+MLflow parent/child runs."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import re
 import signal
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from gunn.sweeps import driver, studies
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = [sys.executable, str(REPO / "pipelines" / "sweep.py")]
@@ -165,19 +167,6 @@ def test_refused_custom_spaces(tmp_path, space, message):
     assert not (tmp_path / "sweeps").exists()
 
 
-@pytest.fixture
-def sweep_module():
-    """pipelines/sweep.py as a module (it puts pipelines/ and jobs/ on sys.path)."""
-    path = list(sys.path)
-    spec = importlib.util.spec_from_file_location("sweep_under_test", REPO / "pipelines" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path[:] = path
-
-
 def saved_sweep(folder: Path) -> Path:
     """A sweep directory with its saved settings, as a started sweep leaves it."""
     folder.mkdir()
@@ -198,19 +187,19 @@ def test_refused_resume_with_other_settings_lists_each_with_saved_and_given_valu
     assert sorted(p.name for p in folder.iterdir()) == ["sweep.yaml"]
 
 
-def test_refused_resume_spares_where_to_run_and_repeated_settings(tmp_path, sweep_module):
+def test_refused_resume_spares_where_to_run_and_repeated_settings(tmp_path):
     folder = saved_sweep(tmp_path / "sweep")
-    args = sweep_module.parse_args(["digits", "--resume", str(folder), "--seeds", "0", "1", "optim.epochs=2",
+    args = driver.parse_args(["digits", "--resume", str(folder), "--seeds", "0", "1", "optim.epochs=2",
                                     "--dir", str(folder), "--cluster", "slurm", "--nodes", "2", "--verbose"])
     assert (args.seeds, args.overrides, args.cluster, args.nodes, args.verbose) == ([0, 1], ["optim.epochs=2"],
                                                                                     "slurm", 2, True)
     with pytest.raises(SystemExit):
-        sweep_module.parse_args(["--resume", str(folder), "--seeds", "0"])  # the default, but not the saved value
+        driver.parse_args(["--resume", str(folder), "--seeds", "0"])  # the default, but not the saved value
 
 
-def test_trials_run_seed_major_so_that_configurations_share_the_load_evenly(tmp_path, sweep_module):
-    args = sweep_module.parse_args(["--study", "sunn-vs-gunn", "--seeds", "0", "1", *TINY])
-    trials = sweep_module.trial_configs(args, tmp_path, "parent", "sqlite:///unused.db", check_device=False)
+def test_trials_run_seed_major_so_that_configurations_share_the_load_evenly(tmp_path):
+    args = driver.parse_args(["--study", "sunn-vs-gunn", "--seeds", "0", "1", *TINY])
+    trials = studies.trial_configs(args, tmp_path, "parent", "sqlite:///unused.db", check_device=False)
     assert [t["key"] for t in trials] == ["mode=sunn_seed=0", "mode=gunn_seed=0", "mode=sunn_seed=1",
                                           "mode=gunn_seed=1"]
 

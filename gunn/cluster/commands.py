@@ -1,0 +1,37 @@
+"""How a user runs the project's commands, for help texts and the commands that messages print.
+
+In a checkout (an editable install, or the checkout on PYTHONPATH) these are its scripts, as the
+README documents them: ``python jobs/launch.py``, ``python pipelines/sweep.py``, ``python
+pipelines/report.py``. An installed package has no scripts beside it: there they are the entry
+points ``gunn-launch``, ``gunn-sweep`` and ``gunn-report``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The checkout this package belongs to, if it is one (where jobs/ and pipelines/ are).
+CHECKOUT = Path(__file__).resolve().parents[2]
+# Command -> (the checkout's script, the installed entry point).
+COMMANDS = {
+    "launch": ("jobs/launch.py", "gunn-launch"),
+    "sweep": ("pipelines/sweep.py", "gunn-sweep"),
+    "report": ("pipelines/report.py", "gunn-report"),
+}
+
+
+def command(name: str, absolute: bool = False) -> list[str]:
+    """The words that run command ``name`` from the current folder: ``python SCRIPT`` in a checkout (the
+    script's path relative to the current folder when it is below it, unless ``absolute``), else its entry point."""
+    script, entry_point = COMMANDS[name]
+    path = CHECKOUT / script
+    if not path.is_file():
+        return [entry_point]
+    here = Path.cwd()
+    return ["python", str(path if absolute or not path.is_relative_to(here) else path.relative_to(here))]
+
+
+def program(name: str) -> str:
+    """The name of command ``name`` in its help: ``python SCRIPT`` in a checkout, else its entry point."""
+    script, entry_point = COMMANDS[name]
+    return f"python {script}" if (CHECKOUT / script).is_file() else entry_point

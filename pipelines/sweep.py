@@ -1,0 +1,7 @@
+#!/usr/bin/env python
+"""Ablation sweeps with Ray Tune (gunn.sweeps.driver; installed: gunn-sweep). See --help."""
+
+from gunn.sweeps.driver import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
