@@ -193,29 +193,31 @@ def test_every_module_imports_its_own_floor_or_the_floors_below():
     assert not upward, "imports that go up a floor (docs/architecture.md):\n" + "\n".join(upward)
 
 
-def test_libraries_are_imported_where_they_belong():
+def absolute_imports() -> list[tuple[str, str, int]]:
+    """(module, imported name, line) for every absolute import in the package."""
     found = []
     for module, path in module_files().items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and not node.level and node.module:
                 names = [node.module]
-            for name in names:
-                allowed = LIBRARIES.get(name.split(".")[0])
-                if allowed is not None and not any(module == a or module.startswith(a + ".") for a in allowed):
-                    found.append(f"{module} imports {name} (line {node.lineno}); allowed in {', '.join(allowed)}")
+            found += [(module, name, node.lineno) for name in names]
+    return found
+
+
+def test_libraries_are_imported_where_they_belong():
+    found = []
+    for module, name, line in absolute_imports():
+        allowed = LIBRARIES.get(name.split(".")[0])
+        if allowed is not None and not any(module == a or module.startswith(a + ".") for a in allowed):
+            found.append(f"{module} imports {name} (line {line}); allowed in {', '.join(allowed)}")
     assert not found, "\n".join(found)
 
 
 def test_the_package_imports_no_script_or_test():
     local = {"jobs", "pipelines", "tests"}
-    found = []
-    for module, path in module_files().items():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
-                names = [node.module]
-            found += [f"{module} imports {n} (line {node.lineno})" for n in names if n.split(".")[0] in local]
+    found = [f"{module} imports {name} (line {line})" for module, name, line in absolute_imports()
+             if name.split(".")[0] in local]
     assert not found, "\n".join(found)
 
 
