@@ -155,6 +155,7 @@ def _threads_of_a_rank(rank: int, port: int, out: str) -> None:
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    before = {task.name for task in Path("/proc/self/task").iterdir()}  # e.g. a thread of torch's own
     distributed.setup("cpu", "gloo", 1)
     main = threading.get_native_id()
     masks = {}
@@ -162,7 +163,8 @@ def _threads_of_a_rank(rank: int, port: int, out: str) -> None:
         status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
         masks[task.name] = (status["Name"].strip(), int(status["SigBlk"], 16))
     stop = sum(1 << (s - 1) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
-    result = {name: bool(mask & stop == stop) for tid, (name, mask) in masks.items() if int(tid) != main}
+    # The threads the process group started (a new one may still carry the name "python" before it names itself).
+    result = {f"{name} {tid}": bool(mask & stop == stop) for tid, (name, mask) in masks.items() if tid not in before}
     result["main"] = bool(masks[str(main)][1] & stop)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     distributed.teardown()
@@ -185,3 +187,18 @@ def test_the_process_groups_threads_leave_stop_signals_to_the_main_thread(tmp_pa
         threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert threads.pop("main") is False  # the main thread takes the signals
         assert threads and all(threads.values()), threads  # every other thread blocks them
+
+
+def test_one_port_per_slurm_job_and_one_mapping_from_slurm(monkeypatch):
+    assert distributed.job_port("123") == distributed.job_port(123) == distributed.job_port("123_4") == 20123
+    assert distributed.job_port(40005) == 20005
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+             "SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+    env = distributed.slurm_environment(slurm)
+    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "n1", "MASTER_PORT": "20077"}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.environment() == env  # torchrun's variables absent: the same mapping
