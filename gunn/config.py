@@ -57,6 +57,7 @@ class ModelConfig:
     residual: bool | None = field(default=None, metadata=_meta("residual updates (false: the NoRes ablation); null: the model's"))
     segments: list[int] | None = field(default=None, metadata=_meta("segment count of each GUNN layer, e.g. [10, 10, 10]; null: the model's"))
     expansion: int | None = field(default=None, metadata=_meta("bottleneck expansion K; null: the model's", min=1))
+    depth: int | None = field(default=None, metadata=_meta("bottlenecks stacked in each update unit M; null: the model's", min=1))
     memory: Literal["efficient", "recompute", "autograd"] = field(
         default="efficient", metadata=_meta("backward strategy of the GUNN layers")
     )
@@ -239,24 +240,29 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def flatten(config: RunConfig) -> dict[str, Any]:
-    """``section.field -> value`` for every field (MLflow params)."""
+def flatten(config: RunConfig | typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``section.field -> value`` for every field of a RunConfig or nested mappings (MLflow params)."""
+    node = to_dict(config) if isinstance(config, RunConfig) else config
     out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: dict[str, Any]) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(f"{prefix}{key}.", value)
-            else:
-                out[f"{prefix}{key}"] = value
-
-    walk("", to_dict(config))
+    for key, value in node.items():
+        if isinstance(value, typing.Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out
 
 
+def model_knobs(model: ModelConfig) -> dict[str, Any]:
+    """The ``MODEL_KNOBS`` a model configuration sets, as ``create_model`` takes them (None: the model's)."""
+    from gunn.models import MODEL_KNOBS
+
+    return {knob: getattr(model, knob) for knob in MODEL_KNOBS}
+
+
 def resolve(config: RunConfig) -> RunConfig:
-    """A copy of ``config`` whose model fields left None (``mode``, ``residual``, ``segments``,
-    ``expansion``) hold the values its model actually uses: the values to print, save and log.
+    """A copy of ``config`` whose model fields left None (``gunn.models.MODEL_KNOBS``: ``mode``,
+    ``residual``, ``segments``, ``expansion``, ``depth``) hold the values its model actually uses:
+    the values to print, save and log.
 
     The model is built on the meta device (nothing allocated). ``segments`` becomes one count per
     GUNN layer; a field whose value differs between layers (no registered model does that) stays
@@ -273,8 +279,7 @@ def resolve(config: RunConfig) -> RunConfig:
         raise ConfigError(f"model.name {m.name!r} is not a model; models: {', '.join(list_models())}")
     try:
         with torch.device("meta"):
-            model = create_model(m.name, mode=m.mode, residual=m.residual, segments=m.segments,
-                                 expansion=m.expansion, memory=m.memory)
+            model = create_model(m.name, **model_knobs(m), memory=m.memory)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
     layers = [layer for layer in model.modules() if isinstance(layer, GunnLayer)]
@@ -287,7 +292,8 @@ def resolve(config: RunConfig) -> RunConfig:
         return values.pop() if len(values) == 1 else None
 
     r = resolved.model
-    r.mode, r.residual, r.expansion = shared("mode"), shared("residual"), shared("expansion")
+    r.mode, r.residual = shared("mode"), shared("residual")
+    r.expansion, r.depth = shared("expansion"), shared("depth")
     r.segments = [int(layer.segments) for layer in layers]
     return resolved
 

@@ -153,3 +153,35 @@ def test_non_finite_numbers_are_refused(written):
         config.load("digits", [f"optim.lr={written}"])
     with pytest.raises(ConfigError, match=r"optim\.lr_steps\[0\] must be a finite number"):
         config.load("digits", [f"optim.lr_steps=[{written}]"])
+
+
+def test_the_model_section_has_every_model_knob_and_resolve_fills_depth():
+    from gunn.models import MODEL_KNOBS, default_cfg
+
+    assert {f"model.{knob}" for knob in MODEL_KNOBS} <= set(config.flatten(config.RunConfig()))
+    for preset in ("digits", "gunn24-cifar10"):
+        loaded = config.load(preset)
+        assert loaded.model.depth is None
+        resolved = config.resolve(loaded)
+        assert config.model_knobs(resolved.model) == default_cfg(loaded.model.name).knobs()
+
+
+def test_model_depth_2_builds_a_deeper_model():
+    import torch
+
+    from gunn.models import create_model
+
+    def size(overrides):
+        c = config.resolve(config.load("digits", overrides))
+        with torch.device("meta"):
+            model = create_model(c.model.name, **config.model_knobs(c.model))
+        return c.model.depth, sum(p.numel() for p in model.parameters())
+
+    (one, small), (two, large) = size([]), size(["model.depth=2"])
+    assert (one, two) == (1, 2) and large > small
+    with pytest.raises(ConfigError, match="model.depth must be >= 1"):
+        config.load("digits", ["model.depth=0"])
+
+
+def test_flatten_flattens_plain_mappings_too():
+    assert config.flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": None}) == {"a.b": 1, "a.c.d": [2], "e": None}

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from gunn.bench.measure import activation_bytes, flops, interleaved_medians
 from gunn.layers import GunnLayer, set_memory, set_mode
-from gunn.models import create_model
+from gunn.models import create_model, default_cfg
 
 # (name, mode, memory, fast path) of every variant measured; all share one set of weights.
 VARIANTS = (
@@ -141,16 +141,16 @@ def compare(
     return ratios
 
 
-def describe_model(name: str, image_size: int) -> None:
-    """Parameters and FLOPs of a model and its SUNN twin (they must be equal)."""
+def describe_model(name: str, size: tuple[int, int, int]) -> None:
+    """Parameters and FLOPs of a model and its SUNN twin (they must be equal) on one ``size`` (C, H, W) input."""
     model = create_model(name)
-    x = torch.randn(1, 3, image_size, image_size)
+    x = torch.randn(1, *size)
     params = sum(p.numel() for p in model.parameters())
     gunn_flops = flops(set_mode(model, "gunn"), x)
     sunn_flops = flops(set_mode(model, "sunn"), x)
     print(
         f"{name:12s} {params:>12,d} parameters   {gunn_flops / 2e9:7.2f} GMAC/image (GUNN)   "
-        f"{sunn_flops / 2e9:7.2f} GMAC/image (SUNN)   {image_size}x{image_size}"
+        f"{sunn_flops / 2e9:7.2f} GMAC/image (SUNN)   {size[1]}x{size[2]}"
     )
 
 
@@ -237,9 +237,12 @@ def kernels_speed(args: argparse.Namespace) -> None:
           f"{seconds['aten to nchw'] / seconds['kernel to nchw']:4.1f}x")
 
 
-def image_size(model: str) -> int:
-    """The input resolution a model was designed for."""
-    return 224 if "18" in model else 32
+def input_size(model: str) -> tuple[int, int, int]:
+    """The input (channels, height, width) a model was designed for: its ``default_cfg``."""
+    defaults = default_cfg(model)
+    if defaults is None:
+        raise ValueError(f"model {model!r} has no default configuration (input size)")
+    return defaults.input_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if "describe" in args.only:
         print("\n## Models: parameters and FLOPs (1 multiply-add = 1 MAC)")
         for name in PAPER_MODELS:
-            describe_model(name, image_size(name))
+            describe_model(name, input_size(name))
     if "kernels" in args.only and args.device == "cpu":
         kernels_speed(args)
     if "layer" in args.only:
@@ -287,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if "models" in args.only:
         for name in args.models:
             model = create_model(name)
-            s = image_size(name)
-            compare(f"{name} at {s}x{s}", model, lambda n, s=s: torch.randn(n, 3, s, s), model.num_classes, args)
+            s = input_size(name)
+            compare(f"{name} at {s[1]}x{s[2]}", model, lambda n, s=s: torch.randn(n, *s), model.num_classes, args)
     if "training" in args.only:
         training_throughput(args)
     if "loaders" in args.only:

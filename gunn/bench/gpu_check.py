@@ -159,6 +159,13 @@ def tests(record: Record) -> None:
 
 # -- 2. syncfree ----------------------------------------------------------------------------------
 
+def _side(model: str) -> int:
+    """The image side a registered model was designed for (its ``default_cfg``)."""
+    from gunn.models import default_cfg
+
+    return default_cfg(model).input_size[1]
+
+
 def syncfree(record: Record) -> None:
     from gunn.bench.steps import TrainingStep, build, host_syncs
     from gunn.layers import GunnLayer
@@ -170,7 +177,7 @@ def syncfree(record: Record) -> None:
     else:
         cases = [(name, precision, fast) for name, fast in (("gunn18", True), ("gunn18", False), ("sunn18", True))
                  for precision in ("fp32", "bf16")]
-        device, size, batch = torch.device("cuda", 0), 224, 8
+        device, size, batch = torch.device("cuda", 0), _side("gunn18"), 8
     clean = True
     for name, precision, fast in cases:
         model = build(name)
@@ -203,7 +210,7 @@ def engine(record: Record, out: Path) -> None:
     from gunn.train.engine import train
 
     dry = record.dry_run
-    batch, size, model = (8, 16, "gunn_tiny") if dry else (32, 224, "gunn18")
+    batch, size, model = (8, 16, "gunn_tiny") if dry else (32, _side("gunn18"), "gunn18")
     stop, steps = (3, 6) if dry else (20, 30)
     run_dir = out / "engine-run"
     overrides = [
@@ -336,7 +343,7 @@ def bench(record: Record, budget_s: float, out: Path) -> None:
         torch.backends.cudnn.benchmark = True
         set_tf32(True)  # as the engine trains (runtime.tf32)
     gunn, sunn, peer = ("gunn_tiny", "sunn_tiny", "resnet18") if dry else ("gunn18", "sunn18", "resnext50_32x4d")
-    size = 32 if dry else 224
+    size = _side(gunn)  # the peers run at the same size
     small, large = (4, 8) if dry else (32, 256)
     graphs = [False] if dry else [False, True]  # CUDA graphs need CUDA
     plan = [(gunn, b, p, g) for b in (small, large) for p in ("fp32", "bf16") for g in graphs]

@@ -44,10 +44,10 @@ from torch import Tensor
 
 from gunn.data.base import Batch, DataBundle, DataError, ShardPlan
 from gunn.data.loader import ShardedLoader
+from gunn.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the ImageNet models' default_cfg normalisation
 CROP = 224  # training crop and evaluation centre crop
 RESIZE = 256  # shorter side before the evaluation centre crop
 LOADERS = ("auto", "dali", "torchvision")

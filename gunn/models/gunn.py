@@ -7,6 +7,7 @@ Widths, segment counts and parameter counts: docs/layer.md, "The models".
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from typing import Any, Literal, Sequence
@@ -15,7 +16,9 @@ from torch import Tensor, nn
 
 from gunn.layers import GunnLayer
 from gunn.layers.gradual import Memory, Mode
-from gunn.models.registry import register_model
+from gunn.models.registry import (
+    CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MODEL_KNOBS, ModelDefaults, default_cfg, register_model,
+)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1) -> nn.Sequential:
@@ -115,16 +118,22 @@ class GunnNet(nn.Module):
 
 
 # Keyword arguments a caller may change on a registered architecture.
-OVERRIDES = ("num_classes", "in_chans", "mode", "residual", "segments", "expansion", "depth", "memory")
+OVERRIDES = ("num_classes", "in_chans", *MODEL_KNOBS, "memory")
 
 
-def _build(name: str, arch: dict[str, Any], overrides: dict[str, Any]) -> GunnNet:
+def _build(name: str, overrides: dict[str, Any], **structure: Any) -> GunnNet:
+    """The model ``name`` as its default configuration (``default_cfg(name)``) and ``structure`` (the
+    stem, head and transitions, which no configuration changes) describe it, with ``overrides``."""
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for model {name!r}; options: {', '.join(OVERRIDES)}")
+    cfg = default_cfg(name)
+    arch = dict(widths=cfg.widths, segments=cfg.segments, expansion=cfg.expansion, depth=cfg.depth,
+                mode=cfg.mode, residual=cfg.residual, num_classes=cfg.num_classes, in_chans=cfg.input_size[0],
+                **structure)
     segments = overrides.get("segments")
     if isinstance(segments, int) and not isinstance(segments, bool):
-        overrides["segments"] = (segments,) * len(arch["widths"])
+        overrides["segments"] = (segments,) * len(cfg.widths)
     elif segments is not None:
         if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
             raise ValueError(f"segments must be an int or a sequence of ints, got {segments!r}")
@@ -132,76 +141,83 @@ def _build(name: str, arch: dict[str, Any], overrides: dict[str, Any]) -> GunnNe
     return GunnNet(**{**arch, **overrides})
 
 
-_GUNN15 = dict(widths=(240, 300, 360), segments=(20, 25, 30), expansion=2, depth=1, head_width=360)
-_GUNN24 = dict(widths=(720, 900, 1080), segments=(20, 25, 30), expansion=3, depth=2, head_width=1080, stem_width=64)
-_GUNN18 = dict(
-    widths=(400, 800, 1600, 2000),
-    segments=(10, 20, 40, 50),
-    projection=False,
-    stem="imagenet",
-    pool_before_transition=True,
-    num_classes=1000,
-)
-_WIDE_GUNN18 = dict(_GUNN18, widths=(1200, 1600, 2000, 2000), segments=(30, 40, 50, 50))
+_CIFAR = dict(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10)
+_IMAGENET = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000)
+_GUNN15 = ModelDefaults(**_CIFAR, widths=(240, 300, 360), segments=(20, 25, 30), expansion=2, depth=1,
+                        recipe="gunn15-cifar10")
+_GUNN24 = ModelDefaults(**_CIFAR, widths=(720, 900, 1080), segments=(20, 25, 30), expansion=3, depth=2,
+                        recipe="gunn24-cifar10")
+_GUNN18 = ModelDefaults(**_IMAGENET, widths=(400, 800, 1600, 2000), segments=(10, 20, 40, 50),
+                        recipe="gunn18-imagenet")
+_WIDE_GUNN18 = ModelDefaults(**_IMAGENET, widths=(1200, 1600, 2000, 2000), segments=(30, 40, 50, 50),
+                             recipe="wide-gunn18-imagenet")
 # Not in the paper: the GUNN-15 skeleton at 1/7.5 of its width, for demos and tests on a CPU.
-_GUNN_TINY = dict(widths=(32, 48, 64), segments=(4, 4, 4), expansion=2, depth=1, head_width=64, stem_width=16)
+_GUNN_TINY = ModelDefaults(**_CIFAR, widths=(32, 48, 64), segments=(4, 4, 4), expansion=2, depth=1, recipe="digits")
+# The stems, heads and transitions of each family (not configuration knobs).
+_CIFAR_STRUCTURE = dict(stem="cifar", projection=True, pool_before_transition=False)
+_IMAGENET_STRUCTURE = dict(stem="imagenet", projection=False, pool_before_transition=True, head_width=None)
 
 
-@register_model
+def _sunn(cfg: ModelDefaults, recipe: str | None = None) -> ModelDefaults:
+    """The SUNN twin of a GUNN model: simultaneous updates, same architecture otherwise."""
+    return dataclasses.replace(cfg, mode="sunn", recipe=recipe)
+
+
+@register_model(default_cfg=_GUNN15)
 def gunn15(**overrides: Any) -> GunnNet:
     """GUNN-15 (CIFAR): 1.6M parameters."""
-    return _build("gunn15", _GUNN15, overrides)
+    return _build("gunn15", overrides, **_CIFAR_STRUCTURE, head_width=360)
 
 
-@register_model
+@register_model(default_cfg=_sunn(_GUNN15, "sunn15-cifar10"))
 def sunn15(**overrides: Any) -> GunnNet:
     """SUNN-15: GUNN-15 with simultaneous updates."""
-    return _build("sunn15", {**_GUNN15, "mode": "sunn"}, overrides)
+    return _build("sunn15", overrides, **_CIFAR_STRUCTURE, head_width=360)
 
 
-@register_model
+@register_model(default_cfg=_GUNN24)
 def gunn24(**overrides: Any) -> GunnNet:
     """GUNN-24 (CIFAR): 29.5M parameters."""
-    return _build("gunn24", _GUNN24, overrides)
+    return _build("gunn24", overrides, **_CIFAR_STRUCTURE, head_width=1080, stem_width=64)
 
 
-@register_model
+@register_model(default_cfg=_sunn(_GUNN24))
 def sunn24(**overrides: Any) -> GunnNet:
     """SUNN-24: GUNN-24 with simultaneous updates."""
-    return _build("sunn24", {**_GUNN24, "mode": "sunn"}, overrides)
+    return _build("sunn24", overrides, **_CIFAR_STRUCTURE, head_width=1080, stem_width=64)
 
 
-@register_model
+@register_model(default_cfg=_GUNN18)
 def gunn18(**overrides: Any) -> GunnNet:
     """GUNN-18 (ImageNet): 28.9M parameters."""
-    return _build("gunn18", _GUNN18, overrides)
+    return _build("gunn18", overrides, **_IMAGENET_STRUCTURE)
 
 
-@register_model
+@register_model(default_cfg=_sunn(_GUNN18))
 def sunn18(**overrides: Any) -> GunnNet:
     """SUNN-18: GUNN-18 with simultaneous updates."""
-    return _build("sunn18", {**_GUNN18, "mode": "sunn"}, overrides)
+    return _build("sunn18", overrides, **_IMAGENET_STRUCTURE)
 
 
-@register_model
+@register_model(default_cfg=_WIDE_GUNN18)
 def wide_gunn18(**overrides: Any) -> GunnNet:
     """Wide-GUNN-18 (ImageNet): 45.6M parameters."""
-    return _build("wide_gunn18", _WIDE_GUNN18, overrides)
+    return _build("wide_gunn18", overrides, **_IMAGENET_STRUCTURE)
 
 
-@register_model
+@register_model(default_cfg=_sunn(_WIDE_GUNN18))
 def wide_sunn18(**overrides: Any) -> GunnNet:
     """Wide-SUNN-18: Wide-GUNN-18 with simultaneous updates."""
-    return _build("wide_sunn18", {**_WIDE_GUNN18, "mode": "sunn"}, overrides)
+    return _build("wide_sunn18", overrides, **_IMAGENET_STRUCTURE)
 
 
-@register_model
+@register_model(default_cfg=_GUNN_TINY)
 def gunn_tiny(**overrides: Any) -> GunnNet:
     """A small GUNN-15-shaped network (not in the paper) for demos and tests on a CPU."""
-    return _build("gunn_tiny", _GUNN_TINY, overrides)
+    return _build("gunn_tiny", overrides, **_CIFAR_STRUCTURE, head_width=64, stem_width=16)
 
 
-@register_model
+@register_model(default_cfg=_sunn(_GUNN_TINY))
 def sunn_tiny(**overrides: Any) -> GunnNet:
     """gunn_tiny with simultaneous updates."""
-    return _build("sunn_tiny", {**_GUNN_TINY, "mode": "sunn"}, overrides)
+    return _build("sunn_tiny", overrides, **_CIFAR_STRUCTURE, head_width=64, stem_width=16)

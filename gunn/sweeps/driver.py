@@ -48,6 +48,7 @@ from gunn.data import DataError
 from gunn.sweeps import report
 from gunn.sweeps.ray_nodes import RAY, auth_token, ray_head, ray_worker, wait_for_nodes
 from gunn.sweeps.studies import STUDIES, trial_configs
+from gunn.train.distributed import job_port
 
 SETTINGS = "sweep.yaml"  # the sweep's arguments, read back by --resume
 # Options that say where and how a sweep runs: not saved with it, taken anew on --resume.
@@ -398,7 +399,7 @@ class SweepJob:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, slurm.JOB_SIGNALS)
         auth_token(self.sweep_dir, create=env.global_rank == 0)
         head = socket.gethostbyname(env.hostnames[0])
-        port = 20000 + int(env.job_id.split("_")[0]) % 20000
+        port = job_port(env.job_id)
         cpus = float(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         # A Ray folder per node of this job: nodes that share /tmp (several on one host, as in
         # slurm/dev-cluster) would otherwise share sockets.

@@ -30,7 +30,7 @@ import torch
 from gunn.cluster.commands import program
 from gunn.config import RunConfig
 from gunn.layers import GunnLayer
-from gunn.models import create_model
+from gunn.models import MODEL_KNOBS, create_model, default_cfg
 
 
 class ReportError(Exception):
@@ -40,14 +40,27 @@ class ReportError(Exception):
 # Child-run parameters that differ between trials without defining a configuration.
 PER_TRIAL = ("runtime.seed", "checkpoint.dir", "logging.")
 METRICS = ("eval_top1_error", "train_top1_error", "epoch_time", "images_per_s", "peak_memory_mb")
-INPUT = {"digits": (1, 32, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "imagenet": (3, 224, 1000)}
+# Image channels, side and classes of each data set as the loaders give them (synthetic: its data.image_size
+# and data.classes): the data, not the model, decides what a run's model sees.
+DATA = {"digits": (1, 32, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "imagenet": (3, 224, 1000)}
 
 
 def layer_widths(config: RunConfig) -> list[int]:
-    """Channel counts of the GUNN layers of the configuration's model."""
+    """Channel counts of the GUNN layers of the configuration's model (its default configuration's)."""
+    defaults = default_cfg(config.model.name)
+    if defaults is not None:
+        return list(defaults.widths)
     with torch.device("meta"):
         model = create_model(config.model.name)
     return [m.channels for m in model.modules() if isinstance(m, GunnLayer)]
+
+
+def input_shape(params: dict[str, str]) -> tuple[int, int, int]:
+    """Image channels, image side and classes that a child run's model saw (from its parameters)."""
+    data = params.get("data.name", "digits")
+    if data in DATA:
+        return DATA[data]
+    return 3, int(params.get("data.image_size", 32)), int(params.get("data.classes", 10))
 
 
 def _value(text: str | None) -> Any:
@@ -61,10 +74,8 @@ def model_cost(params: dict[str, str]) -> tuple[int, int, list[int], str]:
     run's model (the mode its layers have: the model's own when the run did not set one)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    data = params.get("data.name", "digits")
-    chans, size, classes = INPUT.get(data, (3, int(params.get("data.image_size", 32)),
-                                           int(params.get("data.classes", 10))))
-    overrides = {k: _value(params.get(f"model.{k}")) for k in ("mode", "residual", "segments", "expansion")}
+    chans, size, classes = input_shape(params)
+    overrides = {k: _value(params.get(f"model.{k}")) for k in MODEL_KNOBS}
     with torch.device("meta"):
         model = create_model(params["model.name"], num_classes=classes, in_chans=chans, **overrides).eval()
         x = torch.randn(1, chans, size, size)

@@ -33,6 +33,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
 # What the engine's checkpoint holds (gunn.train.engine._Run._save), checked before a run resumes from it;
 # besides these, either "ranks" (every rank's "meter" and "rng") or, written before 2026-12, "meter" and "rng".
 RUN_STATE_KEYS = ("model", "optimizer", "scaler", "epoch", "batch", "step", "history", "config", "train_seconds")
+RANK_STATE_KEYS = ("meter", "rng")  # each entry of "ranks" (and "buffers", BatchNorm statistics, since 2026-12)
 # Torch's own message when a write fails in its C++ writer (the OSError is lost there).
 _TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed writing")
 # Sentences of torch's load errors that advise loading the file in a way that runs its code.
@@ -129,12 +130,24 @@ def _free_bytes(directory: Path) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
+def run_state(*, ranks: list[dict[str, Any]], **values: Any) -> dict[str, Any]:
+    """The checkpoint the engine writes: every one of ``RUN_STATE_KEYS``, and ``ranks`` (each rank's
+    ``RANK_STATE_KEYS``); ValueError on a key missing or unknown, so writer and reader agree."""
+    if set(values) != set(RUN_STATE_KEYS):
+        missing, unknown = set(RUN_STATE_KEYS) - set(values), set(values) - set(RUN_STATE_KEYS)
+        raise ValueError(f"a run state holds {', '.join(RUN_STATE_KEYS)}: missing {sorted(missing)}, "
+                         f"unknown {sorted(unknown)}")
+    if not all(set(RANK_STATE_KEYS) <= set(r) for r in ranks):
+        raise ValueError(f"each rank's state must hold {', '.join(RANK_STATE_KEYS)}")
+    return {**{key: values[key] for key in RUN_STATE_KEYS}, "ranks": ranks}
+
+
 def check_state(state: Any) -> str | None:
     """What keeps ``state`` from being a run's state as the engine writes it, or None if nothing does."""
     if not isinstance(state, dict):
         return f"a {type(state).__name__}, not a dict"
     missing = [key for key in RUN_STATE_KEYS if key not in state]
-    if "ranks" not in state and not ("meter" in state and "rng" in state):
+    if "ranks" not in state and not all(key in state for key in RANK_STATE_KEYS):
         missing.append("ranks")
     if missing:
         return "missing " + ", ".join(repr(key) for key in missing)
@@ -150,9 +163,9 @@ def check_state(state: Any) -> str | None:
         problems.append("'history' is not a list")
     if type(state["train_seconds"]) not in (int, float):
         problems.append("'train_seconds' is not a number")
-    ranks = state["ranks"] if "ranks" in state else [{"meter": state["meter"], "rng": state["rng"]}]
+    ranks = state["ranks"] if "ranks" in state else [{key: state[key] for key in RANK_STATE_KEYS}]
     if not (isinstance(ranks, list) and ranks and all(
-            isinstance(r, dict) and all(isinstance(r.get(key), dict) for key in ("meter", "rng")) for r in ranks)):
+            isinstance(r, dict) and all(isinstance(r.get(key), dict) for key in RANK_STATE_KEYS) for r in ranks)):
         problems.append("'ranks' is not a list of dicts with 'meter' and 'rng'" if "ranks" in state
                         else "'meter' and 'rng' are not dicts")
     return "; ".join(problems) or None

@@ -6,6 +6,7 @@ import itertools
 import os
 import re
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,28 @@ def tasks_on_this_node(tasks_per_node: str, node_id: int) -> int:
     return counts[min(node_id, len(counts) - 1)]
 
 
+def job_port(job_id: str | int) -> int:
+    """The rendezvous port of Slurm job ``job_id`` (an array task's ``123_4`` counts as job 123), in
+    20000-39999: one port per job, so that jobs sharing a node do not collide."""
+    return 20000 + int(str(job_id).split("_")[0]) % 20000
+
+
+def slurm_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT of this Slurm task, from
+    Slurm's variables (``env``, default ``os.environ``); MASTER_ADDR and MASTER_PORT, where set, are kept.
+    The mapping ``environment`` uses (jobs submitted by the launcher set these through submitit first)."""
+    env = os.environ if env is None else env
+    nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+    local_world = tasks_on_this_node(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1")),
+                                     int(env.get("SLURM_NODEID", "0")))
+    return {
+        "RANK": env.get("SLURM_PROCID", "0"), "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "LOCAL_WORLD_SIZE": str(local_world),
+        "MASTER_ADDR": env.get("MASTER_ADDR", nodes[0]),
+        "MASTER_PORT": env.get("MASTER_PORT", str(job_port(env.get("SLURM_JOB_ID", "0")))),
+    }
+
+
 def environment() -> dict[str, str]:
     """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them, else
     from Slurm."""
@@ -80,17 +103,7 @@ def environment() -> dict[str, str]:
             "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", "29500"),
         }
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        job = int(env.get("SLURM_JOB_ID", "0"))
-        local_world = tasks_on_this_node(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1")),
-                                         int(env.get("SLURM_NODEID", "0")))
-        return {
-            "RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "LOCAL_WORLD_SIZE": str(local_world),
-            "MASTER_ADDR": env.get("MASTER_ADDR", nodes[0]),
-            # One port per job, so that jobs sharing a node do not collide.
-            "MASTER_PORT": env.get("MASTER_PORT", str(20000 + job % 20000)),
-        }
+        return slurm_environment(env)
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": "29500"}
 

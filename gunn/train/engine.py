@@ -130,9 +130,8 @@ def validate(config: RunConfig, world_size: int = 1, check_device: bool = True) 
 
 
 def _model_overrides(config: RunConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
-    m = config.model
-    return dict(num_classes=num_classes, in_chans=in_chans, mode=m.mode, residual=m.residual,
-                segments=m.segments, expansion=m.expansion, memory=m.memory)
+    return dict(num_classes=num_classes, in_chans=in_chans, **cfgmod.model_knobs(config.model),
+                memory=config.model.memory)
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -296,7 +295,7 @@ class _Run:
         """This rank's running metrics, random state and buffers from a checkpoint."""
         ranks = state.get("ranks")
         if ranks is None:  # written before 2026-12: rank 0's metrics and random state only
-            return {"meter": state["meter"], "rng": state["rng"]}
+            return {key: state[key] for key in ckpt.RANK_STATE_KEYS}
         if len(ranks) == self.info.world_size:
             return ranks[self.info.rank]
         if self.info.is_main and self.batch:
@@ -569,12 +568,12 @@ class _Run:
         ranks = distributed.gather_to_main(own)
         if not self.info.is_main:
             return
-        state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
-            "train_seconds": self.train_seconds, "history": self.history, "ranks": ranks,
-            "config": cfgmod.to_dict(self.config),
-        }
+        state = ckpt.run_state(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(), epoch=self.epoch, batch=self.batch, step=self.step,
+            train_seconds=self.train_seconds, history=self.history, ranks=ranks,
+            config=cfgmod.to_dict(self.config),
+        )
         ckpt.save(state, self.run_dir, ckpt.checkpoint_name(self.epoch, self.batch), self.config.checkpoint.keep)
 
     def _finish(self, tracker: Any) -> None:

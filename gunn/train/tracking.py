@@ -36,11 +36,13 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from gunn.config import flatten
 
 __all__ = [
     "JOURNAL_NAME",
@@ -640,17 +642,6 @@ def _source_tags() -> dict[str, str]:
 # --------------------------------------------------------------------------- the tracker
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _check_key(kind: str, key: str) -> str:
     key = str(key)
     if not key or len(key) > MAX_KEY_LENGTH:
@@ -718,7 +709,7 @@ class Tracker:
         self._system_metrics = system_metrics
         self._monitor: _SystemMetrics | None = None
 
-        flat = {_check_key("param", k): str(v) for k, v in _flatten(params).items()}
+        flat = {_check_key("param", k): str(v) for k, v in flatten(params).items()}
         truncated = sorted(k for k, v in flat.items() if len(v) > MAX_PARAM_VAL_LENGTH)
         flat = {k: v[:MAX_PARAM_VAL_LENGTH] for k, v in flat.items()}
         run_tags = {**_source_tags(), "gunn.run_dir": str(self.run_dir), **tags}

@@ -40,3 +40,11 @@ def test_benchmark_compares_the_cpu_kernels_with_aten(capsys):
     assert len(speedups) == 2 * 9  # fwd and bwd for three widths at three sizes
     assert all(float(v) > 0 for v in speedups)
     assert re.search(r"to channels_last: aten/kernel\s+\d+\.\dx\s+to NCHW: aten/kernel\s+\d+\.\dx", out)
+
+
+def test_the_models_input_size_is_their_default_configuration():
+    from gunn.bench.__main__ import input_size
+    from gunn.models import default_cfg
+
+    assert input_size("gunn18") == default_cfg("gunn18").input_size == (3, 224, 224)
+    assert input_size("wide_gunn18")[1:] == (224, 224) and input_size("gunn15") == (3, 32, 32)

@@ -184,3 +184,19 @@ def test_the_training_curves_mark_their_points_on_integer_epochs(tmp_path):
     fig.canvas.draw()
     assert all(float(t).is_integer() for t in ax.get_xticks())
     fig.savefig(tmp_path / "curves.png")
+
+
+def test_the_cost_of_a_model_is_measured_on_the_input_its_data_gives_and_follows_depth():
+    from gunn.models import default_cfg
+
+    assert report.input_shape({"model.name": "gunn18", "data.name": "imagenet"}) == (3, 224, 1000)
+    assert report.input_shape({"model.name": "gunn_tiny", "data.name": "digits"}) == (1, 32, 10)
+    assert report.input_shape({"model.name": "gunn15", "data.name": "cifar100"}) == (3, 32, 100)
+    assert report.input_shape({"model.name": "gunn15", "data.name": "synthetic", "data.image_size": "16",
+                               "data.classes": "5"}) == (3, 16, 5)
+    params, _, widths, mode = report.model_cost({"model.name": "gunn_tiny", "data.name": "digits", "model.depth": "2"})
+    deeper = params
+    params, _, widths, mode = report.model_cost({"model.name": "gunn_tiny", "data.name": "digits"})
+    assert deeper > params and widths == [w // s for w, s in zip(default_cfg("gunn_tiny").widths,
+                                                                   default_cfg("gunn_tiny").segments)]
+    assert mode == "gunn"

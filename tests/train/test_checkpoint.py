@@ -262,3 +262,17 @@ def test_the_load_error_keeps_the_cause_and_drops_the_advice_to_run_the_file(mes
     summary = ckpt._load_error(pickle.UnpicklingError(message))
     assert "GLOBAL posix.system" in summary
     assert not any(word in summary for word in ("weights_only", "torch.load", "safe_globals", "trust", "Re-running"))
+
+
+def test_the_run_state_the_engine_writes_is_the_one_the_reader_checks():
+    values = dict(model={"w": torch.zeros(1)}, optimizer={}, scaler={}, epoch=1, batch=0, step=3, history=[],
+                  config={}, train_seconds=1.5)
+    ranks = [{"meter": {}, "rng": {}, "buffers": {}}]
+    state = ckpt.run_state(ranks=ranks, **values)
+    assert set(state) == {*ckpt.RUN_STATE_KEYS, "ranks"} and ckpt.check_state(state) is None
+    with pytest.raises(ValueError, match=r"missing \['train_seconds'\]"):
+        ckpt.run_state(ranks=ranks, **{k: v for k, v in values.items() if k != "train_seconds"})
+    with pytest.raises(ValueError, match=r"unknown \['extra'\]"):
+        ckpt.run_state(ranks=ranks, extra=1, **values)
+    with pytest.raises(ValueError, match="meter, rng"):
+        ckpt.run_state(ranks=[{"meter": {}}], **values)
