@@ -108,7 +108,7 @@ def test_the_printed_configuration_holds_the_model_values_the_run_uses(tmp_path,
     monkeypatch.chdir(tmp_path)
     assert launcher.main(["--print-config"]) == 0
     model = yaml.safe_load(capsys.readouterr().out)["model"]
-    assert model == {"name": "gunn_tiny", "mode": "gunn", "residual": True, "segments": [4, 4, 4], "expansion": 2,
+    assert model == {"name": "gunn_tiny", "mode": "gunn", "residual": True, "segments": [4, 4, 4], "expansion": 2, "depth": 1,
                      "memory": "efficient"}
     assert launcher.main(["sunn15-cifar10", "model.segments=[10, 10, 10]", "model.residual=false", "data.root=.",
                           "--print-config"]) == 0
