@@ -26,3 +26,41 @@ def test_readme_example_runs():
     readme = (ROOT / "README.md").read_text()
     example = re.search(r"```python\n(.+?)\n```", readme, re.S).group(1)
     exec(compile(example, "README.md", "exec"), {})
+
+
+def layout_rows() -> list[tuple[str, set[Path]]]:
+    """The README's layout table: each row's text and the paths it names. A row's first path sets
+    its folder; bare names after it (``checkpoint.py``, ``profiles/``) are in that folder."""
+    section = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| ") or line.startswith(("| path", "| ---")):
+            continue
+        tokens = re.findall(r"`([^` ]+)`", line)
+        paths = [t for t in tokens if re.fullmatch(r"[\w./-]+(\.py|\.cpp|/)", t) or "/" in t and (ROOT / t).exists()]
+        folder = None
+        named = set()
+        for token in paths:
+            if "/" in token.rstrip("/") or folder is None:
+                path = ROOT / token
+                folder = path if token.endswith("/") else path.parent
+            else:
+                path = folder / token
+            named.add(path)
+        rows.append((line, named))
+    return rows
+
+
+def test_the_layout_table_names_paths_that_exist():
+    missing = [f"{p.relative_to(ROOT)} (row: {line[:60]}...)" for line, named in layout_rows() for p in named
+               if not p.exists()]
+    assert not missing, "the README's layout table names paths that do not exist: " + "; ".join(missing)
+
+
+def test_every_module_of_the_package_is_in_the_layout_table():
+    named = set().union(*(paths for _, paths in layout_rows()))
+    modules = [p for p in (ROOT / "gunn").rglob("*") if p.suffix in (".py", ".cpp")
+               and p.name not in ("__init__.py", "__main__.py") and "__pycache__" not in p.parts]
+    unnamed = sorted(str(p.relative_to(ROOT)) for p in modules
+                     if not any(p == n or n.is_dir() and p.is_relative_to(n) for n in named))
+    assert not unnamed, "modules missing from the README's layout table: " + ", ".join(unnamed)
