@@ -321,9 +321,13 @@ class TrainingJob:
         stop = StopSignals(JOB_SIGNALS)  # before the slow imports: a signal is kept from here on
         import submitit
 
+        from gunn.train.distributed import slurm_environment
+
         job = submitit.JobEnvironment()
-        # Rank, world size, local rank and master address/port from Slurm, as torch.distributed wants them.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # Rank, world size, local rank and master address/port of this task, from Slurm's own variables (the one
+        # mapping, also torch.distributed's fallback): a MASTER_ADDR or MASTER_PORT that the job inherited from
+        # where it was submitted (sbatch exports the environment) does not point at this job's first node.
+        os.environ.update(slurm_environment({k: v for k, v in os.environ.items() if not k.startswith("MASTER_")}))
         config = cfgmod.from_dict(self.config)
         result: RunResult | None = None
         if stop.received and job.num_tasks == 1:  # one task alone can skip training; ranks agree in train()

@@ -79,7 +79,7 @@ def job_port(job_id: str | int) -> int:
 def slurm_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT of this Slurm task, from
     Slurm's variables (``env``, default ``os.environ``); MASTER_ADDR and MASTER_PORT, where set, are kept.
-    The mapping ``environment`` uses (jobs submitted by the launcher set these through submitit first)."""
+    The one mapping: ``environment`` falls back on it, and the launcher's Slurm jobs export it before training."""
     env = os.environ if env is None else env
     nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
     local_world = tasks_on_this_node(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1")),

@@ -24,9 +24,9 @@ QUICK = ["data.name=synthetic", "data.samples=256", "data.image_size=16", "data.
          "logging.progress=false"]
 
 
-def launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(args: list[str], cwd: Path, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true", **extra_env)
     return subprocess.run(LAUNCH + args, check=False, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -74,7 +74,10 @@ def test_ddp_over_two_nodes_keeps_ranks_identical_and_matches_one_process(slurm_
     if len(slurm_cluster.nodes) < 2:
         pytest.fail("this test needs the two-node development cluster: slurm/dev-cluster up --nodes 2")
     args = ["optim.epochs=2", "optim.batch_size=64", "logging.mlflow=false", "logging.progress=false"]
-    done = launch(slurm(args + ["--nodes", "2", "--tasks-per-node", "1", "--wait"], tmp_path), tmp_path)
+    # sbatch exports the submitting shell's environment into the job: a master address and port left there
+    # (by an enclosing torchrun, say) must not replace the job's own (its first node, the job's port).
+    done = launch(slurm(args + ["--nodes", "2", "--tasks-per-node", "1", "--wait"], tmp_path), tmp_path,
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     assert done.returncode == 0, done.stdout + done.stderr
     (job,) = job_ids(done.stdout)
     logs = {rank: (tmp_path / "logs" / job / f"{job}_{rank}_log.out").read_text() for rank in (0, 1)}
