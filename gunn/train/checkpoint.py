@@ -30,7 +30,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-# What the engine's checkpoint holds (gunn.train.engine._Run._save), checked before a run resumes from it;
+# What the engine's checkpoint holds (gunn.train.engine.save_checkpoint), checked before a run resumes from it;
 # besides these, either "ranks" (every rank's "meter" and "rng") or, written before 2026-12, "meter" and "rng".
 RUN_STATE_KEYS = ("model", "optimizer", "scaler", "epoch", "batch", "step", "history", "config", "train_seconds")
 RANK_STATE_KEYS = ("meter", "rng")  # each entry of "ranks" (and "buffers", BatchNorm statistics, since 2026-12)

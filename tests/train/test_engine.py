@@ -96,6 +96,25 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
             train(small(tmp_path))
 
 
+def test_train_one_epoch_advances_the_position_batch_by_batch_and_stops_where_asked(tmp_path):
+    from gunn.train.distributed import DistInfo
+    from gunn.train.engine import Position, StopPoll, build, train_one_epoch
+    from gunn.train.metrics import Meter
+
+    config = cfgmod.resolve(small(tmp_path))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    parts = build(config, info)
+    position = Position(meter=Meter(info.device))
+    stop = StopPoll(info.device, 1, bad_loss=lambda batch: pytest.fail(f"loss not finite in batch {batch}"),
+                     stop_at=3)
+    assert train_one_epoch(parts, position, config, info, stop) is True  # stopped at step 3
+    assert (position.epoch, position.batch, position.step, position.meter.count) == (0, 3, 3, 48)
+    stop.stop_at = None
+    assert train_one_epoch(parts, position, config, info, stop) is False  # the rest of the epoch
+    assert (position.epoch, position.batch, position.step, position.meter.count) == (0, 8, 8, 128)
+    assert position.train_seconds > 0 and position.history == []
+
+
 def test_the_step_schedule_divides_the_lr_by_ten_at_half_and_three_quarters():
     optim = cfgmod.load("gunn15-cifar10").optim
     assert milestones(optim) == [150, 225]
