@@ -146,7 +146,11 @@ class LoggingConfig:
     )
     experiment: str = field(default="gunn", metadata=_meta("MLflow experiment name"))
     run_name: str | None = field(default=None, metadata=_meta("MLflow run name (default: the run directory's name)"))
-    parent_run_id: str | None = field(default=None, metadata=_meta("MLflow parent run (a sweep's): nest this run under it"))
+    parent_run_id: str | None = field(
+        default=None,
+        metadata=_meta("MLflow parent run (a sweep's): nest this run under it; journal:DIR names the run journaled "
+                       "in DIR (a sweep directory), whose id is taken when this run is sent"),
+    )
     study: str | None = field(default=None, metadata=_meta("study tag (set by the sweeps)"))
     progress: bool = field(default=True, metadata=_meta("progress bar per epoch on rank 0"))
     diagnostics: bool = field(

@@ -8,12 +8,15 @@ Studies, on any preset (the paper's comparisons, Table 5):
 Every trial runs the training engine (gunn.train.engine.train, as jobs/launch.py does), reports
 each epoch's metrics and checkpoint to Tune, and logs an MLflow child run under the sweep's
 parent run. At the end the comparison report (pipelines/report.py) is printed and logged.
+The parent run is journaled in the sweep directory, as a trial's run is in its own: a tracking
+server that is down costs no trial, and python -m gunn.train.tracking sync DIR sends it later.
 ``--resume DIR`` finishes an interrupted sweep without redoing finished trials;
 ``--cluster slurm`` runs the whole sweep inside one Slurm allocation (Ray head on the first
 node, Ray workers on the others). Each sweep runs its own Ray (own process group, temporary
 folder and ports) and stops only that.
 
-Exit status: 0 every trial finished (or was stopped early by --asha); 1 a trial failed;
+Exit status: 0 every trial finished (or was stopped early by --asha); 1 a trial failed, or
+MLflow did not receive every record (the commands that send them are printed);
 2 bad arguments; 3 interrupted (Ctrl-C, SIGTERM): the parent run and the unfinished trials
 are KILLED in MLflow, no report is written, and --resume DIR continues.
 """
@@ -102,41 +105,42 @@ def run_trial(space: dict[str, Any]) -> None:
 
 # -- the driver ------------------------------------------------------------------------------
 
-def parent_run(tracking_uri: str, experiment: str, name: str, args: argparse.Namespace, sweep_dir: Path) -> str:
-    """The sweep's MLflow parent run: created once, found again on --resume."""
-    from mlflow.tracking import MlflowClient
+LEGACY_PARENT_MARKER = "parent_run_id"  # where sweeps started before the parent's journal kept its run id
 
-    marker = sweep_dir / "parent_run_id"
-    client = MlflowClient(tracking_uri)
-    if marker.exists():
-        run_id = marker.read_text().strip()
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=name, tags={"study": args.study, "sweep": name,
-                                                                 "sweep_dir": str(sweep_dir)})
-    for key, value in {"study": args.study, "preset": args.preset or "digits", "seeds": args.seeds,
-                       "widths": args.widths, "overrides": args.overrides}.items():
-        client.log_param(run.info.run_id, key, json.dumps(value))
-    marker.write_text(run.info.run_id)
-    return run.info.run_id
+
+def parent_run(tracking_uri: str, experiment: str, name: str, args: argparse.Namespace, sweep_dir: Path) -> Any:
+    """The sweep's MLflow parent run, a Tracker journaled in the sweep directory: created once (sent
+    when MLflow is reachable, kept for ``sync`` when it is not), found again on --resume."""
+    from gunn.train.tracking import JOURNAL_NAME, Tracker, journaled_run_id
+    from gunn.train.tracking.journal import adopt_run
+
+    marker = sweep_dir / LEGACY_PARENT_MARKER
+    if marker.is_file() and journaled_run_id(sweep_dir, tracking_uri) is None:
+        adopt_run(sweep_dir / JOURNAL_NAME, marker.read_text().strip(), tracking_uri)  # a sweep started before
+    params = {"study": args.study, "preset": args.preset or "digits", "seeds": args.seeds, "widths": args.widths,
+              "overrides": args.overrides}
+    return Tracker(run_dir=sweep_dir, tracking_uri=tracking_uri, experiment=experiment, run_name=name,
+                   params={k: json.dumps(v) for k, v in params.items()},
+                   tags={"study": args.study, "sweep": name, "sweep_dir": str(sweep_dir)}, drain_timeout=30.0)
 
 
 def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> int:
     """Runs (or resumes) the sweep on the Ray cluster at ``address``, completes every trial's MLflow
-    record and writes the report; an exit status (0, 1 a trial failed, 3 interrupted)."""
+    record and writes the report; an exit status (0, 1 a trial failed or MLflow has not received
+    everything, 3 interrupted)."""
     import ray
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from gunn.train.tracking import resolve_tracking_uri, sync_command
+    from gunn.train.tracking import journal_reference, resolve_tracking_uri
 
     base = cfgmod.load(args.preset, args.overrides)
     tracking_uri = resolve_tracking_uri(base.logging.tracking_uri)
     parent = parent_run(tracking_uri, base.logging.experiment, sweep_dir.name, args, sweep_dir)
-    trials = trial_configs(args, sweep_dir, parent, tracking_uri)
-    print(f"sweep {sweep_dir.name}: {len(trials)} trials, MLflow parent run {parent} at {tracking_uri}", flush=True)
+    # Without a run id yet (MLflow unreachable), the trials name the parent by its journal; each
+    # trial's run takes the parent's id when it is sent (see gunn.train.tracking.journal).
+    trials = trial_configs(args, sweep_dir, parent.run_id or journal_reference(sweep_dir), tracking_uri)
+    named = parent.run_id or f"(not created yet; journaled in {sweep_dir})"
+    print(f"sweep {sweep_dir.name}: {len(trials)} trials, MLflow parent run {named} at {tracking_uri}", flush=True)
     if not args.verbose:
         _quiet_ray()
     endings_file = sweep_dir / "tune-endings.json"
@@ -172,29 +176,61 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> int:
         with contextlib.suppress(Exception):
             ray.shutdown()
     statuses = json.loads(endings_file.read_text()) if endings_file.is_file() else {}
+    parent.flush(timeout=30.0)  # the trials' runs are sent under the parent's id
     endings, unsent = complete_records(trials, sweep_dir, statuses)
     interrupted = interrupted or any(e in ("interrupted", "not started") for e in endings.values())
     failed = [k for k, e in endings.items() if e == "failed"]
     counts = ", ".join(f"{sum(e == what for e in endings.values())} {what}" for what in
                        ("finished", "stopped early", "failed", "interrupted", "not started")
                        if what in endings.values())
-    client = MlflowClient(tracking_uri)
     if interrupted:
-        client.set_terminated(parent, status="KILLED")
+        parent.finish("KILLED")
         launch.say(f"sweep {sweep_dir.name} interrupted ({counts} of {len(trials)} trials); the parent run and the "
             f"unfinished trials are KILLED in MLflow, and no report was written. To continue: "
             f"{shlex.join([*command('sweep', absolute=True), '--resume', str(sweep_dir)])}")
+        _warn_unsent(([sweep_dir] if parent.unsent else []) + unsent)
         return 3
     for key in failed:
         launch.say(f"trial failed: {key} (its log: {sweep_dir / 'tune' / key[:120]}, run directory: {sweep_dir / 'runs' / key})")
-    table = report.build(tracking_uri, parent, sweep_dir / "report")
-    print(table)
-    client.set_terminated(parent, status="FAILED" if failed or unsent else "FINISHED")
+    table, why = _write_report(parent, tracking_uri, sweep_dir / "report")
+    if table is not None:
+        print(table)
+    parent.finish("FAILED" if failed or unsent or table is None else "FINISHED")
     print(f"sweep {sweep_dir.name}: {counts} of {len(trials)} trials")
-    print(f"report: {sweep_dir / 'report'}  (rebuild: {rebuild_command(parent, tracking_uri)})")
-    for run_dir in unsent:
+    rebuild = rebuild_command(parent.run_id or sweep_dir.name, tracking_uri)
+    if table is not None:
+        print(f"report: {sweep_dir / 'report'}  (rebuild: {rebuild})")
+    else:
+        launch.say(f"warning: no report: MLflow at {tracking_uri} could not give the sweep's runs ({why}); once it is back "
+                   f"and the records listed below are sent, build it with: {rebuild}")
+    _warn_unsent(([sweep_dir] if parent.unsent else []) + unsent)  # the parent first: its trials need its id
+    return 1 if failed or unsent or parent.unsent or table is None else 0
+
+
+def _warn_unsent(run_dirs: list[Path]) -> None:
+    """One warning per run directory (the sweep's own: its parent run) whose records MLflow has not received."""
+    from gunn.train.tracking import sync_command
+
+    for run_dir in run_dirs:
         launch.say(f"warning: MLflow has not received all of {run_dir}'s records; send them with: {sync_command(run_dir)}")
-    return 1 if failed or unsent else 0
+
+
+def _write_report(parent: Any, tracking_uri: str, out: Path) -> tuple[str | None, str]:
+    """Builds the report of the sweep whose parent run is the Tracker ``parent`` into ``out`` and logs it to
+    that run through its journal; (the report's table, None when MLflow could not give the runs; why not)."""
+    from mlflow.exceptions import MlflowException
+
+    from gunn.train.tracking.sender import brief
+
+    if not parent.flush(timeout=60.0) or parent.run_id is None:
+        return None, "unreachable"
+    try:
+        table = report.build(tracking_uri, parent.run_id, out, log=False)
+    except (MlflowException, report.ReportError, OSError) as err:  # it went away meanwhile
+        return None, brief(err)
+    if out.is_dir():
+        parent.log_artifact(out, "report")
+    return table, ""
 
 
 def _quiet_ray() -> None:

@@ -31,6 +31,7 @@ from gunn.cluster.commands import program
 from gunn.config import RunConfig
 from gunn.layers import GunnLayer
 from gunn.models import MODEL_KNOBS, create_model, default_cfg
+from gunn.train import plots
 
 
 class ReportError(Exception):
@@ -255,65 +256,23 @@ def markdown(rows: list[dict[str, Any]], titles: dict[str, str] | None = None) -
     return "\n".join(lines)
 
 
-def curves_figure(curves: dict[str, dict[str, tuple[list[int], list[float]]]]) -> Any:
-    """Figure 3 of the paper: each configuration's eval and train error by epoch, mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in curves.items():
-        epochs, values = curve["eval_top1_error"]
-        line, = ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, label=f"{label} (eval)")
-        epochs, values = curve["train_top1_error"]
-        ax.plot(epochs, values, linestyle=":", marker="o" if len(epochs) < 30 else None, markerfacecolor="none",
-                color=line.get_color(), label=f"{label} (train)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel="top-1 error (%)",
-           title="training curves, mean over seeds (epochs every seed reached)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 def plot(rows: list[dict[str, Any]], curves: dict[str, dict[str, tuple[list[int], list[float]]]],
          out: Path) -> list[Path]:
     """error_vs_width.png (when segment widths vary) and curves.png (Figure 3 of the paper)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     gunn = [r for r in rows if r["mode"] != "sunn" and r["segment_width"]]
     if len({r["segment_width"] for r in gunn}) > 1:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        width = [int(r["segment_width"].split("/")[0]) for r in gunn]
-        ax.errorbar(width, [r["top1_error_mean"] for r in gunn], yerr=[r["top1_error_std"] for r in gunn],
-                    marker="o", capsize=3, label="GUNN")
-        for r in rows:
-            if r["mode"] == "sunn":
-                ax.axhline(r["top1_error_mean"], color="gray", linestyle="--", label="SUNN")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="segment width (channels, first GUNN layer)",
-               ylabel="top-1 error (%), at epoch of the table")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(out / "error_vs_width.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    fig = curves_figure(curves)
-    paths.append(out / "curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+        figure = plots.error_vs_width_figure([int(r["segment_width"].split("/")[0]) for r in gunn],
+                                             [r["top1_error_mean"] for r in gunn], [r["top1_error_std"] for r in gunn],
+                                             [r["top1_error_mean"] for r in rows if r["mode"] == "sunn"])
+        paths.append(plots.save_png(figure, out / "error_vs_width.png", dpi=120))
+    paths.append(plots.save_png(plots.sweep_curves_figure(curves), out / "curves.png", dpi=120))
     return paths
 
 
-def build(tracking_uri: str, parent: str, out: Path) -> str:
-    """Writes the report of the sweep ``parent`` into ``out``, logs it to the parent run; the table and the
-    full-budget line."""
+def build(tracking_uri: str, parent: str, out: Path, *, log: bool = True) -> str:
+    """Writes the report of the sweep ``parent`` into ``out``, logs it to the parent run (``log``: else the
+    caller does); the table and the full-budget line."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -349,7 +308,7 @@ def build(tracking_uri: str, parent: str, out: Path) -> str:
         writer = csv.DictWriter(f, fieldnames=[key for key, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(summary.rows)
-    for path in sorted(out.iterdir()):
+    for path in sorted(out.iterdir()) if log else ():
         client.log_artifact(run.info.run_id, str(path), artifact_path="report")
     return f"sweep {run.info.run_name} ({study}), {len(children)} trials:\n{table}\n{budget}"
 

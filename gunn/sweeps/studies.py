@@ -101,7 +101,8 @@ def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str,
     the device is usable; not on a Slurm login node). Trials given GPUs train on them.
 
     Seed-major order (every configuration with seed 0, then with seed 1, ...): trials that run at
-    the same time share the machine, so no configuration systematically gets the busier half."""
+    the same time share the machine, so no configuration systematically gets the busier half.
+    ``parent_run_id``: the sweep's MLflow parent run, or ``journal:SWEEP_DIR`` while it has no id yet."""
     from gunn.train.engine import validate
 
     base = cfgmod.load(args.preset, args.overrides)
@@ -122,7 +123,7 @@ def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str,
             f"runtime.seed={seed}",
             f"checkpoint.dir={sweep_dir / 'runs' / key}",
             "logging.progress=false", "logging.mlflow=true", f"logging.tracking_uri={tracking_uri}",
-            f"logging.parent_run_id={parent_run_id}", f"logging.study={args.study}", f"logging.run_name={key}",
+            f"logging.parent_run_id={json.dumps(parent_run_id)}", f"logging.study={args.study}", f"logging.run_name={key}",
         ]
         config = cfgmod.load(args.preset, overrides)
         if config.data.root:  # trials run elsewhere (Ray workers change directory)

@@ -170,22 +170,6 @@ def test_the_peak_memory_header_and_text_say_what_was_measured(tmp_path):
         assert (f"these trials ran on {device}" if device else "did not say on which device") in md
 
 
-def test_the_training_curves_mark_their_points_on_integer_epochs(tmp_path):
-    from matplotlib.ticker import MaxNLocator
-
-    fig = report.curves_figure({"one epoch": {"eval_top1_error": ([7], [30.0]), "train_top1_error": ([7], [35.0])},
-                                "long": {"eval_top1_error": (list(range(3, 43)), [20.0] * 40),
-                                         "train_top1_error": ([], [])}})
-    ax = fig.axes[0]
-    eval_one, train_one, eval_long, _ = ax.lines
-    assert eval_one.get_marker() == train_one.get_marker() == "o" and eval_long.get_marker() == "None"
-    assert list(eval_one.get_xdata()) == [7] and list(eval_long.get_xdata()) == list(range(3, 43))
-    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
-    fig.canvas.draw()
-    assert all(float(t).is_integer() for t in ax.get_xticks())
-    fig.savefig(tmp_path / "curves.png")
-
-
 def test_the_cost_of_a_model_is_measured_on_the_input_its_data_gives_and_follows_depth():
     from gunn.models import default_cfg
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,8 +43,10 @@ def client(cwd: Path):
 
 
 def sweep_runs(cwd: Path, sweep_dir: Path) -> tuple[object, list[object]]:
+    from gunn.train.tracking import journaled_run_id
+
     mlflow = client(cwd)
-    parent = mlflow.get_run((sweep_dir / "parent_run_id").read_text().strip())
+    parent = mlflow.get_run(journaled_run_id(sweep_dir, mlflow.tracking_uri))  # the parent is journaled there
     children = mlflow.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     return parent, children
@@ -216,6 +220,64 @@ def test_a_custom_space_is_a_grid_of_configuration_values(tmp_path):
     _, children = sweep_runs(tmp_path, sweep_dir)
     assert sorted((c.data.params["model.expansion"], c.data.params["optim.lr"]) for c in children) == \
         [("1", "0.05"), ("2", "0.05")]
+
+
+def _python(command: str) -> list[str]:
+    """A printed ``python ...`` command, run with this Python."""
+    words = shlex.split(command)
+    return [sys.executable, *words[1:]] if words[0] == "python" else words
+
+
+def test_a_sweep_started_while_mlflow_is_down_is_sent_by_sync_with_its_trials_under_its_parent(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from gunn.train.tracking import journaled_run_id
+
+    server.stop()
+    sweep_dir = tmp_path / "sweep"
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", *TINY, "optim.epochs=1", f"logging.tracking_uri={server.uri}",
+                        "logging.experiment=sweeps-offline", "--dir", str(sweep_dir)], tmp_path)
+    # The trials trained; what MLflow missed is named, with the commands that send it and build the report.
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(list(sweep_dir.glob("runs/*/model-final.pt"))) == 2
+    syncs = re.findall(r"send them with: (python -m gunn\.train\.tracking sync .+)$", done.stderr, re.M)
+    assert len(syncs) == 3 and shlex.split(syncs[0])[-1] == str(sweep_dir), done.stderr  # the parent first
+    rebuild = re.search(r"^warning: no report: .* build it with: (.+)$", done.stderr, re.M).group(1)
+    ray_logs = re.search(r"^Ray's logs: (.+)$", done.stderr, re.M)  # kept, as for any sweep that exits 1
+    if ray_logs:
+        shutil.rmtree(ray_logs.group(1), ignore_errors=True)
+
+    server.start()
+    for command in syncs:
+        synced = run(_python(command), tmp_path, timeout=120)
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+    client = MlflowClient(server.uri)
+    parent = client.get_run(journaled_run_id(sweep_dir, server.uri))
+    assert parent.data.params["study"] == '"sunn-vs-gunn"' and parent.data.params["seeds"] == "[0]"
+    assert parent.data.tags["study"] == "sunn-vs-gunn" and parent.data.tags["sweep"] == "sweep"
+    assert parent.info.status == "FAILED"  # ended without its report, as any sweep MLflow missed records of
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["mode=gunn_seed=0", "mode=sunn_seed=0"]
+    assert all(c.info.status == "FINISHED" and "eval_top1_error" in c.data.metrics for c in children)
+    rebuilt = run(_python(rebuild), tmp_path)
+    assert rebuilt.returncode == 0 and "(sunn-vs-gunn), 2 trials" in rebuilt.stdout, rebuilt.stderr[-2000:]
+
+
+def test_a_sweep_started_before_the_parent_journal_continues_its_parent_run(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("sweeps-marker") or client.create_experiment("sweeps-marker")
+    old = client.create_run(getattr(experiment, "experiment_id", experiment), run_name="sweep")
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / driver.LEGACY_PARENT_MARKER).write_text(old.info.run_id + "\n")
+    args = driver.parse_args(["--study", "sunn-vs-gunn", *TINY])
+    parent = driver.parent_run(server.uri, "sweeps-marker", "sweep", args, sweep_dir)
+    parent.finish("KILLED")
+    assert parent.run_id == old.info.run_id and client.get_run(old.info.run_id).info.status == "KILLED"
+    assert client.get_run(old.info.run_id).data.params["study"] == '"sunn-vs-gunn"'
 
 
 def start_sweep(args: list[str], cwd: Path) -> subprocess.Popen:

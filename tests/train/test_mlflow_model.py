@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gunn.train.engine import train
-from gunn.train.tracking import JOURNAL_NAME, MODEL_DIR_NAME, _Journal
+from gunn.train.tracking.journal import JOURNAL_NAME, MODEL_DIR_NAME, _Journal
 from tests.mlflow_server import QUIET_MLFLOW, REPO_ROOT, free_port, wait_for
 from tests.train.test_engine import small
 

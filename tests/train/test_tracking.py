@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gunn.train.tracking import JOURNAL_NAME, Tracker, plot_curves, sync, sync_command
+from gunn.train.tracking import JOURNAL_NAME, Tracker, sync, sync_command
 from tests.mlflow_server import QUIET_MLFLOW, REPO_ROOT, MlflowServer, wait_for
 from tests.train.full_disk import fill, small_tmpfs
 
@@ -64,7 +64,7 @@ def _steps(uri: str, run_id: str, key: str = "train_loss") -> list[int]:
 
 
 def _journal_run_id(run_dir: Path, uri: str) -> str | None:
-    from gunn.train.tracking import _Journal
+    from gunn.train.tracking.journal import _Journal
 
     return _Journal(run_dir / JOURNAL_NAME).runs.get(uri)
 
@@ -222,10 +222,10 @@ def test_default_store_is_the_one_mlflow_ui_opens_in_the_working_directory(
 def test_short_http_retries_apply_only_to_the_sending_thread() -> None:
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 
-    from gunn.train.tracking import _short_http_timeouts
+    from gunn.train.tracking.sender import short_http_timeouts
 
     seen_elsewhere: list[int] = []
-    with _short_http_timeouts():
+    with short_http_timeouts():
         assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == (1, 5)
         other = threading.Thread(target=lambda: seen_elsewhere.append(MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()))
         other.start()
@@ -234,20 +234,11 @@ def test_short_http_retries_apply_only_to_the_sending_thread() -> None:
     assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == MLFLOW_HTTP_REQUEST_MAX_RETRIES.default
 
 
-def test_plot_curves_writes_a_png(tmp_path: Path) -> None:
-    history = [
-        {"epoch": 1, "train_loss": 2.0, "train_top1_error": 0.8, "lr": 0.1},
-        {"epoch": 2, "train_loss": 1.5, "train_top1_error": 0.6, "eval_top1_error": 0.65, "lr": 0.01},
-    ]
-    path = plot_curves(history, tmp_path / "plots" / "curves.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 # --------------------------------------------------------------------------- a full disk
 
 
 def test_a_full_disk_fails_the_journal_clearly_and_leaves_no_partial_line(tmp_path: Path) -> None:
-    from gunn.train.tracking import JournalWriteError, _Journal
+    from gunn.train.tracking.journal import JournalWriteError, _Journal
 
     with small_tmpfs(tmp_path / "tmpfs") as folder:
         journal = _Journal(folder / JOURNAL_NAME)
@@ -309,6 +300,57 @@ def test_runs_starting_at_once_on_a_fresh_sqlite_store_all_get_their_run(tmp_pat
     assert len(run_ids) == count and {r.info.run_id for r in runs} == run_ids
 
 
+@pytest.mark.parametrize("store", ["server", "fresh sqlite"])
+def test_an_experiment_created_from_many_threads_at_once_has_one_id(
+    store: str, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from gunn.train.tracking.sender import experiment_id
+
+    if store == "server":
+        if not mlflow_server.running:
+            mlflow_server.start()
+        uri = mlflow_server.uri
+    else:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = f"gunn-tests-at-once-{tmp_path.name}"
+    clients = [MlflowClient(uri) for _ in range(6)]  # the first creates the store's tables
+    start, ids = threading.Barrier(len(clients)), []
+
+    def get_or_create(client: MlflowClient) -> None:
+        start.wait()
+        ids.append(experiment_id(client, name))
+
+    threads = [threading.Thread(target=get_or_create, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(ids) == len(clients) and set(ids) == {clients[0].get_experiment_by_name(name).experiment_id}
+
+
+def test_a_run_whose_parent_is_named_by_its_journal_is_sent_once_the_parent_is(
+    server: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gunn.train.tracking import journal_reference
+
+    parent_dir, child_dir = tmp_path / "sweep", tmp_path / "sweep" / "runs" / "trial"
+    child = Tracker(run_dir=child_dir, tracking_uri=server.uri, experiment="gunn-tests", run_name="trial",
+                    params={"optim.lr": 0.1}, tags={"mlflow.parentRunId": journal_reference(parent_dir)})
+    child.log_metrics({"train_loss": 1.0}, step=1)
+    child.finish()
+    assert child.run_id is None and "waits for this run's parent run" in _tracking_warnings(caplog)[0]
+    assert sync(child_dir) == (0, 4)  # start, params, metrics, finish: not before the parent
+    assert f"send it with: {sync_command(parent_dir.resolve())}" in caplog.text
+
+    parent = Tracker(run_dir=parent_dir, tracking_uri=server.uri, experiment="gunn-tests", run_name="sweep",
+                     params={}, tags={})
+    parent.finish()
+    assert sync(child_dir) == (4, 0)
+    run = MlflowClient(server.uri).get_run(_journal_run_id(child_dir, server.uri))
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.info.status == "FINISHED"
+    assert _steps(server.uri, run.info.run_id) == [1]
+
+
 # --------------------------------------------------------------------------- a run created late
 
 
@@ -326,87 +368,6 @@ def test_a_run_created_after_the_start_timeout_has_its_id_after_finish(server: M
 
 def test_the_sync_command_names_the_run_directory(tmp_path: Path) -> None:
     assert sync_command(tmp_path / "a b") == f"python -m gunn.train.tracking sync '{tmp_path / 'a b'}'"
-
-
-# --------------------------------------------------------------------------- the curves plot
-
-_PLAIN_KEYS = ("train_loss", "eval_loss", "train_top1_error", "eval_top1_error", "lr", "epoch_time",
-               "images_per_s", "peak_memory_mb")
-_LAYERS = ("stages.0.gunn", "stages.1.gunn", "stages.2.gunn")
-_MEASURES = ("channels", "collapsed_pairs", "collapsed_channels", "dead_channels", "participation_ratio")
-
-
-def _history(epochs: int, *, diagnostics: bool = False) -> list[dict[str, float]]:
-    rows = []
-    for epoch in range(1, epochs + 1):
-        row = {"epoch": epoch, **{key: 1.0 / epoch + i for i, key in enumerate(_PLAIN_KEYS)}}
-        if diagnostics:
-            row.update({f"singularity/{layer}/{measure}": float(epoch * (j + 1) + i)
-                        for i, layer in enumerate(_LAYERS) for j, measure in enumerate(_MEASURES)})
-        rows.append(row)
-    return rows
-
-
-def _png_size(path: Path) -> tuple[int, int]:
-    """(width, height) in pixels of the PNG at `path`, as written."""
-    import matplotlib.image
-
-    height, width = matplotlib.image.imread(path).shape[:2]
-    return width, height
-
-
-def test_plot_curves_of_a_plain_run_is_not_a_wide_strip(tmp_path: Path) -> None:
-    width, height = _png_size(plot_curves(_history(3), tmp_path / "curves.png"))
-    assert width <= 1700
-    assert height >= 2 * 300  # 6 panels: two rows of readable panels
-
-
-def test_plot_curves_with_diagnostics_is_a_grid_with_one_panel_per_measure(tmp_path: Path) -> None:
-    from gunn.train.tracking import _curves_figure
-
-    history = _history(3, diagnostics=True)
-    width, height = _png_size(plot_curves(history, tmp_path / "curves.png"))
-    assert width <= 1700 and height >= 3 * 300  # 6 plain + 5 diagnostic panels: 3 rows of 4
-    figure = _curves_figure(history)
-    figure.canvas.draw()  # lays the panels out
-    panels = [axes for axes in figure.axes if axes.get_visible()]
-    assert len(panels) == 6 + len(_MEASURES)
-    for measure in _MEASURES:
-        (panel,) = [axes for axes in panels if axes.get_title().endswith(f": {measure}")]
-        assert [line.get_label() for line in panel.get_lines()] == list(_LAYERS)
-        assert [text.get_text() for text in panel.get_legend().get_texts()] == list(_LAYERS)
-    for axes in panels:  # each panel stays readable: about 400 x 300 px or more, legend included
-        box = axes.get_position()
-        assert box.width * width >= 300 and box.height * height >= 200
-
-
-def test_plot_curves_of_one_epoch_shows_points_on_integer_epoch_ticks(tmp_path: Path) -> None:
-    from gunn.train.tracking import _curves_figure
-
-    history = _history(1, diagnostics=True)
-    assert plot_curves(history, tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    figure = _curves_figure(history)
-    figure.canvas.draw()
-    panels = [axes for axes in figure.axes if axes.get_visible()]
-    assert panels
-    for axes in panels:
-        assert all(line.get_marker() not in (None, "None", "", " ") for line in axes.get_lines())
-        low, high = axes.get_xlim()
-        ticks = [t for t in axes.get_xticks() if low <= t <= high]
-        assert ticks and all(float(t).is_integer() for t in ticks)
-        for legend_text in axes.get_legend().get_texts():
-            assert legend_text.get_fontsize() <= 10  # "small" or less: legends do not cover the curves
-
-
-def test_plot_curves_keeps_integer_epoch_ticks_over_many_epochs() -> None:
-    from gunn.train.tracking import _curves_figure
-
-    figure = _curves_figure(_history(7))
-    figure.canvas.draw()
-    for axes in (a for a in figure.axes if a.get_visible()):
-        low, high = axes.get_xlim()
-        ticks = [t for t in axes.get_xticks() if low <= t <= high]
-        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
 
 
 # --------------------------------------------------------------------------- complete: ending a run from outside
@@ -567,7 +528,7 @@ def test_a_model_is_logged_once_as_the_runs_output_even_when_sent_again(
     from mlflow.artifacts import download_artifacts
     from mlflow.entities import LoggedModelStatus
 
-    from gunn.train.tracking import MODEL_DIR_NAME, _Journal
+    from gunn.train.tracking.journal import MODEL_DIR_NAME, _Journal
 
     run_dir = tmp_path / "run"
     model_dir = _model_dir(run_dir / MODEL_DIR_NAME, 3, {})
