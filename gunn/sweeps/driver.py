@@ -372,7 +372,7 @@ def complete_records(trials: list[dict], sweep_dir: Path, statuses: dict[str, di
 def _plot_from_checkpoint(run_dir: Path) -> None:
     """curves.png of the run in ``run_dir`` from the history in its newest checkpoint, if it can."""
     from gunn.train import checkpoint as ckpt
-    from gunn.train.tracking import plot_curves
+    from gunn.train.plots import plot_curves
 
     with contextlib.suppress(Exception):  # a plot is not worth failing the record for
         loaded = ckpt.load_latest(run_dir)

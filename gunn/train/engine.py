@@ -42,7 +42,7 @@ from gunn.train.device import set_tf32
 from gunn.train.metrics import Meter
 from gunn.train.rundir import RunDirError, RunDirLock, slurm_job
 from gunn.train.schedule import learning_rate, snapshot_epochs
-from gunn.train.tracking import JournalWriteError
+from gunn.train.tracking.journal import JournalWriteError
 
 
 class _StopFlag:
@@ -580,10 +580,10 @@ def finish(parts: Parts, position: Position, config: RunConfig, info: distribute
                f"top-5 {last.get('eval_top5_error', math.nan):.2f}%; weights {final}")
     if tracker is None:
         return
-    from gunn.train.tracking import plot_curves
+    from gunn.train import plots
 
     with contextlib.suppress(Exception):  # a plot is not worth failing a finished run for
-        plot_curves(position.history, run_dir / "curves.png")
+        plots.plot_curves(position.history, run_dir / "curves.png")
     _log_final_artifacts(tracker, parts, position, config, run_dir, save_model=True)
 
 
@@ -591,11 +591,11 @@ def _log_final_artifacts(tracker: Any, parts: Parts, position: Position, config:
                          save_model: bool = False) -> None:
     """Logs the finished run's files (curves, configuration, final weights) and MLflow model that it
     has not logged yet; ``save_model``: save the MLflow model even if the run directory has one."""
-    from gunn.train.tracking import plot_curves
+    from gunn.train import plots
 
     if not (run_dir / "curves.png").exists():  # killed before it drew them
         with contextlib.suppress(Exception):
-            plot_curves(position.history, run_dir / "curves.png")
+            plots.plot_curves(position.history, run_dir / "curves.png")
     final = run_dir / "model-final.pt"
     if final.stat().st_size > 100 * 2**20:
         final = run_dir / "model-final.txt"  # a pointer to the weights, not a copy
@@ -605,7 +605,8 @@ def _log_final_artifacts(tracker: Any, parts: Parts, position: Position, config:
             tracker.log_artifact(path, once=True)
     if not config.logging.model:
         return
-    from gunn.train.tracking import MODEL_DIR_NAME, model_step
+    from gunn.train.tracking.journal import MODEL_DIR_NAME
+    from gunn.train.tracking.sync import model_step
 
     model_dir = run_dir / MODEL_DIR_NAME
     if save_model or not (model_dir / "MLmodel").is_file():
@@ -733,7 +734,7 @@ def _tracker(config: RunConfig, info: distributed.DistInfo, run_dir: Path, model
     """The MLflow tracker of the run (rank 0, with logging.mlflow), or None."""
     if not (info.is_main and config.logging.mlflow):
         return None
-    from gunn.train.tracking import Tracker
+    from gunn.train.tracking.tracker import Tracker
 
     c = config
     layers = [m for m in model.modules() if isinstance(m, GunnLayer)]
@@ -857,7 +858,7 @@ def _mlflow_line(tracker: Any) -> str:
     """Where the run logs to; when the store has not created the run yet, where its records wait."""
     if tracker.run_id is not None:
         return f"MLflow: run {tracker.run_id} at {tracker.tracking_uri}"
-    from gunn.train.tracking import sync_command
+    from gunn.train.tracking.journal import sync_command
 
     return (f"MLflow: {tracker.tracking_uri} has not created the run yet; its records are kept in "
             f"{tracker.journal_path} and sent when the store answers (or later with: {sync_command(tracker.run_dir)})")

@@ -424,9 +424,10 @@ def test_on_epoch_always_returning_true_takes_one_epoch_per_call_and_the_last_ca
 _KILLED_WHILE_FINISHING = """
 import os, signal, sys
 from gunn import config as cfgmod
-from gunn.train import engine, tracking
+from gunn.train import engine, plots
+from gunn.train.tracking.tracker import Tracker
 
-log_artifact, plot_curves = tracking.Tracker.log_artifact, tracking.plot_curves
+log_artifact = Tracker.log_artifact
 
 def die():  # as the node's failure would: no exception, no finally, no finish
     os.kill(os.getpid(), signal.SIGKILL)
@@ -436,9 +437,9 @@ def log_then_die(self, *args, **kwargs):
     die()
 
 if sys.argv[2] == "after the first artifact":
-    tracking.Tracker.log_artifact = log_then_die
+    Tracker.log_artifact = log_then_die
 else:  # before the curves are drawn
-    tracking.plot_curves = lambda *args, **kwargs: die()
+    plots.plot_curves = lambda *args, **kwargs: die()
 engine.train(cfgmod.load(sys.argv[1]))
 """
 
@@ -452,7 +453,7 @@ def _artifact_records(run_dir: Path) -> list[str]:
 def test_a_run_killed_between_its_final_weights_and_their_logging_logs_them_when_run_again(server, tmp_path, killed):
     from mlflow.tracking import MlflowClient
 
-    from gunn.train.tracking import _Journal
+    from gunn.train.tracking.journal import _Journal
 
     args = ("optim.epochs=1", *_mlflow(server, "engine-killed-finishing"))
     (tmp_path / "config.yaml").write_text(cfgmod.dump(small(tmp_path, *args)))

@@ -25,13 +25,11 @@ A sweep's parent run is a Tracker too, journaled in the sweep directory; its tri
 
 from __future__ import annotations
 
-from gunn.train.plots import plot_curves  # where the engine imports it from, for now
 from gunn.train.tracking.journal import (
     JOURNAL_NAME,
     MODEL_DIR_NAME,
     MODEL_NAME,
     JournalWriteError,
-    _Journal,  # noqa: F401 - imported from here by tests/train/test_engine.py
     journal_reference,
     journaled_run_id,
     sync_command,
@@ -53,7 +51,6 @@ __all__ = [
     "journal_reference",
     "journaled_run_id",
     "model_step",
-    "plot_curves",
     "resolve_tracking_uri",
     "sync",
     "sync_command",
