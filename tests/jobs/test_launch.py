@@ -22,8 +22,9 @@ from gunn.cluster import launch as launcher
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
+# Tiny data, and no MLflow model export at the end (seconds a run; tests/train/test_mlflow_model.py checks it).
 QUICK = ["data.name=synthetic", "data.samples=256", "data.image_size=16", "data.classes=4", "optim.batch_size=16",
-         "logging.progress=false"]
+         "logging.progress=false", "logging.model=false"]
 
 
 def _env() -> dict[str, str]:

@@ -23,7 +23,11 @@ from gunn.sweeps import driver, studies
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = [sys.executable, str(REPO / "pipelines" / "sweep.py")]
 REPORT = [sys.executable, str(REPO / "pipelines" / "report.py")]
-TINY = ["data.name=synthetic", "data.samples=128", "data.image_size=16", "data.classes=4", "optim.batch_size=16"]
+# No MLflow model export in the trials of most sweeps (it costs seconds a trial): the digits sweep below logs it,
+# as a user's sweep does, and tests/train/test_mlflow_model.py checks it.
+NO_MODEL = "logging.model=false"
+TINY = ["data.name=synthetic", "data.samples=128", "data.image_size=16", "data.classes=4", "optim.batch_size=16",
+        NO_MODEL]
 
 
 def env() -> dict[str, str]:
@@ -297,7 +301,7 @@ def wait_for(driver: subprocess.Popen, sweep_dir: Path, pattern: str, timeout: f
 
 def test_ctrl_c_ends_a_sweep_with_status_3_its_unfinished_trials_killed_and_no_report(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    driver = start_sweep(["--study", "sunn-vs-gunn", "optim.epochs=2", "--max-concurrent", "1",
+    driver = start_sweep(["--study", "sunn-vs-gunn", "optim.epochs=2", NO_MODEL, "--max-concurrent", "1",
                           "--dir", str(sweep_dir)], tmp_path)
     wait_for(driver, sweep_dir, "runs/*/checkpoint-e0001-*.pt")
     os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C: to the terminal's foreground process group
@@ -358,8 +362,8 @@ def test_asha_stops_poor_trials_as_a_normal_ending_and_the_report_compares_equal
     # Trials in order, one at a time: the one that learns sets rung 1, the one with lr 0 falls below it.
     (tmp_path / "space.yaml").write_text("optim.lr: [0.1, 0.0]\n")
     sweep_dir = tmp_path / "sweep"
-    done = run(SWEEP + ["--study", "custom", "--space", "space.yaml", "optim.epochs=2", "--max-concurrent", "1",
-                        "--asha", "--dir", str(sweep_dir)], tmp_path)
+    done = run(SWEEP + ["--study", "custom", "--space", "space.yaml", "optim.epochs=2", NO_MODEL,
+                        "--max-concurrent", "1", "--asha", "--dir", str(sweep_dir)], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[2/2 done] lr=0.0_seed=0: stopped early by ASHA after epoch 1" in done.stdout
     parent, children = sweep_runs(tmp_path, sweep_dir)
@@ -430,8 +434,8 @@ def test_a_sweep_over_two_nodes_places_trials_on_ray_workers_started_with_srun(s
 
 def test_a_preempted_sweep_requeues_its_allocation_and_finishes_every_trial(slurm_cluster, tmp_path):
     sweep_dir, logs = tmp_path / "sweep", tmp_path / "logs"
-    done = run(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=2", "--max-concurrent", "1", "--dir", str(sweep_dir),
-                        "--cluster", "slurm", "--profile", "dev", "--cpus-per-task", "2", "--mem-gb", "4",
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=2", NO_MODEL, "--max-concurrent", "1",
+                        "--dir", str(sweep_dir), "--cluster", "slurm", "--profile", "dev", "--cpus-per-task", "2", "--mem-gb", "4",
                         "--logs", str(logs)], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     job = re.search(r"submitted job (\S+):", done.stdout).group(1)

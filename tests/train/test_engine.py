@@ -28,10 +28,11 @@ TIMING = {"epoch_time", "images_per_s", "peak_memory_mb"}
 
 
 def small(tmp_path: Path, *overrides: str) -> cfgmod.RunConfig:
-    """A run that takes seconds: gunn_tiny on 128 synthetic 16x16 images, 8 batches per epoch."""
+    """A run that takes seconds: gunn_tiny on 128 synthetic 16x16 images, 8 batches per epoch; with
+    ``logging.mlflow=true``, no MLflow model at the end unless asked (``logging.model=true``)."""
     return cfgmod.load("digits", [
         "data.name=synthetic", "data.samples=128", "data.image_size=16", "data.classes=4", "data.workers=0",
-        "optim.batch_size=16", "optim.epochs=3", "logging.mlflow=false", "logging.progress=false",
+        "optim.batch_size=16", "optim.epochs=3", "logging.mlflow=false", "logging.model=false", "logging.progress=false",
         f"checkpoint.dir={tmp_path / 'run'}", *overrides,
     ])
 
@@ -455,7 +456,7 @@ def test_a_run_killed_between_its_final_weights_and_their_logging_logs_them_when
 
     from gunn.train.tracking.journal import _Journal
 
-    args = ("optim.epochs=1", *_mlflow(server, "engine-killed-finishing"))
+    args = ("optim.epochs=1", "logging.model=true", *_mlflow(server, "engine-killed-finishing"))
     (tmp_path / "config.yaml").write_text(cfgmod.dump(small(tmp_path, *args)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     died = subprocess.run([sys.executable, "-c", _KILLED_WHILE_FINISHING, str(tmp_path / "config.yaml"), killed],

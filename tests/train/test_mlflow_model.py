@@ -34,7 +34,7 @@ def _mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _mlflow(server, experiment: str) -> tuple[str, ...]:
-    return (f"logging.tracking_uri={server.uri}", "logging.mlflow=true", f"logging.experiment={experiment}")
+    return (f"logging.tracking_uri={server.uri}", "logging.mlflow=true", "logging.model=true", f"logging.experiment={experiment}")
 
 
 def _logged_models(client, run) -> list:
