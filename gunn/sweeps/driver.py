@@ -124,10 +124,10 @@ def parent_run(tracking_uri: str, experiment: str, name: str, args: argparse.Nam
                    tags={"study": args.study, "sweep": name, "sweep_dir": str(sweep_dir)}, drain_timeout=30.0)
 
 
-def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> int:
+def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> tuple[int, bool]:
     """Runs (or resumes) the sweep on the Ray cluster at ``address``, completes every trial's MLflow
-    record and writes the report; an exit status (0, 1 a trial failed or MLflow has not received
-    everything, 3 interrupted)."""
+    record and writes the report; (the exit status: 0, 1 a trial failed or MLflow has not received
+    everything, 3 interrupted; whether a trial failed: Ray's logs are worth keeping)."""
     import ray
     from ray import tune
 
@@ -189,7 +189,7 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> int:
             f"unfinished trials are KILLED in MLflow, and no report was written. To continue: "
             f"{shlex.join([*command('sweep', absolute=True), '--resume', str(sweep_dir)])}")
         _warn_unsent(([sweep_dir] if parent.unsent else []) + unsent)
-        return 3
+        return 3, bool(failed)
     for key in failed:
         launch.say(f"trial failed: {key} (its log: {sweep_dir / 'tune' / key[:120]}, run directory: {sweep_dir / 'runs' / key})")
     table, why = _write_report(parent, tracking_uri, sweep_dir / "report")
@@ -204,7 +204,7 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> int:
         launch.say(f"warning: no report: MLflow at {tracking_uri} could not give the sweep's runs ({why}); once it is back "
                    f"and the records listed below are sent, build it with: {rebuild}")
     _warn_unsent(([sweep_dir] if parent.unsent else []) + unsent)  # the parent first: its trials need its id
-    return 1 if failed or unsent or parent.unsent or table is None else 0
+    return (1 if failed or unsent or parent.unsent or table is None else 0), bool(failed)
 
 
 def _warn_unsent(run_dirs: list[Path]) -> None:
@@ -393,8 +393,8 @@ def run_locally(args: argparse.Namespace, sweep_dir: Path) -> int:
     temp = Path(tempfile.gettempdir()) / f"gunn-ray-{os.getpid()}"  # short: Ray's socket paths have a limit
     with ray_head(temp, ip="127.0.0.1", port=0, cpus=args.ray_cpus or os.cpu_count() or 1,
                   verbose=args.verbose) as (address, keep):
-        status = drive(args, sweep_dir, address)
-        if status == 1:
+        status, failed = drive(args, sweep_dir, address)
+        if failed:
             keep.append("keep")
             launch.say(f"Ray's logs: {temp}")
     return status
@@ -445,20 +445,21 @@ class SweepJob:
             ray_worker([*RAY, "start", "--address", f"{head}:{port}", "--block", "--num-cpus", str(int(cpus)),
                          "--disable-usage-stats", "--temp-dir", str(temp)], done)
             if done.is_file() and done.read_text() != "1":
-                shutil.rmtree(temp, ignore_errors=True)  # Ray's logs are kept when trials failed
+                shutil.rmtree(temp, ignore_errors=True)  # Ray's logs are kept when a trial failed
             return {"status": "worker", "summary": "Ray worker stopped"}
         done.unlink(missing_ok=True)
-        status = 1
+        status, failed = 1, True
         try:
             with ray_head(temp, ip=head, port=port, cpus=cpus, verbose=self.args.verbose) as (address, keep):
                 wait_for_nodes(address, env.num_nodes)
                 self.args.resume = True  # a requeued job continues the sweep it started
-                status = drive(self.args, self.sweep_dir, address)
-                if status == 1:
+                status, failed = drive(self.args, self.sweep_dir, address)
+                if failed:
                     keep.append("keep")
         finally:
-            done.write_text(str(status))  # tells the workers to stop their Ray nodes
-        ending = {0: "finished", 1: "had failed trials", 3: "was interrupted"}.get(status, "failed")
+            done.write_text("1" if failed else "0")  # tells the workers to stop their Ray nodes; 1: keep their logs
+        ending = {0: "finished", 1: "had failed trials" if failed else "left MLflow records unsent",
+                  3: "was interrupted"}.get(status, "failed")
         return {"status": "finished" if status == 0 else "failed",
                 "summary": f"sweep {self.sweep_dir.name} {ending}, report in {self.sweep_dir / 'report'}"}
 
