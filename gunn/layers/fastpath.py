@@ -587,7 +587,10 @@ def _backward_as_matrices(
     while end > 0:
         begin = max(0, end - per_block)
         r0, r1 = offsets[begin], offsets[end]
-        g_block = gm.new_empty(gm.shape[0], r1 - r0, dtype=dtype)
+        # Zeros, not new_empty: ATen's bfloat16 matrix product on CPUs with AMX also reads (and multiplies
+        # by zero) elements before a column slice that starts unaligned, here the columns of the units not
+        # done yet: a NaN or inf in their garbage made ``pending``'s products NaN.
+        g_block = gm.new_zeros(gm.shape[0], r1 - r0, dtype=dtype)
         inner: list[list[Tensor]] = []
         for i in reversed(range(begin, end)):
             cols = slice(starts[i], starts[i + 1])

@@ -204,6 +204,49 @@ def test_fast_path_under_autocast_is_as_accurate_as_the_plain_loop_in_that_preci
     assert all(torch.equal(got[k], ref[k]) and int(got[k]) == 1 for k in counts)  # each BatchNorm counted once
 
 
+@pytest.fixture
+def new_memory_is_nan():
+    """Every tensor ATen allocates uninitialised (torch.empty and the like) is filled with NaN meanwhile."""
+    import torch.utils.deterministic as deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        deterministic.fill_uninitialized_memory = before[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_fast_path_reads_no_memory_before_writing_it(dtype, channels_last, new_memory_is_nan):
+    # An element read before it is written, by the fast path or by a kernel that reads around a view, is NaN
+    # here. (ATen's bfloat16 matrix product on CPUs with AMX reads before a column slice: the backward's
+    # uninitialised buffer made a GUNN's bf16 training NaN on such CPUs, and only on some of their runs.)
+    torch.manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layer = GunnLayer(30, 5).to(DEVICE, memory_format=layout)
+    generic = copy.deepcopy(layer)
+    generic.fast_path = False
+    x = torch.randn(4, 30, 6, 7, device=DEVICE).to(memory_format=layout)
+    grad = torch.randn(4, 30, 6, 7, device=DEVICE)
+
+    def step(module):
+        with torch.autocast(DEVICE.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return _step(module, module, x, grad)
+
+    with torch.autocast(DEVICE.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        assert grad_fn_name(copy.deepcopy(layer), x) == FAST
+    got, ref = step(layer), step(generic)
+    for key, value in got.items():
+        assert torch.isfinite(value).all(), key
+    params = ["x.grad", *(k for k, _ in layer.named_parameters())]
+    assert _relative_error(got, ref, params) < (1e-2 if dtype else 1e-5)
+
+
 def test_fast_path_under_fp16_autocast_with_a_gradient_scaler_matches_the_plain_loop():
     torch.manual_seed(0)
     layer = GunnLayer(30, 5).to(DEVICE, memory_format=torch.channels_last)
