@@ -138,20 +138,32 @@ def test_a_preempted_job_is_requeued_and_ends_like_an_uninterrupted_run(slurm_cl
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_top1_error")] == [1, 2, 3, 4, 5]
 
 
-def started_step(job: str, timeout: float = 120) -> None:
-    """Returns as soon as the job's first step (its tasks) runs."""
+def task_holds_signals(logs: Path, timeout: float = 120) -> None:
+    """Returns as soon as the Python of a task whose command line names ``logs`` has SIGUSR2 blocked
+    (``slurm.job_python``: its first statement). Before that, in the first milliseconds of the task, the
+    signal's default action would end it: a window that a poll of squeue hits on a fast machine."""
+    usr2 = 1 << (signal.SIGUSR2 - 1)
     deadline = time.monotonic() + timeout
-    while f"{job}.0" not in subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], capture_output=True,
-                                           text=True, check=False).stdout.split():
-        assert time.monotonic() < deadline, f"job {job} has no running step after {timeout} s"
-        time.sleep(0.02)
+    while True:
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if argv[0] != sys.executable.encode() or not any(str(logs).encode() in a for a in argv):
+                    continue
+                blocked = re.search(r"^SigBlk:\s*([0-9a-f]+)$", (proc / "status").read_text(), re.M)
+            except OSError:
+                continue
+            if blocked and int(blocked.group(1), 16) & usr2:
+                return
+        assert time.monotonic() < deadline, f"no task of {logs} blocked SIGUSR2 within {timeout} s"
+        time.sleep(0.01)
 
 
 def test_sigusr2_while_the_job_starts_requeues_it_and_it_finishes(slurm_cluster, tmp_path):
     submitted = launch(slurm(QUICK + ["optim.epochs=1", "logging.mlflow=false"], tmp_path), tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     (job,) = job_ids(submitted.stdout)
-    started_step(job)
+    task_holds_signals(tmp_path / "logs")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # Python and torch are still being loaded
     wait_until_gone(job, timeout=400)
     log = (tmp_path / "logs" / job / f"{job}_0_log.out").read_text()
