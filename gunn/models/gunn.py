@@ -97,6 +97,8 @@ class GunnNet(nn.Module):
         """ResNet initialisation (docs/layer.md, "The models")."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
+                if m.weight.is_meta:  # no values to draw; the meta kernel of normal_ would import torch._dynamo
+                    continue
                 k = m.kernel_size[0] * m.kernel_size[1]
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (k * m.out_channels)))
             elif isinstance(m, nn.BatchNorm2d):
