@@ -58,6 +58,7 @@ def test_a_dry_run_of_the_gpu_check_passes_every_step_and_writes_its_figures(tmp
     assert re.fullmatch(r"\d{3} tests collected in .*", records["tests"]["figures"]["pytest"])  # no MLflow needed
     assert set(records["syncfree"]["figures"].values()) == {"no host sync"}
     assert records["engine"]["figures"]["resumed steps"] == 3
+    assert "2 ranks resumed, last epoch's images/s" in records["ddp"]["figures"]
     assert len(records["bench"]["figures"]["steps"]) >= 9
     targets = records["bench"]["targets"]
     assert len(targets) == 3 and all(t["met"] is None for t in targets)  # tiny shapes on a CPU: not judged
