@@ -460,8 +460,9 @@ class SweepJob:
             done.write_text("1" if failed else "0")  # tells the workers to stop their Ray nodes; 1: keep their logs
         ending = {0: "finished", 1: "had failed trials" if failed else "left MLflow records unsent",
                   3: "was interrupted"}.get(status, "failed")
-        return {"status": "finished" if status == 0 else "failed",
-                "summary": f"sweep {self.sweep_dir.name} {ending}, report in {self.sweep_dir / 'report'}"}
+        report = self.sweep_dir / "report"
+        where = f", report in {report}" if (report / "report.csv").is_file() else ", no report written"
+        return {"status": "finished" if status == 0 else "failed", "summary": f"sweep {self.sweep_dir.name} {ending}{where}"}
 
     def checkpoint(self) -> Any:
         """submitit's own requeue path: rerun as is (the sweep resumes from its directory)."""

@@ -184,7 +184,7 @@ class _Sender:
             else:
                 self._log_tags(client, run_id, tags)
                 return
-        with store_lock(uri):  # MLflow creates a new store's tables on first use: one process at a time
+        with store_lock(uri):  # MlflowClient opens its store when made, making a new store's tables: one at a time
             client = self._client(uri)
         run = client.create_run(
             experiment_id(client, record["experiment"]), start_time=record["time"], tags=tags,
