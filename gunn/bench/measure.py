@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -75,3 +77,31 @@ def interleaved_medians(
         for name, step in steps.items():
             times[name].append(step_seconds(step, device))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+class _Dispatches(TorchDispatchMode):
+    """Counts the ATen operations that reach the dispatcher's Python mode, by name (views left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # A view launches no kernel and costs no device time; the profiler's markers neither.
+        if not func.is_view and not func.__name__.startswith("_record_function"):
+            self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(fn: Callable[[], object]) -> collections.Counter[str]:
+    """The ATen operations that one call of ``fn`` dispatches, by overload name (``convolution.default``).
+
+    Views and the profiler's markers are not counted; allocations (``empty``) are. On a GPU nearly every other one is a kernel
+    launch, each costing microseconds of host time in eager PyTorch: the count is the hardware-
+    independent measure of how launch-bound a step is. (The C++ kernels of the CPU fast path are
+    one operation each but dispatch ATen operations inside them: turn them off, GUNN_CPU_KERNELS=0,
+    to count what a GPU would run.)
+    """
+    with _Dispatches() as mode:
+        fn()
+    return mode.counts

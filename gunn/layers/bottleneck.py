@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gunn.layers import fastpath
-from gunn.layers.fused import conv_bn_many
+from gunn.layers.fused import TiedStatistics, conv_bn_many
 from gunn.layers.gradual import GradualUpdate, Memory, Mode, check_memory, check_mode
 
 
@@ -91,6 +91,13 @@ class GunnLayer(GradualUpdate):
     Training in GUNN mode with ``memory="efficient"`` runs a hand-written backward for these
     units (``gunn.layers.fastpath``) where ``fast_path_applies`` says so; ``fast_path = False``
     makes the layer use the generic container's path instead (same numbers, slower).
+
+    The running statistics of the units' BatchNorms of one kind (every unit's first, second,
+    third, projection norm) are views of one tensor per kind (``fused.TiedStatistics``), so that
+    the fused SUNN path and the fast path update them with one call per kind, not one per unit.
+    The modules, their ``state_dict`` and checkpoints look as without: each norm holds its own
+    ``running_mean`` and ``running_var``. The layer ties them again after ``.to()`` and after
+    ``load_state_dict``; where they were replaced otherwise, it writes each module's back.
     """
 
     def __init__(
@@ -120,6 +127,34 @@ class GunnLayer(GradualUpdate):
         self.channels, self.segments, self.expansion, self.depth = channels, segments, expansion, depth
         self.projection = projection
         self.fast_path = True
+        self._tied: dict[str, TiedStatistics] = {}
+        self.tie_statistics()
+        self.register_load_state_dict_post_hook(_tie_after_load)
+
+    def tie_statistics(self) -> None:
+        """Makes the BatchNorm statistics of each kind views of one tensor (see the class docstring)."""
+        units = list(self.units)
+        tied = {}
+        for d in range(self.depth):
+            blocks = [u.blocks[d] for u in units]
+            for name in ("bn1", "bn2", "bn3"):
+                tied[f"{name}.{d}"] = TiedStatistics([getattr(b, name) for b in blocks])
+        if self.projection:
+            tied["proj"] = TiedStatistics([u.proj[1] for u in units])
+        self._tied = tied
+
+    def tied_statistics(self) -> dict[str, TiedStatistics]:
+        """The tied statistics by kind (``bn1.0``, ``bn2.0``, ``bn3.0``, ``bn1.1``, ..., ``proj``)."""
+        if "_tied" not in self.__dict__:  # a layer pickled before statistics were tied
+            self.tie_statistics()
+        return self._tied
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GunnLayer:
+        # .to(), .cuda(), .double() replace the buffers: the per-kind tensors are tied anew.
+        super()._apply(fn, recurse)
+        if "_tied" in self.__dict__:  # not while the constructor builds the units
+            self.tie_statistics()
+        return self
 
     def extra_repr(self) -> str:
         return (
@@ -157,31 +192,42 @@ class GunnLayer(GradualUpdate):
     def _gradual_efficient(self, x: Tensor) -> Tensor:
         if self.memory == "efficient" and self.fast_path_applies(x):
             units = [_unit_modules(unit) for unit in self.units]
-            return fastpath.gradual_update(x, units, self.residual, self._gradual_autograd)
+            tied = self.tied_statistics()
+            first = [tied.get("bn1.0"), tied.get("proj")] if self.projection else [tied.get("bn1.0")]
+            return fastpath.gradual_update(x, units, self.residual, self._gradual_autograd, first)
         return super()._gradual_efficient(x)
 
     def simultaneous_update(self, x: Tensor) -> Tensor:
-        """All units at once: one wide 1x1 conv over the input, then grouped convs (SUNN)."""
+        """All units at once, as a ResNeXt block with the same weights (SUNN): one wide 1x1 conv over
+        the input, then grouped 3x3 and 1x1 convs (groups = segments), each followed by one
+        BatchNorm over the concatenated channels."""
         if not _batch_norms_fusable(self):
             return super().simultaneous_update(x)
-        units = list(self.units)
+        units, tied = list(self.units), self.tied_statistics()
         groups = len(units)
         firsts = [u.blocks[0] for u in units]
-        h = F.relu(conv_bn_many(x, [b.conv1 for b in firsts], [b.bn1 for b in firsts]))
-        h = _bottleneck_tail_many(h, firsts, groups)
+        h = F.relu(conv_bn_many(x, [b.conv1 for b in firsts], [b.bn1 for b in firsts], tied=tied.get("bn1.0")))
+        h = _bottleneck_tail_many(h, firsts, groups, tied, 0)
         for d in range(1, self.depth):
             blocks = [u.blocks[d] for u in units]
-            r = F.relu(conv_bn_many(h, [b.conv1 for b in blocks], [b.bn1 for b in blocks], groups))
-            h = h + _bottleneck_tail_many(r, blocks, groups)
+            r = F.relu(conv_bn_many(h, [b.conv1 for b in blocks], [b.bn1 for b in blocks], groups,
+                                    tied.get(f"bn1.{d}")))
+            h = h + _bottleneck_tail_many(r, blocks, groups, tied, d)
         if not self.projection:
             return h
-        return h + conv_bn_many(x, [u.proj[0] for u in units], [u.proj[1] for u in units])
+        return h + conv_bn_many(x, [u.proj[0] for u in units], [u.proj[1] for u in units], tied=tied.get("proj"))
 
 
-def _bottleneck_tail_many(h: Tensor, blocks: Sequence[Bottleneck], groups: int) -> Tensor:
+def _bottleneck_tail_many(h: Tensor, blocks: Sequence[Bottleneck], groups: int, tied: dict[str, TiedStatistics],
+                          depth: int) -> Tensor:
     """``Bottleneck.tail`` of every unit at once, as grouped convs."""
-    h = F.relu(conv_bn_many(h, [b.conv2 for b in blocks], [b.bn2 for b in blocks], groups))
-    return conv_bn_many(h, [b.conv3 for b in blocks], [b.bn3 for b in blocks], groups)
+    h = F.relu(conv_bn_many(h, [b.conv2 for b in blocks], [b.bn2 for b in blocks], groups, tied.get(f"bn2.{depth}")))
+    return conv_bn_many(h, [b.conv3 for b in blocks], [b.bn3 for b in blocks], groups, tied.get(f"bn3.{depth}"))
+
+
+def _tie_after_load(layer: Any, incompatible_keys: Any) -> None:
+    """``load_state_dict``'s hook: ``assign=True`` replaces the buffers, so tie them again."""
+    layer.tie_statistics()
 
 
 # Modules of the units that only arrange the convs and norms (their forwards add nothing).

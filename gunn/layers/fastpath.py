@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gunn.layers import cpu_kernels
-from gunn.layers.fused import count_batch, write_running_stats
+from gunn.layers.fused import TiedStatistics, count_batch, write_running_stats
 from gunn.layers.gradual import check_fits, check_unchanged, check_width
 
 aten = torch.ops.aten
@@ -170,49 +170,75 @@ class _Unit:
 
 
 def gradual_update(
-    x: Tensor, units: Sequence[UnitModules], residual: bool, plain_loop: Callable[[Tensor], Tensor]
+    x: Tensor, units: Sequence[UnitModules], residual: bool, plain_loop: Callable[[Tensor], Tensor],
+    first_stats: Sequence[TiedStatistics | None] = (),
 ) -> Tensor:
     """A GUNN layer's output in GUNN mode (train mode, with autograd), see the module docstring.
 
     ``units`` in update order, their segments one after the other along dim 1;
     ``residual``: add each update to its segment (else replace the segment);
     ``plain_loop``: the layer's plain differentiable loop, which the backward recomputes
-    only for higher-order gradients (``create_graph=True``). Call it only where
-    ``supported`` says so.
+    only for higher-order gradients (``create_graph=True``); ``first_stats``: where the
+    running statistics of every unit's first BatchNorm (and of the projections' BatchNorms)
+    are tied into one tensor each (``fused.TiedStatistics``), those, which are then updated in
+    place. Call it only where ``supported`` says so.
     """
     parts = [_Unit(unit) for unit in units]
     params = [p for unit in parts for p in unit.params]
-    return _GradualBottlenecks.apply(x, parts, autocast_dtype(x), residual, plain_loop, *params)
+    return _GradualBottlenecks.apply(x, parts, tuple(first_stats), autocast_dtype(x), residual, plain_loop, *params)
 
 
 class _FirstConvs:
     """Every unit's first 1x1 conv and projection, with their BatchNorms, concatenated.
 
     Unit i owns rows ``offsets[i]:offsets[i+1]`` (its conv1 rows, then its projection's);
-    ``split(t)`` cuts a concatenated tensor into those per-unit parts.
+    ``split(t)`` cuts a concatenated tensor into those per-unit parts. The running statistics
+    are the tied tensors themselves without projections; with projections (whose rows come
+    between the units' conv1 rows) the tied tensors interleaved; else concatenated.
     """
 
-    def __init__(self, units: Sequence[_Unit]) -> None:
+    def __init__(self, units: Sequence[_Unit], tied: Sequence[TiedStatistics | None] = ()) -> None:
         pairs = [pair for unit in units for pair in unit.first_pairs()]
         self.norms = [norm for _, norm in pairs]
         self.sizes = [sum(w.shape[0] for w, _ in unit.first_pairs()) for unit in units]
         self.offsets = [0]
         for size in self.sizes:
             self.offsets.append(self.offsets[-1] + size)
-        self.weight = torch.cat([w for w, _ in pairs])
+        self.weights = [w for w, _ in pairs]  # concatenated (and cast under autocast) by ``_weights``
         self.gamma = torch.cat([n.weight for n in self.norms])
         self.beta = torch.cat([n.bias for n in self.norms])
+        kinds = len(pairs) // len(units)  # conv1, and the projection if any
+        self.tied = list(tied) if len(tied) == kinds and all(
+            t is not None and t.intact() and t.norms == self.norms[k::kinds] for k, t in enumerate(tied)) else None
         tracked = self.norms[0].running_mean is not None
-        self.mean = torch.cat([n.running_mean for n in self.norms]) if tracked else None
-        self.var = torch.cat([n.running_var for n in self.norms]) if tracked else None
+        if self.tied is not None and kinds == 1:
+            self.mean, self.var = self.tied[0].mean, self.tied[0].var
+        elif self.tied is not None:
+            per_unit = len(units)
+            self.mean, self.var = (torch.cat([getattr(t, stat).view(per_unit, -1) for t in self.tied], 1).view(-1)
+                                   for stat in ("mean", "var"))
+        else:
+            self.mean = torch.cat([n.running_mean for n in self.norms]) if tracked else None
+            self.var = torch.cat([n.running_var for n in self.norms]) if tracked else None
 
     def split(self, t: Tensor | None) -> Sequence[Tensor | None]:
         return [None] * len(self.sizes) if t is None else t.split(self.sizes)
 
     def write_back(self) -> None:
-        """Copies the updated running statistics into each BatchNorm module."""
-        if self.mean is not None and self.var is not None:
+        """Brings the updated running statistics into each BatchNorm module, where they were not updated in place."""
+        if self.mean is None or self.var is None:
+            return
+        if self.tied is None:
             write_running_stats(self.norms, self.mean, self.var)
+        elif len(self.tied) > 1:  # de-interleaved into the tied tensors: one copy per kind and statistic
+            per_unit, start = len(self.sizes), 0
+            with torch.no_grad():
+                for t in self.tied:
+                    width = t.norms[0].num_features
+                    for stat in ("mean", "var"):
+                        getattr(t, stat).view(per_unit, width).copy_(
+                            getattr(self, stat).view(per_unit, -1)[:, start : start + width])
+                    start += width
 
 
 def _pixels(t: Tensor) -> Tensor:
@@ -229,35 +255,42 @@ def _image(m: Tensor, like: Tensor) -> Tensor:
 
 def _norm(
     x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor | None, var: Tensor | None, momentum: float, eps: float,
-    relu_out: Tensor, out: Tensor, add: Tensor | None = None, accumulate: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Training-mode BatchNorm of x (ATen's; ``bn_forward`` of the C++ kernels does the same).
-    Its first ``relu_out.shape[1]`` channels go through a ReLU into ``relu_out``, the others
-    (plus ``add``) into ``out``, or are added to ``out`` if ``accumulate``. Updates the
-    running statistics; returns the batch mean and invstd.
+    relu: int, layout: torch.memory_format, out: Tensor | None = None, add: Tensor | None = None,
+    accumulate: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
+    """Training-mode BatchNorm of x (ATen's; ``bn_forward`` of the C++ kernels does the same),
+    updating the running statistics. Its first ``relu`` channels go through a ReLU (in place
+    when they are all of them, else into a new tensor in ``layout``); the others, plus ``add``,
+    are copied into ``out``, added to it if ``accumulate``, or returned as they are without
+    ``out``. Returns (ReLU part or None, other part or None, batch mean, batch invstd).
     """
     o, m, v = aten.native_batch_norm(x, gamma, beta, mean, var, True, momentum, eps)
-    a = relu_out.shape[1]
-    if a:
-        torch.clamp_min(o[:, :a], 0, out=relu_out)
-    if a < o.shape[1]:
-        rest = o[:, a:]
-        if add is not None:
-            rest.add_(add)
-        if accumulate:
-            out.add_(rest)
-        else:
-            out.copy_(rest)
-    return m, v
+    if relu == o.shape[1]:
+        return o.relu_(), None, m, v
+    h = None
+    if relu:
+        h = _empty_like(o, relu, layout)
+        torch.clamp_min(o[:, :relu], 0, out=h)
+    rest = o[:, relu:] if relu else o
+    if add is not None:
+        rest.add_(add)
+    if out is None:
+        return h, rest, m, v
+    if accumulate:
+        out.add_(rest)
+    else:
+        out.copy_(rest)
+    return h, None, m, v
 
 
 def _norm_backward(
     grad_a: Tensor | None, relu_a: Tensor | None, grad_b: Tensor | None, x: Tensor, mean: Tensor, invstd: Tensor,
-    gamma: Tensor, eps: float, out: Tensor | None = None,
+    gamma: Tensor, eps: float, out: Tensor | None = None, out_gamma: Tensor | None = None,
+    out_beta: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of ``_norm`` for the gradients of its ReLU part (``grad_a``, through
     ``relu_a``) and of its other part (``grad_b``): the gradients of x (into ``out`` if
-    given), gamma and beta.
+    given), gamma and beta (into ``out_gamma`` and ``out_beta`` if given with ``out``).
     """
     a = 0 if grad_a is None else grad_a.shape[1]
     if grad_b is None:
@@ -271,8 +304,9 @@ def _norm_backward(
     args = (grad, x, gamma, None, None, mean, invstd, True, eps, [True, True, True])
     if out is None:
         return aten.native_batch_norm_backward(*args)
-    return aten.native_batch_norm_backward.out(*args, out0=out, out1=gamma.new_empty(gamma.shape),
-                                               out2=gamma.new_empty(gamma.shape))
+    return aten.native_batch_norm_backward.out(
+        *args, out0=out, out1=gamma.new_empty(gamma.shape) if out_gamma is None else out_gamma,
+        out2=gamma.new_empty(gamma.shape) if out_beta is None else out_beta)
 
 
 def _copy(dst: Tensor, src: Tensor, kernels: bool) -> None:
@@ -350,6 +384,36 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _as_parameters(grads: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+    """``grads`` as ``_like`` makes each, those in another dtype than their parameters (under autocast)
+    cast with one call into one buffer."""
+    out = [_like(g, p) if g.dtype == p.dtype else None for g, p in zip(grads, params)]
+    lower = [k for k, g in enumerate(out) if g is None]
+    if not lower:
+        return out  # type: ignore[return-value]
+    buffer = params[lower[0]].new_empty(sum(params[k].numel() for k in lower))
+    targets, sources, offset = [], [], 0
+    for k in lower:
+        p = params[k]
+        dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)
+        target = buffer.as_strided(p.shape, p.stride() if dense else _contiguous_strides(p.shape),
+                                   buffer.storage_offset() + offset)
+        offset += p.numel()
+        targets.append(target)
+        sources.append(_same_strides(grads[k], target))
+        out[k] = target
+    torch._foreach_copy_(targets, sources)
+    return out  # type: ignore[return-value]
+
+
+def _same_strides(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` viewed with ``like``'s strides where they differ only in dimensions of size 1 (the same elements)."""
+    if t.stride() != like.stride() and all(
+            a == b for a, b, n in zip(t.stride(), like.stride(), t.shape) if n != 1):
+        return t.as_strided(t.shape, like.stride())
+    return t
+
+
 def _like(grad: Tensor, param: Tensor) -> Tensor:
     """``grad`` in the dtype (under autocast: float32, as autocast's casts give) and the strides of
     ``param``, as autograd's gradients are: DDP copies gradients whose strides differ from its
@@ -369,20 +433,54 @@ def _explicit_precision(device_type: str, lower: torch.dtype | None) -> contextl
     return torch.autocast(device_type, enabled=False) if lower is not None else contextlib.nullcontext()
 
 
+def _weights(first: _FirstConvs, units: Sequence[_Unit], dtype: torch.dtype) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The first convs' concatenated weight and every unit's second and third conv weights, in ``dtype``.
+
+    Under autocast (weights in float32, convolutions in ``dtype``) all of the layer's weights are
+    cast with one call into one buffer (autocast would cast each unit's, in the forward and again
+    for the backward, which reuses these); the views keep their parameters' strides.
+    """
+    w2s, w3s = [u.params[3] for u in units], [u.params[6] for u in units]
+    if all(w.dtype == dtype for w in first.weights):
+        return torch.cat(first.weights), w2s, w3s
+    sources = [*first.weights, *w2s, *w3s]
+    buffer = sources[0].new_empty(sum(w.numel() for w in sources), dtype=dtype)
+    targets, offset = [], 0
+    for w in sources:
+        dense = w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)
+        targets.append(buffer.as_strided(w.shape, w.stride() if dense else _contiguous_strides(w.shape),
+                                         buffer.storage_offset() + offset))
+        offset += w.numel()
+    torch._foreach_copy_(targets, sources)
+    rows = sum(w.shape[0] for w in first.weights)
+    weight = buffer[: rows * first.weights[0][0].numel()].view(rows, *first.weights[0].shape[1:])
+    k = len(first.weights)
+    return weight, targets[k : k + len(units)], targets[k + len(units) :]
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def _unit_forward(
     kernels: bool, matrices: bool, state: Tensor, conv_in: Tensor, unit: _Unit, first_conv: Sequence[Tensor | None],
-    factors: tuple[float, float, float], start: int, residual: bool,
+    w2: Tensor, w3: Tensor, factors: tuple[float, float, float], start: int, residual: bool,
 ) -> list[Tensor]:
     """Writes one unit's update into the state's segment at ``start`` (Eq. 4: added, or
     without the residual, replacing it) and returns what its backward needs. ``conv_in``: the
     state as the convolutions read it (``state`` itself, or under autocast its copy in the
     lower precision, whose segment is updated too); ``first_conv``: the unit's rows of the
     concatenated first convs (weight in the convolutions' dtype, gamma, beta, running mean
-    and variance). With the kernels, one call of the C++ ``unit_forward``, which does exactly this.
+    and variance); ``w2``, ``w3``: the second and third conv weights in the convolutions' dtype.
+    With the kernels, one call of the C++ ``unit_forward``, which does exactly this.
     """
     weight, gamma, beta, mean, var = first_conv
     f1, f2, f3 = factors
-    w2, gamma2, beta2, w3, gamma3, beta3 = unit.params[3:9]
+    gamma2, beta2, _, gamma3, beta3 = unit.params[4:9]
     if kernels:
         return torch.ops.gunn_cpu.unit_forward(
             state, weight, gamma, beta, mean, var, f1, unit.bn1.eps, unit.hidden,
@@ -390,18 +488,16 @@ def _unit_forward(
             w3, gamma3, beta3, *_stats(unit.bn3), f3, unit.bn3.eps, start, residual,
         )  # fmt: skip
     layout = torch.channels_last if matrices else torch.contiguous_format
-    nothing = _empty_like(state, 0, layout)  # the unused output of a BatchNorm
     a1 = F.conv2d(conv_in, weight)
-    h1, projected = _empty_like(a1, unit.hidden, layout), _empty_like(a1, a1.shape[1] - unit.hidden, layout)
-    m1, v1 = _norm(a1, gamma, beta, mean, var, f1, unit.bn1.eps, h1, projected)
-    a2 = F.conv2d(h1, _cast(w2, a1.dtype), None, *_CONV_3X3)
-    h2 = _empty_like(a2, a2.shape[1], layout)
-    m2, v2 = _norm(a2, gamma2, beta2, *_stats(unit.bn2), f2, unit.bn2.eps, h2, nothing)
-    a3 = _conv1x1(h2, _cast(w3, a1.dtype), matrices)
+    # The projection's part of the first BatchNorm (rows after conv1's) stays a view until bn3 adds it.
+    h1, projected, m1, v1 = _norm(a1, gamma, beta, mean, var, f1, unit.bn1.eps, unit.hidden, layout)
+    a2 = F.conv2d(h1, w2, None, *_CONV_3X3)
+    h2, _, m2, v2 = _norm(a2, gamma2, beta2, *_stats(unit.bn2), f2, unit.bn2.eps, a2.shape[1], layout)
+    a3 = _conv1x1(h2, w3, matrices)
     segment = state.narrow(1, start, a3.shape[1])
-    add = None if unit.proj_bn is None else projected
     # The update (bn3 + projection) in the convolutions' dtype, added to the state in its own.
-    m3, v3 = _norm(a3, gamma3, beta3, *_stats(unit.bn3), f3, unit.bn3.eps, nothing, segment, add, residual)
+    _, _, m3, v3 = _norm(a3, gamma3, beta3, *_stats(unit.bn3), f3, unit.bn3.eps, 0, layout, segment, projected,
+                         residual)
     if conv_in is not state:
         conv_in.narrow(1, start, a3.shape[1]).copy_(segment)
     return [a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3]
@@ -410,13 +506,13 @@ def _unit_forward(
 class _GradualBottlenecks(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, units: Sequence[_Unit], lower: torch.dtype | None, residual: bool,
-        plain_loop: Callable[[Tensor], Tensor], *params: Tensor,
+        ctx: Any, x: Tensor, units: Sequence[_Unit], first_stats: tuple[TiedStatistics | None, ...],
+        lower: torch.dtype | None, residual: bool, plain_loop: Callable[[Tensor], Tensor], *params: Tensor,
     ) -> Tensor:
         # ``lower``: autocast's dtype (the convolutions run in it), or None without autocast.
         ctx.residual, ctx.plain_loop = residual, plain_loop
         with _explicit_precision(x.device.type, lower):
-            return _forward(ctx, x, units, lower)
+            return _forward(ctx, x, units, _FirstConvs(units, first_stats), lower)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
@@ -425,17 +521,16 @@ class _GradualBottlenecks(torch.autograd.Function):
             return _differentiable_backward(ctx, grad_y)
         with _explicit_precision(ctx.y.device.type, ctx.lower):
             grad, unit_grads = _backward(ctx, grad_y)
-        grads = [_like(g, p) for unit, ugrads in zip(ctx.units, unit_grads) for g, p in zip(ugrads, unit.params)]
+        grads = _as_parameters([g for ugrads in unit_grads for g in ugrads], [p for u in ctx.units for p in u.params])
         return (grad, *_NOT_DIFFERENTIABLE, *grads)
 
 
 # ``_GradualBottlenecks.forward``'s arguments between x and the parameters: no gradients.
-_NOT_DIFFERENTIABLE = (None, None, None, None)
+_NOT_DIFFERENTIABLE = (None, None, None, None, None)
 
 
-def _forward(ctx: Any, x: Tensor, units: Sequence[_Unit], lower: torch.dtype | None) -> Tensor:
+def _forward(ctx: Any, x: Tensor, units: Sequence[_Unit], first: _FirstConvs, lower: torch.dtype | None) -> Tensor:
     """``_GradualBottlenecks.forward``."""
-    first = _FirstConvs(units)
     # The state runs in channels_last wherever a 1x1 conv can be a matrix product: on the
     # CPU always (an NCHW input is converted here and the output converted back, which
     # costs two copies of the state and is much faster than NCHW on the CPU), elsewhere
@@ -453,16 +548,18 @@ def _forward(ctx: Any, x: Tensor, units: Sequence[_Unit], lower: torch.dtype | N
     factors = _count_batches(units)
     saved: list[Tensor] = []
     starts = [0]
-    weight = _cast(first.weight, dtype)
+    weight, w2s, w3s = _weights(first, units, dtype)
     parts = zip(*(first.split(t) for t in (weight, first.gamma, first.beta, first.mean, first.var)))
-    for unit, first_conv, factor in zip(units, parts, factors):
+    for unit, first_conv, w2, w3, factor in zip(units, parts, w2s, w3s, factors):
         width = unit.params[6].shape[0]
         check_fits(state.shape[1], starts[-1], width, 1)
-        saved += _unit_forward(kernels, matrices, state, conv_in, unit, first_conv, factor, starts[-1], ctx.residual)
+        saved += _unit_forward(kernels, matrices, state, conv_in, unit, first_conv, w2, w3, factor, starts[-1],
+                               ctx.residual)
         starts.append(starts[-1] + width)
     check_width(x, starts[-1], 1)
     first.write_back()
-    ctx.save_for_backward(x, first.weight, first.gamma, *saved)
+    # The weights as the convolutions used them (cast under autocast: the backward reuses the casts).
+    ctx.save_for_backward(x, weight, first.gamma, *saved, *w2s, *w3s)
     ctx.units, ctx.offsets, ctx.sizes, ctx.starts = units, first.offsets, first.sizes, starts
     if matrices and not x.is_contiguous(memory_format=torch.channels_last):
         state = _contiguous(state, kernels)  # back to the input's layout
@@ -476,7 +573,9 @@ def _forward(ctx: Any, x: Tensor, units: Sequence[_Unit], lower: torch.dtype | N
 def _backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, list[list[Tensor]]]:
     """The gradient of the layer's input and every unit's parameter gradients (``_unit_parameters`` order)."""
     x, weight, gamma, *saved = ctx.saved_tensors
-    weight = _cast(weight, ctx.dtype)
+    count = len(ctx.units)
+    saved, w2s, w3s = saved[: 11 * count], saved[11 * count : 12 * count], saved[12 * count :]
+    ctx.w2s, ctx.w3s = w2s, w3s
     if ctx.matrices:
         grad = torch.empty_like(ctx.y, memory_format=torch.channels_last)
         _copy(grad, grad_y, ctx.kernels)
@@ -492,20 +591,21 @@ def _backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, list[list[Tensor]]]:
 
 def _unit_backward(
     matrices: bool, kernels: bool, unit: _Unit, saved: Sequence[Tensor], grad_delta: Tensor, gamma: Tensor,
-    out: Tensor | None = None,
+    w2: Tensor, w3: Tensor, out: Tensor | None = None, out_gamma: Tensor | None = None,
+    out_beta: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Backward of one unit down to its first BatchNorm's input (the C++ ``unit_backward``
-    with the kernels, which needs ``out``).
+    with the kernels, which needs ``out``); ``w2``, ``w3``: the weights as the forward used them;
+    ``out_gamma``, ``out_beta``: where the first BatchNorm's parameter gradients go (with ``out``).
 
     Returns the gradient of the first conv's output (conv1 and projection rows; written
     into ``out`` if given) and the gradients of every parameter of the unit except that
     conv's weight, in ``_unit_parameters`` order with the weight left out.
     """
-    w2, gamma2, _, w3, gamma3, _ = unit.params[3:9]
+    gamma2, gamma3 = unit.params[4], unit.params[7]
     if kernels and out is not None:
         return out, torch.ops.gunn_cpu.unit_backward(saved, grad_delta, out, gamma, w2, gamma2, w3, gamma3)
     a1, m1, v1, h1, a2, m2, v2, h2, a3, m3, v3 = saved
-    w2, w3 = _cast(w2, a1.dtype), _cast(w3, a1.dtype)  # as the forward used them (autocast)
     g3, gw_bn3, gb_bn3 = _norm_backward(None, None, grad_delta, a3, m3, v3, gamma3, unit.bn3.eps)
     gh2, gw3 = _conv1x1_backward(g3, h2, w3, matrices)
     g2, gw_bn2, gb_bn2 = _norm_backward(gh2, h2, None, a2, m2, v2, gamma2, unit.bn2.eps)
@@ -513,7 +613,8 @@ def _unit_backward(
     hidden = unit.hidden
     # delta = bottleneck + projection: the projection's BatchNorm gets delta's gradient.
     g1, gw_bn1, gb_bn1 = _norm_backward(
-        gh1, h1, None if unit.proj_bn is None else grad_delta, a1, m1, v1, gamma, unit.bn1.eps, out
+        gh1, h1, None if unit.proj_bn is None else grad_delta, a1, m1, v1, gamma, unit.bn1.eps, out, out_gamma,
+        out_beta,
     )
     grads = [gw_bn1[:hidden], gb_bn1[:hidden], gw2, gw_bn2, gb_bn2, gw3, gw_bn3, gb_bn3]
     if unit.proj_bn is not None:
@@ -548,7 +649,8 @@ def _backward_as_convs(
         grad_delta = grad[:, start:end].to(ctx.dtype, memory_format=torch.contiguous_format, copy=True)
         if not ctx.residual:
             grad[:, start:end].zero_()
-        g1, grads = _unit_backward(False, False, units[i], _saved(saved, i), grad_delta, gammas[i])
+        g1, grads = _unit_backward(False, False, units[i], _saved(saved, i), grad_delta, gammas[i], ctx.w2s[i],
+                                   ctx.w3s[i])
         state[:, start:end] = ctx.x[:, start:end]
         g_state, grad_weight, _ = aten.convolution_backward(
             g1, state, weights[i], None, *_CONV_1X1, False, (0, 0), 1, [True, True, False]
@@ -582,6 +684,8 @@ def _backward_as_matrices(
     w = weight.reshape(weight.shape[0], -1)
     # Without the identity term a segment's gradient stops at its unit: one unit per block.
     per_block = max(1, BLOCK_ROWS // max(offsets[1], 1)) if ctx.residual else 1
+    # The first BatchNorms' parameter gradients, every unit's rows of one tensor each.
+    grad_gammas, grad_betas = gamma.new_empty(gamma.shape).split(ctx.sizes), gamma.new_empty(gamma.shape).split(ctx.sizes)
     out: list[list[Tensor]] = [[] for _ in units]
     end = len(units)
     while end > 0:
@@ -612,7 +716,8 @@ def _backward_as_matrices(
                 grad_delta = _cast(grad_delta, dtype)
             g_rows = _image(g_block[:, offsets[i] - r0 : offsets[i + 1] - r0], ctx.y)
             _, grads = _unit_backward(
-                True, ctx.kernels, units[i], _saved(saved, i), _image(grad_delta, ctx.y), gammas[i], g_rows
+                True, ctx.kernels, units[i], _saved(saved, i), _image(grad_delta, ctx.y), gammas[i], ctx.w2s[i],
+                ctx.w3s[i], g_rows, grad_gammas[i], grad_betas[i]
             )
             inner.append(grads)
         # Unit i saw the block's segments before it updated: their part of its weight

@@ -362,22 +362,28 @@ class _StateTape:
             saved.append(t)
             return t
 
-        buffers = [b.clone() for b in unit.buffers()]  # BatchNorm statistics: update once
+        # BatchNorm statistics count the batch once: the recomputation updates copies, dropped
+        # afterwards (restoring values in place would bump version counters that the graph it
+        # builds, under create_graph=True, has saved; and statistics tied into one tensor share one).
+        originals = [(m, dict(m._buffers)) for m in unit.modules() if m._buffers]
+        for module, buffers in originals:
+            module._buffers.update({k: None if b is None else b.clone() for k, b in buffers.items()})
         cpu_rng, device_rng = self.rng[level]
         devices = [self.x.device] if self.x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            torch.set_rng_state(cpu_rng)
-            if device_rng is not None:
-                torch.cuda.set_rng_state(device_rng, self.x.device)
-            with (
-                torch.enable_grad(),
-                torch.autocast(self.x.device.type, **self.autocast),
-                torch.autograd.graph.saved_tensors_hooks(record, lambda t: t),
-            ):
-                unit(state)
-        with torch.no_grad():
-            for buffer, value in zip(unit.buffers(), buffers):
-                buffer.copy_(value)
+        try:
+            with torch.random.fork_rng(devices=devices, enabled=True):
+                torch.set_rng_state(cpu_rng)
+                if device_rng is not None:
+                    torch.cuda.set_rng_state(device_rng, self.x.device)
+                with (
+                    torch.enable_grad(),
+                    torch.autocast(self.x.device.type, **self.autocast),
+                    torch.autograd.graph.saved_tensors_hooks(record, lambda t: t),
+                ):
+                    unit(state)
+        finally:
+            for module, buffers in originals:
+                module._buffers.update(buffers)
         if len(saved) != self.counts[level]:
             raise RuntimeError(
                 f"update unit {level} saved {len(saved)} tensors when recomputed but "
