@@ -96,11 +96,11 @@ class _Dispatches(TorchDispatchMode):
 def dispatched_ops(fn: Callable[[], object]) -> collections.Counter[str]:
     """The ATen operations that one call of ``fn`` dispatches, by overload name (``convolution.default``).
 
-    Views and the profiler's markers are not counted; allocations (``empty``) are. On a GPU nearly every other one is a kernel
-    launch, each costing microseconds of host time in eager PyTorch: the count is the hardware-
-    independent measure of how launch-bound a step is. (The C++ kernels of the CPU fast path are
-    one operation each but dispatch ATen operations inside them: turn them off, GUNN_CPU_KERNELS=0,
-    to count what a GPU would run.)
+    Views and the profiler's markers are not counted; allocations (``empty``) are. On a GPU nearly
+    every other one is a kernel launch, each costing microseconds of host time in eager PyTorch:
+    the count is the hardware-independent measure of how launch-bound a step is. (The C++ kernels
+    of the CPU fast path are one operation each but dispatch ATen operations inside them: turn them
+    off, GUNN_CPU_KERNELS=0, to count what a GPU would run.)
     """
     with _Dispatches() as mode:
         fn()

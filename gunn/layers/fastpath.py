@@ -433,7 +433,9 @@ def _explicit_precision(device_type: str, lower: torch.dtype | None) -> contextl
     return torch.autocast(device_type, enabled=False) if lower is not None else contextlib.nullcontext()
 
 
-def _weights(first: _FirstConvs, units: Sequence[_Unit], dtype: torch.dtype) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def _weights(
+    first: _FirstConvs, units: Sequence[_Unit], dtype: torch.dtype
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The first convs' concatenated weight and every unit's second and third conv weights, in ``dtype``.
 
     Under autocast (weights in float32, convolutions in ``dtype``) all of the layer's weights are
@@ -685,7 +687,7 @@ def _backward_as_matrices(
     # Without the identity term a segment's gradient stops at its unit: one unit per block.
     per_block = max(1, BLOCK_ROWS // max(offsets[1], 1)) if ctx.residual else 1
     # The first BatchNorms' parameter gradients, every unit's rows of one tensor each.
-    grad_gammas, grad_betas = gamma.new_empty(gamma.shape).split(ctx.sizes), gamma.new_empty(gamma.shape).split(ctx.sizes)
+    grad_gammas, grad_betas = (gamma.new_empty(gamma.shape).split(ctx.sizes) for _ in range(2))
     out: list[list[Tensor]] = [[] for _ in units]
     end = len(units)
     while end > 0:

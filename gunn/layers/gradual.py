@@ -18,9 +18,11 @@ internal activations and recomputes each unit's forward in the backward pass.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Literal
 
 import torch
+import torch.utils.checkpoint as checkpoint_policy
 from torch import Tensor, nn
 
 Mode = Literal["gunn", "sunn"]
@@ -101,10 +103,11 @@ class GradualUpdate(nn.Module):
             return x + delta if self.residual else delta
         if not torch.is_grad_enabled():
             return self._gradual_inplace(x)
-        if self.memory == "autograd" or not self.training or torch.compiler.is_compiling():
-            # Evaluation runs a plain forward (still differentiable, e.g. for saliency);
-            # under torch.compile / torch.export the compiler plans what to save itself.
+        if self.memory == "autograd" or not self.training:
+            # Evaluation runs a plain forward (still differentiable, e.g. for saliency).
             return self._gradual_autograd(x)
+        if torch.compiler.is_compiling():
+            return self._gradual_compiled(x)
         return self._gradual_efficient(x)
 
     def simultaneous_update(self, x: Tensor) -> Tensor:
@@ -140,6 +143,25 @@ class GradualUpdate(nn.Module):
         self._check_width(x, start)
         return state
 
+    def _gradual_compiled(self, x: Tensor) -> Tensor:
+        """Eq. 4 as torch.compile (or torch.export) traces it: the plain loop, each unit in a region of
+        selective activation checkpointing whose state (a concatenation of y's and x's segments) is
+        recomputed in the backward pass instead of saved: Algorithm 1's memory, planned by the
+        compiler. With ``memory="recompute"`` the whole unit is recomputed."""
+        policy = _recompute_all if self.memory == "recompute" else _recompute_states
+        context = functools.partial(checkpoint_policy.create_selective_checkpoint_contexts, policy)
+        updated: list[Tensor] = []
+        start, channels = 0, x.shape[self.dim]
+        for unit in self.units:
+            delta = checkpoint_policy.checkpoint(
+                _unit_on_state, unit, self.dim, start, x, *updated, use_reentrant=False, context_fn=context)
+            width = delta.shape[self.dim]
+            check_fits(channels, start, width, self.dim)
+            updated.append(x.narrow(self.dim, start, width) + delta if self.residual else delta)
+            start += width
+        self._check_width(x, start)
+        return torch.cat(updated, self.dim)
+
     def _gradual_efficient(self, x: Tensor) -> Tensor:
         """Eq. 4 with the paper's Algorithm 1 memory: in-place segment writes, states rebuilt."""
         recompute = self.memory == "recompute"
@@ -160,6 +182,23 @@ class GradualUpdate(nn.Module):
         self._check_width(x, tape.start)
         tape.seal(state)
         return state
+
+
+def _unit_on_state(unit: nn.Module, dim: int, start: int, x: Tensor, *updated: Tensor) -> Tensor:
+    """Unit ``len(updated)``'s update of the state it sees: the updated segments, then x's from ``start``."""
+    rest = [x.narrow(dim, start, x.shape[dim] - start)] if start < x.shape[dim] else []
+    return unit(torch.cat([*updated, *rest], dim))
+
+
+def _recompute_states(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> checkpoint_policy.CheckpointPolicy:
+    """Selective checkpointing: the state's concatenation is recomputed, everything else saved."""
+    if op is torch.ops.aten.cat.default:
+        return checkpoint_policy.CheckpointPolicy.PREFER_RECOMPUTE
+    return checkpoint_policy.CheckpointPolicy.MUST_SAVE
+
+
+def _recompute_all(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> checkpoint_policy.CheckpointPolicy:
+    return checkpoint_policy.CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def check_width(x: Tensor, width: int, dim: int) -> None:

@@ -184,3 +184,21 @@ def test_every_gunn_layer_of_a_model_trains_on_the_fast_path_under_bf16_autocast
     loss.backward()
     assert backward_kinds == ["_GradualBottlenecksBackward"] * 3
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,precision", [("gunn_tiny", "fp32"), ("gunn_tiny", "bf16"), ("sunn_tiny", "bf16")])
+def test_a_training_step_traces_into_one_graph_for_torch_compile(name, precision):
+    import torch._dynamo
+    import torch.nn.functional as F
+
+    model = create_model(name).train().to(DEVICE, memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32, device=DEVICE).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (4,), device=DEVICE)
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the engine's step up to the backward pass
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x)
+        return F.cross_entropy(logits.float(), y)
+
+    explained = torch._dynamo.explain(loss)(x, y)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
