@@ -105,8 +105,13 @@ class OptimConfig:
 class DistributedConfig:
     """Data parallel training over the ranks that torchrun or Slurm started."""
 
-    backend: Literal["auto", "nccl", "gloo"] = field(default="auto", metadata=_meta("auto: nccl on GPUs, gloo on CPU"))
+    backend: Literal["auto", "nccl", "gloo"] = field(default="auto", metadata=_meta(
+        "auto: nccl on GPUs, gloo on CPU, and with one process no process group; nccl or gloo with one process: a "
+        "process group of one rank, which takes every multi-rank code path (DDP, the collectives)"))
     sync_bn: bool = field(default=False, metadata=_meta("SyncBatchNorm across ranks (CUDA only)"))
+    timeout_s: float = field(default=600.0, metadata=_meta(
+        "seconds a rank waits in a collective for the others before the run fails (NCCL's own default: 600); "
+        "nobody waits for rank 0's work at the end (final weights, MLflow model)", min=1.0))
 
 
 @dataclass

@@ -54,6 +54,7 @@ def test_overrides_are_read_as_yaml_values():
         ("model.segments=[2, x]", r"model.segments\[1\] must be an integer, got 'x'"),
         ("optim=3", r"optim must be a mapping, got 3"),
         ("lr", r"must look like section.field=value"),
+        ("dist.timeout_s=0", r"dist.timeout_s must be >= 1.0, got 0.0"),
     ],
 )
 def test_bad_values_are_errors_naming_the_field_and_the_value(override, message):

@@ -49,6 +49,7 @@ def build_data(
         in_chans=train.in_chans,
         train_images=len(train),
         eval_images=len(test),
+        image_size=train.load(0, augment=False)[0].shape[-1],  # every image of a map-style set has one size
     )
 
 

@@ -36,6 +36,7 @@ class DataBundle:
     in_chans: int
     train_images: int  # in the whole training set, all ranks together
     eval_images: int
+    image_size: int  # side in pixels of the square training images, as the training loader yields them
 
 
 def epoch_order(size: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:

@@ -399,6 +399,7 @@ def build_imagenet(
         )
     return DataBundle(
         train=train, eval=evaluate, num_classes=len(classes), in_chans=3, train_images=sizes[0], eval_images=sizes[1],
+        image_size=CROP,
     )
 
 

@@ -147,6 +147,9 @@ def choose(requested: str, local_rank: int) -> torch.device:
 
 def set_tf32(enabled: bool) -> None:
     """TF32 tensor cores for float32 matrix products and cuDNN convolutions alike (or neither)."""
-    precision = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    # torch's older switches only: after them both kinds of reads work (allow_tf32 and
+    # get_float32_matmul_precision, which Inductor reads; cudnn.allow_tf32, which torch.export reads;
+    # and the newer fp32_precision). Set through the newer API, the older reads raise ("mix of the
+    # legacy and new APIs").
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

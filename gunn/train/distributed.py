@@ -6,8 +6,10 @@ import itertools
 import os
 import re
 import signal
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,10 @@ from gunn.train.device import choose as choose_device
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
+# The process group's rendezvous store (rank 0 hosts it): ``teardown`` uses it to leave in order.
+_STORE: dist.Store | None = None
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process sits in the job."""
@@ -27,11 +33,17 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    backend: str | None = None  # the process group's ("gloo", "nccl"); None: one process and no group
 
     @property
     def is_main(self) -> bool:
         """Only the main process prints, writes files and logs to MLflow."""
         return self.rank == 0
+
+    @property
+    def grouped(self) -> bool:
+        """Whether this process is in a process group (of one rank, too): then the ranks agree through collectives."""
+        return self.backend is not None
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -124,9 +136,15 @@ def cpu_threads(requested: int, local_world_size: int) -> int | None:
     return max(1, available // local_world_size)
 
 
-def setup(device: str = "auto", backend: str = "auto", threads: int = 0) -> DistInfo:
-    """Joins the process group the environment describes (if more than one process), picks the device and the
-    number of CPU threads (see ``cpu_threads``)."""
+def setup(device: str = "auto", backend: str = "auto", threads: int = 0, timeout_s: float = 600.0) -> DistInfo:
+    """Joins the process group the environment describes, picks the device and the number of CPU threads
+    (see ``cpu_threads``).
+
+    A group is formed when there are several processes, or when ``backend`` names one (``gloo``,
+    ``nccl``): one process then forms a group of one rank, which runs every multi-rank code path
+    (DDP, the collectives; NCCL's start-up on one GPU). With ``auto`` and one process there is no
+    group. ``timeout_s``: how long a collective waits for the other ranks.
+    """
     env = environment()
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     chosen_threads = cpu_threads(threads, int(env["LOCAL_WORLD_SIZE"]))
@@ -134,37 +152,70 @@ def setup(device: str = "auto", backend: str = "auto", threads: int = 0) -> Dist
         torch.set_num_threads(chosen_threads)
     target = choose_device(device, local)
     use_cuda = target.type == "cuda"
-    if world > 1 and not dist.is_initialized():
-        chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
-        if chosen == "nccl" and not use_cuda:
-            raise RuntimeError("dist.backend 'nccl' needs CUDA devices; use gloo on the CPU")
-        os.environ.update({k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT")})
-        # The backend's threads (gloo's, NCCL's watchdog) start with the stop signals blocked, so that
-        # a signal to the process reaches the main thread, where Python handles it, instead of
-        # interrupting a communication thread's system call.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            dist.init_process_group(
-                chosen, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank=rank, world_size=world,
-                device_id=target if chosen == "nccl" else None,
-            )
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    return DistInfo(rank, world, local, target)
+    if dist.is_initialized():  # the caller's own group
+        return DistInfo(rank, world, local, target, dist.get_backend())
+    if world == 1 and backend == "auto":
+        return DistInfo(rank, world, local, target)
+    chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if chosen == "nccl" and not use_cuda:
+        raise RuntimeError("dist.backend 'nccl' needs CUDA devices; use gloo on the CPU")
+    _join(chosen, env, rank, world, target, timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local, target, chosen)
+
+
+def _join(backend: str, env: Mapping[str, str], rank: int, world: int, device: torch.device,
+          timeout: timedelta) -> None:
+    """Initialises the default process group, keeping its rendezvous store for ``teardown``."""
+    global _STORE
+    # The backend's threads (gloo's, NCCL's watchdog, the store's) start with the stop signals
+    # blocked, so that a signal to the process reaches the main thread, where Python handles it,
+    # instead of interrupting a communication thread's system call.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        if world == 1:  # nobody else joins: a store in this process, and no port to find
+            store: dist.Store = dist.HashStore()
+        else:  # what init_process_group(init_method="tcp://...") does, keeping the store
+            os.environ.update({k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT")})
+            store, _, _ = next(dist.rendezvous(f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank, world,
+                                               timeout=timeout))
+        store.set_timeout(timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                                device_id=device if backend == "nccl" else None)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _STORE = store
 
 
 def teardown(together: bool = True) -> None:
-    """Leaves the process group, if one was joined: after a barrier when every rank gets here
-    (``together``), so that no rank closes its connections while another still uses the group."""
-    if dist.is_initialized():
-        if together and dist.get_world_size() > 1:
-            dist.barrier()
-        dist.destroy_process_group()
+    """Leaves the process group, if one was joined.
+
+    No rank waits here for rank 0, whose own work at the end (final weights, curves, MLflow
+    model, a checkpoint's write) may outlast any collective timeout: with ``together`` (every rank
+    got here after its last collective) the other ranks leave at once, each saying so in the
+    rendezvous store, and rank 0, which hosts that store, waits until they have left before it
+    leaves too (their NCCL watchdogs poll the store until they leave). Without ``together`` (an
+    error) every rank leaves at once.
+    """
+    global _STORE
+    if not dist.is_initialized():
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store, _STORE = _STORE, None
+    dist.destroy_process_group()
+    if not together or store is None or world == 1:
+        return
+    if rank != 0:
+        store.set(f"gunn/left/{rank}", "1")
+        return
+    try:
+        store.wait([f"gunn/left/{r}" for r in range(1, world)])  # the store's timeout: the collectives'
+    except RuntimeError as err:  # DistStoreError: a rank that never got here (it failed; the launcher says so)
+        warnings.warn(f"rank 0 leaves without word from every other rank ({err})", stacklevel=2)
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sums ``tensor`` over all ranks, in place (nothing to do with one process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Sums ``tensor`` over all ranks, in place (nothing to do without a process group)."""
+    if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
 
@@ -172,14 +223,14 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     """The largest of each of ``values`` over all ranks (one collective, one read from the device)."""
     tensor = torch.tensor(values, dtype=torch.float64).to(device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
 
 
 def gather_to_main(value: object) -> list[object] | None:
     """Every rank's ``value`` (picklable, CPU tensors only), in rank order, on rank 0; None elsewhere."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not dist.is_initialized():
         return [value]
     main = dist.get_rank() == 0
     gathered: list[object] | None = [None] * dist.get_world_size() if main else None
@@ -217,7 +268,7 @@ def sync_batch_norm(model: nn.Module) -> tuple[nn.Module, int, int]:
 
 def average_buffers(module: torch.nn.Module) -> None:
     """Averages floating-point buffers (BatchNorm statistics) over all ranks, so every rank holds the same."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not dist.is_initialized():
         return
     world = dist.get_world_size()
     for buffer in module.buffers():
@@ -236,7 +287,7 @@ def check_identical(module: torch.nn.Module, device: torch.device) -> str:
         positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
         # Sum and a position-weighted sum: a swap or a one-element difference changes one of them.
         fingerprint = torch.stack([flat.sum(), (flat * positions.remainder(9973)).sum()]).to(device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_initialized():
         gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, fingerprint)
         differing = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
@@ -247,7 +298,7 @@ def check_identical(module: torch.nn.Module, device: torch.device) -> str:
 
 def broadcast_object(value: object) -> object:
     """Rank 0's ``value`` on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not dist.is_initialized():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)

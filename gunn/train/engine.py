@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gunn import config as cfgmod
-from gunn.config import ConfigError, RunConfig
+from gunn.config import ConfigError, OptimConfig, RunConfig
 from gunn.data import DataBundle, build_data, check_data
 from gunn.layers import GunnLayer
 from gunn.models import create_model
 from gunn.train import checkpoint as ckpt
-from gunn.train import distributed
+from gunn.train import distributed, graphs
 from gunn.train.device import resolve as resolve_device
 from gunn.train.device import set_tf32
 from gunn.train.metrics import Meter
@@ -57,7 +57,7 @@ _STOP = _StopFlag()
 # Settings that may change between the pieces of a resumed run without changing its result.
 # The run directory is where the run lives, not a setting: a moved or copied one continues as is.
 _NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.dir", "checkpoint.every", "checkpoint.keep",
-                         "runtime.cuda_graphs")
+                         "runtime.cuda_graphs", "dist.timeout_s")
 # With several ranks a stop request (a signal on any rank) is agreed on by a collective about
 # this often, not at every step: each check costs a host sync. Far below Slurm's warning time
 # (--signal-delay-s, default 120 s), so a checkpoint is written in time.
@@ -116,10 +116,14 @@ def validate(config: RunConfig, world_size: int = 1, check_device: bool = True) 
         raise ConfigError(f"optim.snapshots={o.snapshots} must divide optim.epochs={o.epochs} (whole-epoch cycles)")
     if o.batch_size % world_size:
         raise ConfigError(f"optim.batch_size={o.batch_size} must be a multiple of the {world_size} ranks")
-    cfgmod.resolve(config)  # builds the model on the meta device: ConfigError for a name or values it rejects
+    resolved = cfgmod.resolve(config)  # builds the model on the meta device: ConfigError for values it rejects
     r = config.runtime
     if r.cuda_graphs and r.compile:
         raise ConfigError("runtime.cuda_graphs and runtime.compile exclude each other: choose one")
+    if r.cuda_graphs and config.model.memory == "recompute" and resolved.model.mode != "sunn":
+        raise ConfigError("runtime.cuda_graphs=true cannot capture model.memory='recompute': its backward reads and "
+                          "forks the CUDA random state, which a capture forbids. Use model.memory='efficient', or "
+                          "runtime.cuda_graphs=false")
     kind = resolve_device(r.device) if check_device else r.device
     if r.amp == "fp16" and kind == "cpu":
         raise ConfigError("runtime.amp='fp16' needs a GPU; use 'bf16' on the CPU")
@@ -153,8 +157,9 @@ def train(config: RunConfig, *, stop_after: int | None = None, on_epoch: EpochCa
     as on a stop request (checkpointed, "interrupted", MLflow KILLED until someone ends it
     otherwise: a sweep records a scheduler's early stop as FINISHED).
     """
-    info = distributed.setup(config.runtime.device, config.dist.backend, config.runtime.threads)
-    together = False  # after an error the other ranks may never reach the final barrier
+    info = distributed.setup(config.runtime.device, config.dist.backend, config.runtime.threads,
+                             config.dist.timeout_s)
+    together = False  # after an error the other ranks may never get to leaving in order
     try:
         validate(config, info.world_size)
         config = cfgmod.resolve(config)  # the model's own values where model fields are null: saved and logged
@@ -183,7 +188,7 @@ def _loop(config: RunConfig, info: distributed.DistInfo, run_dir: Path, stop_aft
     try:
         _announce(info, run_dir, position, tracker)
         first_step = position.step  # of this call: CUDA graphs are captured there, stop_after counts from there
-        stop = StopPoll(info.device, info.world_size, functools.partial(_raise_bad_loss, run_dir, info, position),
+        stop = StopPoll(info.device, info.grouped, functools.partial(_raise_bad_loss, run_dir, info, position),
                          stop_at=None if stop_after is None else first_step + stop_after)
         already_finished = position.epoch >= config.optim.epochs and (run_dir / "model-final.pt").exists()
         while position.epoch < config.optim.epochs:
@@ -192,8 +197,9 @@ def _loop(config: RunConfig, info: distributed.DistInfo, run_dir: Path, stop_aft
             stop.check_loss()  # before anything is saved: nothing non-finite is
             if not stopped:
                 metrics = end_epoch(parts, position, config, info, run_dir, tracker)
-                told = _on_epoch_says_stop(on_epoch, metrics, run_dir, info)
-                stopped = (told or stop.requested(position.step, now=True)) and position.epoch < config.optim.epochs
+                last = position.epoch == config.optim.epochs  # then no rank waits for rank 0 any more
+                told = _on_epoch_says_stop(on_epoch, metrics, run_dir, info, agree=not last)
+                stopped = not last and (told or stop.requested(position.step, now=True))
             if stopped:
                 save_checkpoint(parts, position, config, info, run_dir)
                 _log(info, f"checkpointed at epoch {position.epoch + 1}, batch {position.batch}: run again to continue")
@@ -225,8 +231,10 @@ def _log(info: distributed.DistInfo, message: str) -> None:
 
 def _announce(info: distributed.DistInfo, run_dir: Path, position: Position, tracker: Any) -> None:
     """Says how many ranks train and, when the run starts, where it lives and logs."""
-    if info.world_size > 1:
-        _log(info, f"{info.world_size} ranks, {torch.get_num_threads()} CPU thread(s) each (runtime.threads)")
+    if info.grouped:
+        ranks = f"{info.world_size} rank{'s' if info.world_size > 1 else ''}"
+        _log(info, f"{ranks} in a {info.backend} process group, {torch.get_num_threads()} CPU thread(s) each "
+                   "(runtime.threads)")
     if position.epoch == 0 and position.batch == 0:
         _log(info, f"run directory: {run_dir}")
         if tracker is not None:
@@ -236,9 +244,9 @@ def _announce(info: distributed.DistInfo, run_dir: Path, position: Position, tra
 # -- build and resume ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class Parts:
-    """What a run builds once: its data, network, optimiser and gradient scaler, on its device."""
+    """What a run builds once: its data, network, optimiser and gradient scaler, on its device; its CUDA graphs."""
 
     data: DataBundle
     model: nn.Module  # the network itself: what checkpoints hold, evaluation runs and ``train`` returns
@@ -248,6 +256,7 @@ class Parts:
     amp_dtype: torch.dtype | None  # autocast's, or None for float32
     memory_format: torch.memory_format
     device: torch.device
+    graphs: graphs.CapturedStep | None = None  # captured by this call's first step (runtime.cuda_graphs)
 
     def on_device(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``batches`` moved to the device, images in the network's memory format."""
@@ -265,6 +274,10 @@ class Position:
     step: int = 0  # batches done in the whole run
     history: list[dict[str, float]] = field(default_factory=list)  # every finished epoch's metrics
     train_seconds: float = 0.0  # spent training the current epoch
+    # This process's own share of the current epoch, which its images_per_s measures; not saved, so a
+    # resumed epoch does not mix in the seconds of the process that started it.
+    images_here: float = 0.0  # images this rank trained
+    seconds_here: float = 0.0
 
 
 def build(config: RunConfig, info: distributed.DistInfo) -> Parts:
@@ -282,7 +295,7 @@ def build(config: RunConfig, info: distributed.DistInfo) -> Parts:
     model = create_model(c.model.name, **_model_overrides(c, data.num_classes, data.in_chans))
     memory_format = torch.channels_last if c.runtime.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    if c.dist.sync_bn and info.world_size > 1:
+    if c.dist.sync_bn and info.grouped:
         if device.type == "cuda":
             model, synced, kept = distributed.sync_batch_norm(model)
             _log(info, f"dist.sync_bn: {synced} BatchNorm layers synchronised across ranks (stem, transitions, "
@@ -292,15 +305,43 @@ def build(config: RunConfig, info: distributed.DistInfo) -> Parts:
     ddp = DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None,
         gradient_as_bucket_view=True, **_NO_BUFFER_BROADCAST,
-    ) if info.world_size > 1 else model
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=c.optim.lr, momentum=c.optim.momentum, dampening=0.0,
-        weight_decay=c.optim.weight_decay, nesterov=c.optim.nesterov,
-    )
+    ) if info.grouped else model
+    optimizer = sgd(model.parameters(), c.optim, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.runtime.amp)
     return Parts(data=data, model=model, forward=torch.compile(ddp) if c.runtime.compile else ddp,
                  optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                  amp_dtype=amp_dtype, memory_format=memory_format, device=device)
+
+
+def sgd(params: Iterable[nn.Parameter], optim: OptimConfig, device: torch.device) -> torch.optim.SGD:
+    """The paper's SGD (``optim``) for parameters on ``device``. On CUDA its fused kernel: one launch for every
+    parameter, and GradScaler hands it the scale and the inf/NaN flag as tensors instead of reading them on the
+    host (the other kernels' ``.item()`` makes fp16 wait for the device at every step). On the CPU the plain
+    loop, whose results the fused kernel does not repeat bit for bit."""
+    optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, dampening=0.0,
+                                weight_decay=optim.weight_decay, nesterov=optim.nesterov,
+                                fused=True if device.type == "cuda" else None)
+    momentum_from_zero(optimizer)
+    return optimizer
+
+
+def momentum_from_zero(optimizer: torch.optim.Optimizer) -> None:
+    """Gives every parameter of a fused SGD that has none a momentum buffer of zeros.
+
+    Without buffers the fused kernel allocates them empty and lets its first step fill them;
+    a first step that GradScaler skips (an inf gradient: usual in fp16's first steps, at the
+    initial scale 65536) returns before filling them, and the next steps take whatever that
+    memory held as momentum. From zeros, the first step gives the same buffer (0.9 * 0 + g = g,
+    as dampening is 0) and a skipped one keeps them zero. (Called again after a checkpoint is
+    loaded: a state saved before any step has no buffers.)
+    """
+    for group in optimizer.param_groups:
+        if not (group.get("fused") and group["momentum"]):
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def resume(run_dir: Path, parts: Parts, config: RunConfig, info: distributed.DistInfo) -> Position:
@@ -316,6 +357,7 @@ def resume(run_dir: Path, parts: Parts, config: RunConfig, info: distributed.Dis
     _warn_config_changes(config, state["config"], info, run_dir)
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
+    momentum_from_zero(parts.optimizer)
     parts.scaler.load_state_dict(state["scaler"])
     own = _rank_state(state, info, run_dir)
     position = Position(meter=Meter(parts.device, **own["meter"]), epoch=state["epoch"], batch=state["batch"],
@@ -361,20 +403,19 @@ def _warn_config_changes(config: RunConfig, saved: dict[str, Any], info: distrib
 def train_one_epoch(parts: Parts, position: Position, config: RunConfig, info: distributed.DistInfo,
                     stop: StopPoll, capture_graphs: bool = False) -> bool:
     """Trains the rest of the epoch at ``position``, advancing it batch by batch; True if ``stop`` asked to
-    stop before the epoch's end. ``capture_graphs``: capture the training step as CUDA graphs on its first batch."""
+    stop before the epoch's end. ``capture_graphs``: first capture the training step as CUDA graphs."""
     loader, optimizer, scaler, meter = parts.data.train, parts.optimizer, parts.scaler, position.meter
     parts.model.train()
     per_epoch = len(loader)
-    start_time = time.perf_counter()
+    if capture_graphs:  # before the loader's threads start (pin memory, DALI): see _capture_graphs
+        _capture_graphs(parts, config, info)
     bar = _progress(config, info, position, per_epoch)
     stopped = False
+    start_time, start_count = time.perf_counter(), meter.count
     for x, y in parts.on_device(loader.iterate(position.epoch, position.batch)):
         lr = learning_rate(config.optim, position.epoch, position.batch, per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if capture_graphs:
-            _capture_graphs(parts, config, info, x)
-            capture_graphs = False
         # CUDA graphs replay the casts they captured: autocast must not cache casts across steps.
         with torch.autocast(parts.device.type, dtype=parts.amp_dtype or torch.float32,
                             enabled=parts.amp_dtype is not None, cache_enabled=not config.runtime.cuda_graphs):
@@ -388,13 +429,16 @@ def train_one_epoch(parts: Parts, position: Position, config: RunConfig, info: d
         stop.watch_loss(loss.detach(), position.batch + 1)
         position.batch, position.step = position.batch + 1, position.step + 1
         if bar is not None:
-            _update_bar(bar, position, info.world_size, start_time)
+            _update_bar(bar, position, info.world_size, start_time, start_count)
         if position.batch < per_epoch and stop.requested(position.step):
             stopped = True
             break
     if bar is not None:
         bar.close()
-    position.train_seconds += time.perf_counter() - start_time
+    seconds = time.perf_counter() - start_time
+    position.train_seconds += seconds
+    position.seconds_here += seconds
+    position.images_here += meter.count - start_count
     return stopped
 
 
@@ -403,16 +447,29 @@ def _raise_bad_loss(run_dir: Path, info: distributed.DistInfo, position: Positio
     saved = ckpt.list_checkpoints(run_dir)
     last = (f"its last good checkpoint is {saved[-1]}, which running again continues from" if saved else
             f"{run_dir} holds no checkpoint yet: running again starts from the beginning")
-    where = f"by batch {batch}" if info.world_size > 1 else f"in batch {batch}"
+    where = f"by batch {batch}" if info.grouped else f"in batch {batch}"
     raise NonFiniteLossError(f"the training loss became nan or infinite in epoch {position.epoch + 1}, {where}; the "
                              f"run stopped without saving it, and {last}. Lower optim.lr, or look at the data, first")
 
 
-def _capture_graphs(parts: Parts, config: RunConfig, info: distributed.DistInfo, x: torch.Tensor) -> None:
-    from gunn.train.graphs import capture_training_step
+def _capture_graphs(parts: Parts, config: RunConfig, info: distributed.DistInfo) -> None:
+    """Captures the training step as CUDA graphs (``parts.graphs``) on a static batch of the training loader's
+    shape, then starts the device's memory peak afresh: the warm-up's is not the step's.
 
+    A CUDA call from another thread invalidates a capture (global mode), and the loader's threads
+    (pin memory, DALI) make such calls: the capture runs before this process first starts the
+    training loader's iterator. With several ranks a GunnNet is captured stage by stage, so that
+    DDP's all-reduce of the later stages' gradients overlaps the earlier stages' backward.
+    """
+    data = parts.data
+    example = torch.empty(config.optim.batch_size // info.world_size, data.in_chans, data.image_size,
+                          data.image_size, device=parts.device, memory_format=parts.memory_format).zero_()
     _log(info, f"capturing the training step of {config.model.name} as CUDA graphs (runtime.cuda_graphs)")
-    capture_training_step(parts.model, x, parts.amp_dtype)
+    parts.graphs = graphs.capture_training_step(parts.model, example, parts.amp_dtype, stages=info.world_size > 1)
+    pieces = ", ".join(parts.graphs.pieces) if parts.graphs.pieces != ("",) else "the whole model"
+    _log(info, f"captured {pieces}; the graphs' memory pool holds {parts.graphs.pool_bytes / 2**20:.0f} MB")
+    if parts.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(parts.device)
 
 
 def _progress(config: RunConfig, info: distributed.DistInfo, position: Position, total: int) -> Any:
@@ -425,11 +482,12 @@ def _progress(config: RunConfig, info: distributed.DistInfo, position: Position,
                 mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
 
-def _update_bar(bar: Any, position: Position, world_size: int, start_time: float) -> None:
+def _update_bar(bar: Any, position: Position, world_size: int, start_time: float, start_count: float) -> None:
     if time.time() - bar.last_print_t >= bar.mininterval:  # the bar redraws now: read the meter once
         loss, top1, _, count = position.meter.values()
         n = max(count, 1)
-        rate = count * world_size / max(position.train_seconds + time.perf_counter() - start_time, 1e-9)
+        images = position.images_here + count - start_count  # this process's, as images_per_s counts them
+        rate = images * world_size / max(position.seconds_here + time.perf_counter() - start_time, 1e-9)
         bar.set_postfix(loss=f"{loss / n:.3f}", acc=f"{100 * top1 / n:.1f}%", img_s=f"{rate:.0f}", refresh=False)
     bar.update(1)
 
@@ -437,7 +495,11 @@ def _update_bar(bar: Any, position: Position, world_size: int, start_time: float
 def end_epoch(parts: Parts, position: Position, config: RunConfig, info: distributed.DistInfo, run_dir: Path,
               tracker: Any) -> dict[str, float]:
     """Evaluates the epoch just trained and records its metrics (history, MLflow, a summary line), moves
-    ``position`` to the next epoch and checkpoints if one is due there; returns the metrics."""
+    ``position`` to the next epoch and checkpoints if one is due there; returns the metrics.
+
+    After the last epoch it first checks that every rank holds the same weights: the run's last
+    collectives (that check, the checkpoint's gather) come before rank 0's own work at its end
+    (writing the checkpoint, ``finish``), which no rank waits for."""
     metrics = _epoch_metrics(parts, position, config, info, run_dir)
     position.history.append(metrics)
     if tracker is not None:
@@ -445,9 +507,15 @@ def end_epoch(parts: Parts, position: Position, config: RunConfig, info: distrib
     _log(info, _summary_line(metrics, config.optim.epochs))
     position.epoch, position.batch, position.meter, position.train_seconds = (
         position.epoch + 1, 0, Meter(parts.device), 0.0)
+    position.images_here = position.seconds_here = 0.0
     if parts.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(parts.device)
-    if position.epoch % config.checkpoint.every == 0 or position.epoch == config.optim.epochs:
+    last = position.epoch == config.optim.epochs
+    if last:
+        fingerprint = distributed.check_identical(parts.model, parts.device)
+        if info.world_size > 1:
+            _log(info, f"weights identical on all {info.world_size} ranks (fingerprint {fingerprint})")
+    if position.epoch % config.checkpoint.every == 0 or last:
         save_checkpoint(parts, position, config, info, run_dir)
     return metrics
 
@@ -463,9 +531,9 @@ def _epoch_metrics(parts: Parts, position: Position, config: RunConfig, info: di
     per_epoch, seconds = len(parts.data.train), position.train_seconds
     metrics = {"epoch": position.epoch + 1, **train, **evaluation,
                "lr": learning_rate(config.optim, position.epoch, per_epoch - 1, per_epoch),
-               "epoch_time": seconds,
-               "images_per_s": position.meter.count * info.world_size / max(seconds, 1e-9),
-               "peak_memory_mb": _peak_memory_mb(parts.device)}
+               "epoch_time": seconds,  # the whole epoch's, also the part trained before a resume
+               "images_per_s": position.images_here * info.world_size / max(position.seconds_here, 1e-9),
+               "peak_memory_mb": _peak_memory_mb(parts.device, parts.graphs)}
     if position.epoch in snapshot_epochs(config.optim):
         metrics.update(_snapshot(parts, position.epoch, config, info, run_dir))
     if config.logging.diagnostics and info.is_main:
@@ -474,16 +542,14 @@ def _epoch_metrics(parts: Parts, position: Position, config: RunConfig, info: di
 
 
 def _on_epoch_says_stop(on_epoch: EpochCallback | None, metrics: dict[str, float], run_dir: Path,
-                        info: distributed.DistInfo) -> bool:
+                        info: distributed.DistInfo, agree: bool) -> bool:
     """Calls ``on_epoch`` on rank 0 with the epoch's metrics and newest checkpoint; whether it asked to stop,
-    the same on every rank."""
-    if on_epoch is None and info.world_size == 1:
-        return False
-    told = False  # asked on rank 0; every rank takes part in the broadcast below
+    the same on every rank if ``agree`` (after the last epoch a stop changes nothing: no rank waits for it)."""
+    told = False  # asked on rank 0; with agree, every rank takes part in the broadcast below
     if info.is_main and on_epoch is not None:
         saved = ckpt.list_checkpoints(run_dir)
         told = bool(on_epoch(metrics, saved[-1] if saved else None))
-    return bool(distributed.broadcast_object(told))
+    return bool(distributed.broadcast_object(told)) if agree and info.grouped else told
 
 
 @torch.no_grad()
@@ -565,11 +631,8 @@ def save_checkpoint(parts: Parts, position: Position, config: RunConfig, info: d
 
 def finish(parts: Parts, position: Position, config: RunConfig, info: distributed.DistInfo, run_dir: Path,
            tracker: Any) -> None:
-    """Checks that every rank holds the same weights; rank 0 writes ``model-final.pt`` and the curves and logs
-    the final artifacts and MLflow model."""
-    fingerprint = distributed.check_identical(parts.model, parts.device)
-    if info.world_size > 1:
-        _log(info, f"weights identical on all {info.world_size} ranks (fingerprint {fingerprint})")
+    """Rank 0 writes ``model-final.pt`` and the curves and logs the final artifacts and MLflow model; the other
+    ranks have nothing left to do (``end_epoch`` checked that all hold the same weights) and leave."""
     if not info.is_main:
         return
     final = run_dir / "model-final.pt"
@@ -769,17 +832,17 @@ class StopPoll:
     signal on any rank, agreed on by all ranks every few seconds; and whether the training loss of any
     rank stopped being finite, checked at the same moments.
 
-    One process reads its own flag at every step. Several ranks agree with a collective that
-    reads the answer on the host, so they do it every ``every`` steps, where ``every`` is
-    recomputed at each check from the slowest rank's time since the last one to keep checks
-    about ``STOP_POLL_S`` apart. Every rank gets the same reduced time, hence the same
-    ``every``, and so checks at the same steps. The first batch with a non-finite loss is
-    noted on the device at every step (no host sync) and read at those checks.
+    One process reads its own flag at every step. Ranks in a process group (``grouped``, also a
+    group of one rank) agree with a collective that reads the answer on the host, so they do it
+    every ``every`` steps, where ``every`` is recomputed at each check from the slowest rank's
+    time since the last one to keep checks about ``STOP_POLL_S`` apart. Every rank gets the same
+    reduced time, hence the same ``every``, and so checks at the same steps. The first batch with
+    a non-finite loss is noted on the device at every step (no host sync) and read at those checks.
     """
 
-    def __init__(self, device: torch.device, world_size: int, bad_loss: Callable[[int], None],
+    def __init__(self, device: torch.device, grouped: bool, bad_loss: Callable[[int], None],
                  stop_at: int | None = None) -> None:
-        self.device, self.world_size, self.bad_loss, self.stop_at = device, world_size, bad_loss, stop_at
+        self.device, self.grouped, self.bad_loss, self.stop_at = device, grouped, bad_loss, stop_at
         self.every, self.since, self.last = 1, 0, time.monotonic()
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
@@ -789,7 +852,7 @@ class StopPoll:
         self.first_bad = first.to(torch.long)
 
     def check_loss(self) -> None:
-        """``bad_loss(batch)`` on every rank if any rank's loss was not finite (a collective with several ranks)."""
+        """``bad_loss(batch)`` on every rank if any rank's loss was not finite (a collective in a process group)."""
         (worst,) = distributed.all_reduce_max([float(self.first_bad.item())], self.device)
         if worst >= 0:
             self.bad_loss(int(worst))
@@ -799,7 +862,7 @@ class StopPoll:
         (every ``every`` calls, or ``now``), whether any rank was asked to stop."""
         if self.stop_at is not None and step >= self.stop_at:
             return True
-        if self.world_size == 1:
+        if not self.grouped:
             if now or time.monotonic() - self.last >= STOP_POLL_S:
                 self.last = time.monotonic()
                 self.check_loss()
@@ -839,9 +902,11 @@ def _summary_line(m: dict[str, float], epochs: int) -> str:
     return line
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def _peak_memory_mb(device: torch.device, captured: graphs.CapturedStep | None) -> float:
+    """The device's peak since it was last reset, with the memory that CUDA graphs' replays use beyond what the
+    allocator counts; on the CPU the process's peak resident memory."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_allocated(device) + (captured.unseen_bytes if captured else 0)) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 

@@ -156,8 +156,22 @@ def test_nproc_runs_data_parallel_processes_on_this_machine(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"finished: 1/1 epochs in {tmp_path / 'run'} (2 processes)" in done.stdout
     # Two ranks on this machine share its CPUs instead of each taking all of them.
-    assert f"2 ranks, {max(1, len(os.sched_getaffinity(0)) // 2)} CPU thread(s) each" in done.stdout
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"2 ranks in a gloo process group, {threads} CPU thread(s) each" in done.stdout
     assert (tmp_path / "run" / "model-final.pt").is_file()
+
+
+def test_nproc_1_with_a_backend_named_trains_one_rank_in_a_process_group_and_resumes(tmp_path):
+    # How NCCL's start-up, its object collectives and the stop poll over it run on a single GPU.
+    run_dir = tmp_path / "run"
+    args = QUICK + ["logging.mlflow=false", "dist.backend=gloo", f"checkpoint.dir={run_dir}", "--nproc", "1"]
+    first = launch(args + ["optim.epochs=1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "1 rank in a gloo process group" in first.stdout and "finished: 1/1 epochs" in first.stdout
+    resumed = launch(args + ["optim.epochs=2"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 rank in a gloo process group" in resumed.stdout and "resuming" in resumed.stdout
+    assert "finished: 2/2 epochs" in resumed.stdout
 
 
 def _spawned_ranks(pid: int) -> list[int]:

@@ -202,3 +202,22 @@ def test_one_port_per_slurm_job_and_one_mapping_from_slurm(monkeypatch):
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
     assert distributed.environment() == env  # torchrun's variables absent: the same mapping
+
+
+def test_one_process_forms_a_process_group_of_one_rank_only_when_a_backend_is_named(monkeypatch):
+    import torch.distributed as dist
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    plain = distributed.setup("cpu", "auto")
+    assert (plain.world_size, plain.backend, plain.grouped, dist.is_initialized()) == (1, None, False, False)
+    grouped = distributed.setup("cpu", "gloo")
+    try:
+        assert (grouped.world_size, grouped.backend, grouped.grouped) == (1, "gloo", True)
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        # The collectives of several ranks, here over one
+        assert distributed.broadcast_object({"run": 1}) == {"run": 1} and distributed.gather_to_main(7) == [7]
+        assert distributed.all_reduce_max([1.0, 2.0], torch.device("cpu")) == [1.0, 2.0]
+    finally:
+        distributed.teardown()
+    assert not dist.is_initialized() and "MASTER_PORT" not in os.environ  # no port: nobody else joins

@@ -106,7 +106,7 @@ def test_train_one_epoch_advances_the_position_batch_by_batch_and_stops_where_as
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     parts = build(config, info)
     position = Position(meter=Meter(info.device))
-    stop = StopPoll(info.device, 1, bad_loss=lambda batch: pytest.fail(f"loss not finite in batch {batch}"),
+    stop = StopPoll(info.device, False, bad_loss=lambda batch: pytest.fail(f"loss not finite in batch {batch}"),
                      stop_at=3)
     assert train_one_epoch(parts, position, config, info, stop) is True  # stopped at step 3
     assert (position.epoch, position.batch, position.step, position.meter.count) == (0, 3, 3, 48)
@@ -494,3 +494,190 @@ def test_the_default_mlflow_run_name_is_the_run_directory_name(server, tmp_path)
     named = train(small(tmp_path, *args, f"checkpoint.dir={tmp_path / 'other'}", "logging.run_name=chosen"),
                   stop_after=1)
     assert client.get_run(named.mlflow_run_id).info.run_name == "chosen"
+
+
+# --------------------------------------------------------------------------- the training step
+
+
+def _built(tmp_path: Path, *overrides: str, world_size: int = 1):
+    """A configuration, rank 0's place among ``world_size`` ranks (no process group) and the parts built for it."""
+    from gunn.train.distributed import DistInfo
+    from gunn.train.engine import build
+
+    config = cfgmod.resolve(small(tmp_path, *overrides))
+    info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
+    return config, info, build(config, info)
+
+
+def _epoch_from(parts, config, info, first_batch: int, capture_graphs: bool = False):
+    from gunn.train.engine import Position, StopPoll, train_one_epoch
+    from gunn.train.metrics import Meter
+
+    position = Position(meter=Meter(info.device), batch=first_batch)
+    stop = StopPoll(info.device, False, bad_loss=lambda batch: pytest.fail(f"loss not finite in batch {batch}"))
+    train_one_epoch(parts, position, config, info, stop, capture_graphs=capture_graphs)
+    return position
+
+
+def _host_reads(parts, config, info, first_batch: int) -> int:
+    """Reads of a tensor's value on the host (on a GPU each waits for the device) while the engine trains the
+    epoch from ``first_batch`` on."""
+    from gunn.bench.measure import dispatched_ops
+
+    counts = dispatched_ops(lambda: _epoch_from(parts, config, info, first_batch))  # not the loader workers'
+    return sum(n for op, n in counts.items() if op.split(".")[0] in ("_local_scalar_dense", "nonzero", "is_nonzero",
+                                                                      "equal"))
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, amp):
+    # Counted on the CPU: an epoch of 4 steps reads no more often than one of its last step (what is left
+    # is the loader's seed of the epoch), so a step reads nothing. The stop poll's periodic read is left out.
+    from gunn.train import engine
+
+    monkeypatch.setattr(engine, "STOP_POLL_S", 1e9)
+    config, info, parts = _built(tmp_path, f"runtime.amp={amp}", "data.samples=64", "data.workers=1")  # loading
+    if amp == "fp16":  # a GPU's (the CPU trains no fp16): the optimiser the engine builds for CUDA, on the CPU
+        parts.optimizer = engine.sgd(parts.model.parameters(), config.optim, torch.device("cuda"))
+        assert parts.optimizer.defaults["fused"] is True and parts.scaler.is_enabled()
+    one_step = _host_reads(parts, config, info, first_batch=3)  # also the first step (GradScaler's start)
+    assert _host_reads(parts, config, info, first_batch=0) <= one_step
+
+
+def test_an_fp16_first_step_that_overflows_leaves_the_fused_sgd_as_if_it_had_not_been_taken(tmp_path):
+    # GradScaler starts at a scale that fp16 gradients usually overflow: the first steps are skipped.
+    from gunn.train.engine import sgd
+
+    optim = small(tmp_path).optim
+    torch.manual_seed(0)
+    weight, grad = torch.randn(1000), torch.randn(1000)
+    fused = torch.nn.Parameter(weight.clone())
+    optimizer = sgd([fused], optim, torch.device("cuda"))  # the engine's optimiser on CUDA, on a CPU tensor
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(torch.ones(()))
+    garbage = torch.full((1000,), float("nan"))  # freed memory that new buffers may be given
+    del garbage
+    for g in (torch.full((1000,), float("inf")), grad):  # an overflow, skipped; then a finite step
+        fused.grad = g * scaler.get_scale()  # scaled, as scaler.scale(loss).backward() gives it
+        scaler.step(optimizer)
+        scaler.update()
+    plain = torch.nn.Parameter(weight.clone())
+    reference = torch.optim.SGD([plain], lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                                nesterov=optim.nesterov)
+    plain.grad = grad.clone()
+    reference.step()  # the first step it takes
+    torch.testing.assert_close(fused.detach(), plain.detach())
+    torch.testing.assert_close(optimizer.state[fused]["momentum_buffer"], reference.state[plain]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_cuda_graphs_are_captured_on_a_static_batch_before_the_loader_starts_and_per_stage_with_ranks(
+    tmp_path, monkeypatch, world_size,
+):
+    # A CUDA call from another thread (pin memory, DALI) breaks a capture: it must come before the
+    # loader's iterator starts. (CUDA graphs need a GPU, .ci/gpu-check captures them; here the capture
+    # function records how the engine calls it.)
+    from gunn.train import graphs
+
+    config, info, parts = _built(tmp_path, "runtime.channels_last=true", "data.samples=64", world_size=world_size)
+    events: list = []
+    loader, iterate = parts.data.train, parts.data.train.iterate
+    monkeypatch.setattr(loader, "iterate", lambda *args: events.append("iterator") or iterate(*args))
+
+    def capture(model, example, amp_dtype, *, stages):
+        events.append({"model": model is parts.model, "shape": tuple(example.shape), "dtype": example.dtype,
+                       "device": example.device.type, "stages": stages, "amp": amp_dtype,
+                       "channels_last": example.is_contiguous(memory_format=torch.channels_last)})
+        return graphs.CapturedStep(("",), pool_bytes=0, unseen_bytes=0)
+
+    monkeypatch.setattr(graphs, "capture_training_step", capture)
+    position = _epoch_from(parts, config, info, first_batch=0, capture_graphs=True)
+    per_rank = 16 // world_size
+    assert events == [{"model": True, "shape": (per_rank, 3, 16, 16), "dtype": torch.float32, "device": "cpu",
+                       "stages": world_size > 1, "amp": None, "channels_last": True}, "iterator"]
+    assert parts.graphs.pieces == ("",) and position.batch == len(loader)  # then the epoch trained
+
+
+def test_cuda_graphs_with_a_backward_that_recomputes_are_refused_naming_both_fields(tmp_path):
+    with pytest.raises(ConfigError, match=r"runtime.cuda_graphs=true cannot capture model.memory='recompute'"):
+        validate(small(tmp_path, "runtime.cuda_graphs=true", "model.memory=recompute"))
+    try:  # SUNN recomputes nothing: not refused for it (without a GPU, refused for the device)
+        validate(small(tmp_path, "runtime.cuda_graphs=true", "model.memory=recompute", "model.mode=sunn"))
+    except ConfigError as err:
+        assert "recompute" not in str(err)
+
+
+def test_images_per_s_after_a_resume_counts_only_what_this_process_trained(tmp_path, monkeypatch):
+    import itertools
+    import time
+
+    perf_counter, ticks = time.perf_counter, itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: perf_counter() + 1000.0 * next(ticks))  # a very slow start
+    assert train(small(tmp_path, "optim.epochs=1"), stop_after=5).status == "interrupted"
+    monkeypatch.undo()
+    (epoch,) = train(small(tmp_path, "optim.epochs=1")).history
+    assert epoch["epoch_time"] > 1000  # the epoch's training time: both processes'
+    # 3 batches of 16 images in this process's seconds; mixing in the first process's would give < 0.2
+    assert epoch["images_per_s"] > 1
+
+
+# --------------------------------------------------------------------------- the end of a run with several ranks
+
+COLLECTIVE_TIMEOUT_S, RANK0_SOLO_S = 4, 7
+
+
+def _rank_whose_rank_0_works_alone_at_the_end(rank: int, ports: list[int], config: dict, out: str) -> None:
+    """A rank of a 2-rank run, trained in two calls of ``train``: interrupted after 3 steps, then finished. Rank 0's
+    own work after the ranks' last collective (writing the checkpoint; finishing) outlasts the collective timeout."""
+    import time
+
+    from gunn.train import engine
+
+    torch.set_num_threads(1)
+    if rank == 0:
+        save, finish = ckpt.save, engine.finish
+
+        def slow_save(*args, **kwargs):
+            save(*args, **kwargs)
+            time.sleep(RANK0_SOLO_S)
+
+        def slow_finish(*args, **kwargs):
+            finish(*args, **kwargs)
+            time.sleep(RANK0_SOLO_S)
+
+        ckpt.save, engine.finish = slow_save, slow_finish
+    statuses = []
+    for call, (port, stop_after) in enumerate(zip(ports, (3, None))):
+        Path(out, f"rank{rank}-call{call}").touch()  # both ranks start each call together, as relaunched ranks do
+        while not Path(out, f"rank{1 - rank}-call{call}").exists():
+            time.sleep(0.05)
+        os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        statuses.append(train(cfgmod.from_dict(config), stop_after=stop_after).status)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(statuses))
+
+
+def test_no_rank_waits_for_rank_0s_own_work_at_the_end_however_long_it_takes(tmp_path):
+    # With NCCL's 10-minute timeout, a barrier after rank 0's MLflow model export failed the other ranks.
+    config = small(tmp_path, "data.samples=64", "optim.epochs=1", f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}")
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    mp.start_processes(_rank_whose_rank_0_works_alone_at_the_end, args=(ports, cfgmod.to_dict(config), str(tmp_path)),
+                       nprocs=2, start_method="spawn")  # raises if a rank fails
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == ["interrupted", "finished"]
+    assert (tmp_path / "run" / "model-final.pt").is_file()
+
+
+def test_the_peak_memory_of_a_graphed_run_includes_what_its_replays_use_beyond_the_allocators_count(monkeypatch):
+    # The graphs' pool is reserved at capture; replays write into it without the allocator counting them.
+    from gunn.train.engine import _peak_memory_mb
+    from gunn.train.graphs import CapturedStep
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)  # a GPU's counter
+    captured = CapturedStep(("",), pool_bytes=5 * 2**20, unseen_bytes=4 * 2**20)
+    assert _peak_memory_mb(torch.device("cuda", 0), captured) == 7.0
+    assert _peak_memory_mb(torch.device("cuda", 0), None) == 3.0
