@@ -1,9 +1,9 @@
 """Whole training steps (forward, loss, backward, SGD) of GUNN, SUNN and the paper's peers.
 
 What a user's GPU hours buy: images per second of the step the training engine takes, the
-peak memory it needs, how many kernels it launches, and whether the host ever waits for the
-device inside it. The paper's speed peer is torchvision's ResNeXt-50 (32x4d); DenseNet-169
-is the other peer of its ImageNet table.
+peak memory it needs, how many kernels it launches and ATen operations it dispatches, run
+eagerly, as CUDA graphs or compiled. The paper's speed peer is torchvision's ResNeXt-50
+(32x4d); DenseNet-169 is the other peer of its ImageNet table.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from gunn.models import create_model, list_models
 
 PEERS = ("resnext50_32x4d", "densenet169", "resnet18")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("eager", "graphs", "compile")  # how the model's forward and backward run
 
 
 @dataclass
@@ -30,13 +32,16 @@ class StepResult:
 
     model: str
     batch: int
-    precision: str
-    graphs: bool
+    precision: str  # as run: "fp32 (TF32)" where float32 products used TF32 tensor cores
+    mode: str  # eager, graphs (CUDA graphs of the forward and backward) or compile (torch.compile)
     images_per_s: float
     step_ms: float
-    peak_mb: float  # max_memory_allocated over the timed steps (CUDA), else the process's peak RSS
+    peak_mb: float  # CUDA: max_memory_allocated over the timed steps (reset after warm-up); CPU: peak RSS
+    memory_mb: float  # what the step needs: peak_mb plus the graph pools' memory the allocator does not count
+    pool_mb: float | None  # CUDA graphs' private memory pools (graphs, compile's reduce-overhead), else None
     kernels: int | None  # device kernels (CUDA) or operators (CPU) of one profiled step
     launches: int | None  # host calls that launch work on the device (CUDA), else None
+    ops: int | None  # ATen operations one step dispatches (eager rows; views not counted)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,30 +59,47 @@ def build(name: str, num_classes: int = 1000) -> nn.Module:
 
 
 class TrainingStep:
-    """The engine's step on a fixed random batch: autocast forward, cross entropy, backward, SGD."""
+    """The engine's step on a fixed random batch: autocast forward, cross entropy, backward, the engine's SGD
+    (``gunn.train.engine.sgd``: fused on CUDA; ``fused_sgd`` chooses). ``graphs``: the forward and backward
+    captured as CUDA graphs (``captured`` says what and the pool's size); ``compile_options``: the model
+    compiled, ``torch.compile(model, **compile_options)``."""
 
     def __init__(self, model: nn.Module, batch: int, image_size: int, device: torch.device, precision: str,
-                 graphs: bool = False, channels_last: bool = True, num_classes: int = 1000) -> None:
+                 graphs: bool = False, channels_last: bool = True, num_classes: int = 1000,
+                 compile_options: dict[str, Any] | None = None, fused_sgd: bool | None = None) -> None:
+        from gunn.config import OptimConfig
+        from gunn.train.engine import sgd
+
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if graphs and compile_options is not None:
+            raise ValueError("graphs and compile exclude each other: choose one")
         layout = torch.channels_last if channels_last else torch.contiguous_format
         self.device, self.dtype, self.graphs = device, PRECISIONS[precision], graphs
         self.model = model.to(device, memory_format=layout).train()
         self.x = torch.randn(batch, 3, image_size, image_size, device=device).to(memory_format=layout)
         self.y = torch.randint(0, num_classes, (batch,), device=device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, nesterov=True,
-                                         weight_decay=1e-4)
+        self.optimizer = sgd(self.model.parameters(), OptimConfig(lr=1e-3), device, fused=fused_sgd)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self.captured: Any = None  # gunn.train.graphs.CapturedStep
+        # Compiled with CUDA graphs (cudagraph trees): each step is a new replay, whose outputs may overwrite
+        # the last one's (none is kept from one step to the next).
+        self.new_graph_step = (compile_options or {}).get("mode") == "reduce-overhead"
+        if compile_options is not None:
+            self.forward = torch.compile(self.model, **compile_options)
         if graphs:
             from gunn.train.graphs import capture_training_step
 
-            capture_training_step(self.model, self.x, self.dtype)
+            self.captured = capture_training_step(self.model, self.x, self.dtype)
 
     def __call__(self) -> None:
+        if self.new_graph_step:
+            torch.compiler.cudagraph_mark_step_begin()
         autocast = contextlib.nullcontext() if self.dtype is None else torch.autocast(
             self.device.type, dtype=self.dtype, cache_enabled=not self.graphs)
         with autocast:
-            logits = self.model(self.x)
+            logits = self.forward(self.x)
         loss = F.cross_entropy(logits.float(), self.y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -90,16 +112,26 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
-    """Seconds per step, over ``steps`` steps after ``warmup`` (cuDNN's algorithm search, allocations)."""
+def reset_peak(device: torch.device) -> None:
+    """Starts the device's peak memory afresh (CUDA; the CPU's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int,
+               reset: Callable[[torch.device], None] = reset_peak) -> tuple[float, float]:
+    """(seconds per step, peak memory in MB) over ``steps`` steps after ``warmup`` steps. The peak is ``reset``
+    after the warm-up: cuDNN's algorithm search and first allocations are not the step's."""
     for _ in range(warmup):
         step()
     _synchronize(device)
+    reset(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
     _synchronize(device)
-    return (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / steps
+    return seconds, peak_memory_mb(device)
 
 
 def count_kernels(step: Callable[[], None], device: torch.device) -> tuple[int, int | None]:
@@ -123,6 +155,23 @@ def count_kernels(step: Callable[[], None], device: torch.device) -> tuple[int, 
     return kernels, launches
 
 
+def count_ops(step: Callable[[], None], device: torch.device) -> int:
+    """ATen operations one call of ``step`` dispatches (views not counted). On the CPU the GUNN fast path's
+    C++ kernels are turned off for it (after one step to warm up without them): the count is then what a
+    GPU runs."""
+    from gunn.bench.measure import dispatched_ops
+    from gunn.layers import cpu_kernels
+
+    if device.type == "cuda":
+        return sum(dispatched_ops(step).values())
+    enabled, cpu_kernels.ENABLED = cpu_kernels.ENABLED, False
+    try:
+        step()
+        return sum(dispatched_ops(step).values())
+    finally:
+        cpu_kernels.ENABLED = enabled
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """The allocator's peak since the last reset (CUDA), or the process's peak resident memory."""
     if device.type == "cuda":
@@ -132,36 +181,54 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(name: str, batch: int, image_size: int, device: torch.device, precision: str, graphs: bool = False,
-            warmup: int = 3, steps: int = 10, kernels: bool = True) -> StepResult:
-    """Builds ``name`` and measures its training step (see ``StepResult``)."""
-    torch.manual_seed(0)
-    step = TrainingStep(build(name), batch, image_size, device, precision, graphs)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(step, device, warmup, steps)
-    peak = peak_memory_mb(device)
-    counted, launches = count_kernels(step, device) if kernels else (None, None)
-    result = StepResult(name, batch, precision, graphs, batch / seconds, seconds * 1e3, peak, counted, launches)
-    del step
+def release(device: torch.device) -> None:
+    """Returns the memory of what is gone to the device (CUDA): the next measurement starts from it."""
     if device.type == "cuda":
         gc.collect()  # a graphed model's forward refers back to the model: a cycle holding the graphs' memory
         torch.cuda.empty_cache()
-    return result
 
 
-def host_syncs(step: Callable[[], None], device: torch.device) -> str | None:
-    """Runs ``step`` once with CUDA's sync-debug mode set to error: the error if the host waited
-    for the device inside it, else None. (Warm the step up first: cuDNN's search synchronises.)"""
-    if device.type != "cuda":
-        raise ValueError("host synchronisation can only be detected on CUDA")
-    _synchronize(device)
-    torch.cuda.set_sync_debug_mode("error")
+def graph_pools(device: torch.device) -> tuple[int, int]:
+    """(bytes, unseen bytes) of every private memory pool on ``device`` (CUDA graphs' pools, compile's in
+    reduce-overhead mode): what they reserve, and of it what no live tensor holds. Replays use the
+    unseen bytes, but the allocator's counters (``max_memory_allocated``) never see them."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    segments = [s for s in torch.cuda.memory_snapshot()
+                if s.get("device", index) == index and tuple(s["segment_pool_id"]) != (0, 0)]  # (0, 0): the default
+    total = sum(s["total_size"] for s in segments)
+    return total, total - sum(s["allocated_size"] for s in segments)
+
+
+def measure(name: str, batch: int, image_size: int, device: torch.device, precision: str, mode: str = "eager",
+            warmup: int = 3, steps: int = 10, kernels: bool = True, ops: bool = True, tf32: bool = False,
+            compile_options: dict[str, Any] | None = None) -> StepResult:
+    """Builds ``name`` and measures its training step (see ``StepResult``). ``mode``: eager, graphs, or
+    compile (``compile_options``, by default mode reduce-overhead on CUDA and default on the CPU). ``tf32``:
+    float32 products run on TF32 tensor cores (the label says so). ``ops``: count the dispatched operations
+    (eager rows)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "compile" and compile_options is None:
+        compile_options = {"mode": "reduce-overhead" if device.type == "cuda" else "default"}
+    torch.manual_seed(0)
+    step = TrainingStep(build(name), batch, image_size, device, precision, graphs=mode == "graphs",
+                        compile_options=compile_options if mode == "compile" else None)
     try:
-        step()
-    except RuntimeError as err:
-        return str(err).strip().splitlines()[0]
+        seconds, peak = time_steps(step, device, warmup, steps)
+        pool = unseen = None
+        if device.type == "cuda" and mode != "eager":
+            captured = step.captured
+            if captured is not None and hasattr(captured, "pool_bytes"):  # its own pool, exactly
+                pool, unseen = captured.pool_bytes, captured.unseen_bytes
+            else:
+                pool, unseen = graph_pools(device)
+        counted, launches = count_kernels(step, device) if kernels else (None, None)
+        dispatched = count_ops(step, device) if ops and mode == "eager" else None
     finally:
-        torch.cuda.set_sync_debug_mode("default")
-    _synchronize(device)
-    return None
+        del step
+        if mode == "compile":
+            torch.compiler.reset()  # its compiled graphs (and their CUDA graphs' pools)
+        release(device)
+    label = "fp32 (TF32)" if precision == "fp32" and tf32 else precision
+    return StepResult(name, batch, label, mode, batch / seconds, seconds * 1e3, peak, peak + (unseen or 0) / 2**20,
+                      None if pool is None else pool / 2**20, counted, launches, dispatched)
