@@ -2,6 +2,9 @@
 
 Sections (``--only`` picks some):
   describe  parameters and FLOPs of every model;
+  dispatch  ATen operations dispatched per training step of GUNN-18, SUNN-18 and ResNeXt-50 (fp32
+            and bf16 autocast): on a GPU each is a kernel launch, so this hardware-independent
+            count says how launch-bound a step is;
   layer     GUNN-15's first layer, and
   models    whole models: activation memory kept for backward and forward+backward time of
             GUNN (memory-saving backward, hand-written for the paper's units), the same on
@@ -18,6 +21,7 @@ variant alike.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import os
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gunn.bench.measure import activation_bytes, flops, interleaved_medians
+from gunn.bench.measure import activation_bytes, dispatched_ops, flops, interleaved_medians
 from gunn.layers import GunnLayer, set_memory, set_mode
 from gunn.models import create_model, default_cfg
 
@@ -48,6 +52,13 @@ TARGETS = {
     "memory gunn/sunn": 1.15,
     "time gunn/sunn": 1.3,
     "time gunn/gunn-autograd": 1.1,
+}
+# Dispatched operations per training step (issue 24): the SUNN twin is as lean as a standard
+# network of its kind, and bfloat16 autocast adds no operations to a GUNN step.
+DISPATCH_MODELS = ("gunn18", "sunn18", "resnext50_32x4d")
+DISPATCH_TARGETS = {
+    "ops sunn18/resnext50_32x4d, fp32": 1.5,
+    "ops gunn18 bf16/fp32": 1.0,
 }
 
 
@@ -154,6 +165,49 @@ def describe_model(name: str, size: tuple[int, int, int]) -> None:
     )
 
 
+def step_dispatches(name: str, precision: str, batch: int = 2, size: int = 224) -> collections.Counter[str]:
+    """ATen operations one training step of ``name`` dispatches (``gunn.bench.steps.TrainingStep``:
+    forward under autocast, cross entropy, backward, SGD; channels_last) on the CPU, as on a GPU: the
+    fast path's C++ kernels off, the fused SGD."""
+    from gunn.bench.steps import TrainingStep, build
+    from gunn.layers import cpu_kernels
+
+    torch.manual_seed(0)
+    enabled, cpu_kernels.ENABLED = cpu_kernels.ENABLED, False
+    try:
+        step = TrainingStep(build(name), batch, size, torch.device("cpu"), precision, fused_sgd=True)
+        step()  # warm-up: lazy initialisation, the optimiser's state
+        return dispatched_ops(step)
+    finally:
+        cpu_kernels.ENABLED = enabled
+
+
+def dispatch_counts(size: int = 224) -> dict[tuple[str, str], int]:
+    """Prints the dispatched operations per training step of ``DISPATCH_MODELS`` (at ``size`` px; the counts
+    do not depend on it) and their target ratios; returns the counts by (model, precision)."""
+    print(f"\n## Dispatched operations per training step: batch 2, {size}x{size}, channels_last, forward + cross "
+          "entropy + backward + fused SGD, views not counted, the fast path's CPU kernels off (a GPU's operations)")
+    counts = {(name, precision): sum(step_dispatches(name, precision, size=size).values())
+              for name in DISPATCH_MODELS for precision in ("fp32", "bf16")}
+    print(f"{'model':18s} {'fp32':>7s} {'bf16':>7s}")
+    for name in DISPATCH_MODELS:
+        print(f"{name:18s} {counts[name, 'fp32']:7,d} {counts[name, 'bf16']:7,d}")
+    ratios = {
+        "ops sunn18/resnext50_32x4d, fp32": counts["sunn18", "fp32"] / counts["resnext50_32x4d", "fp32"],
+        "ops gunn18/resnext50_32x4d, fp32": counts["gunn18", "fp32"] / counts["resnext50_32x4d", "fp32"],
+        "ops gunn18 bf16/fp32": counts["gunn18", "bf16"] / counts["gunn18", "fp32"],
+    }
+    for key, value in ratios.items():
+        target = DISPATCH_TARGETS.get(key)
+        verdict = "" if target is None else f"   (target <= {target}: {'met' if value <= target else 'NOT met'})"
+        print(f"  {key:34s} {value:6.3f}{verdict}")
+    extra = {name: counts[name, "bf16"] - counts[name, "fp32"] for name in DISPATCH_MODELS}
+    print("  bf16 adds " + ", ".join(f"{extra[name]} ({name})" for name in DISPATCH_MODELS)
+          + ": autocast's casts of weights and inputs outside the GUNN layers, and per GUNN layer one cast of all "
+          "its weights and one of all its weight gradients")
+    return counts
+
+
 def training_throughput(args: argparse.Namespace) -> None:
     """Images/s of the training engine for GUNN-15 and SUNN-15 (second epoch, after warm-up)."""
     from gunn import config as cfgmod
@@ -193,7 +247,7 @@ def loaders_throughput(args: argparse.Namespace) -> None:
     print(f"  loaders dali_cpu/torchvision       {rates['dali_cpu'] / rates['torchvision']:6.2f}")
 
 
-SECTIONS = ("describe", "kernels", "layer", "models", "training", "loaders")
+SECTIONS = ("describe", "dispatch", "kernels", "layer", "models", "training", "loaders")
 PAPER_MODELS = ["gunn15", "gunn24", "gunn18", "wide_gunn18"]
 
 
@@ -281,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## Models: parameters and FLOPs (1 multiply-add = 1 MAC)")
         for name in PAPER_MODELS:
             describe_model(name, input_size(name))
+    if "dispatch" in args.only:
+        dispatch_counts()
     if "kernels" in args.only and args.device == "cpu":
         kernels_speed(args)
     if "layer" in args.only:

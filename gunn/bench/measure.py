@@ -99,8 +99,8 @@ def dispatched_ops(fn: Callable[[], object]) -> collections.Counter[str]:
     Views and the profiler's markers are not counted; allocations (``empty``) are. On a GPU nearly
     every other one is a kernel launch, each costing microseconds of host time in eager PyTorch:
     the count is the hardware-independent measure of how launch-bound a step is. (The C++ kernels
-    of the CPU fast path are one operation each but dispatch ATen operations inside them: turn them
-    off, GUNN_CPU_KERNELS=0, to count what a GPU would run.)
+    of the CPU fast path are counted with the ATen operations they call inside, which are not what
+    a GPU runs: turn them off, ``cpu_kernels.ENABLED`` or GUNN_CPU_KERNELS=0, to count a GPU's.)
     """
     with _Dispatches() as mode:
         fn()

@@ -313,14 +313,17 @@ def build(config: RunConfig, info: distributed.DistInfo) -> Parts:
                  amp_dtype=amp_dtype, memory_format=memory_format, device=device)
 
 
-def sgd(params: Iterable[nn.Parameter], optim: OptimConfig, device: torch.device) -> torch.optim.SGD:
+def sgd(params: Iterable[nn.Parameter], optim: OptimConfig, device: torch.device,
+        fused: bool | None = None) -> torch.optim.SGD:
     """The paper's SGD (``optim``) for parameters on ``device``. On CUDA its fused kernel: one launch for every
     parameter, and GradScaler hands it the scale and the inf/NaN flag as tensors instead of reading them on the
     host (the other kernels' ``.item()`` makes fp16 wait for the device at every step). On the CPU the plain
-    loop, whose results the fused kernel does not repeat bit for bit."""
+    loop, whose results the fused kernel does not repeat bit for bit. ``fused``: the fused kernel or not,
+    whatever the device (the benchmark counts the CPU's operations of a GPU's step)."""
+    if fused is None:
+        fused = device.type == "cuda"
     optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, dampening=0.0,
-                                weight_decay=optim.weight_decay, nesterov=optim.nesterov,
-                                fused=True if device.type == "cuda" else None)
+                                weight_decay=optim.weight_decay, nesterov=optim.nesterov, fused=True if fused else None)
     momentum_from_zero(optimizer)
     return optimizer
 

@@ -48,3 +48,16 @@ def test_the_models_input_size_is_their_default_configuration():
 
     assert input_size("gunn18") == default_cfg("gunn18").input_size == (3, 224, 224)
     assert input_size("wide_gunn18")[1:] == (224, 224) and input_size("gunn15") == (3, 32, 32)
+
+
+def test_the_dispatch_section_counts_a_gpus_operations_per_training_step(capsys):
+    from gunn.bench.__main__ import dispatch_counts
+
+    counts = dispatch_counts(size=64)  # the counts do not depend on the image size
+    out = capsys.readouterr().out
+    assert "ops sunn18/resnext50_32x4d, fp32" in out and "ops gunn18 bf16/fp32" in out
+    # The SUNN twin is as lean as a standard network of its kind (a ResNeXt block per layer).
+    assert counts["sunn18", "fp32"] <= 1.5 * counts["resnext50_32x4d", "fp32"]
+    # bfloat16 autocast costs a GUNN step no more operations than it costs its SUNN twin: nothing per unit.
+    extra = {name: counts[name, "bf16"] - counts[name, "fp32"] for name in ("gunn18", "sunn18")}
+    assert 0 <= extra["gunn18"] <= extra["sunn18"], extra

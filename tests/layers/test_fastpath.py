@@ -337,3 +337,34 @@ def test_every_parameter_gradient_has_its_parameters_strides(layout):
     model(torch.randn(4, 3, 16, 16).to(memory_format=layout)).sum().backward()
     wrong = {n: (p.stride(), p.grad.stride()) for n, p in model.named_parameters() if p.grad.stride() != p.stride()}
     assert not wrong
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_under_bf16_autocast_a_layer_dispatches_a_few_operations_more_whatever_its_number_of_units(
+    projection, monkeypatch
+):
+    # Autocast would cast every unit's weights forward and again backward, and every weight gradient back (about
+    # eight operations a unit); the fast path casts all weights with one call and all gradients with another.
+    from gunn.bench.measure import dispatched_ops
+
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)  # the operations a GPU runs
+    monkeypatch.setattr(fastpath, "BLOCK_ROWS", 1)  # one unit per block: the block operations scale with units
+
+    def extra_operations(segments: int) -> int:
+        counts = {}
+        for precision in ("fp32", "bf16"):
+            layer = GunnLayer(8 * segments, segments, projection=projection).to(memory_format=torch.channels_last)
+            x = torch.randn(2, 8 * segments, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+
+            def step(layer: GunnLayer = layer, x: torch.Tensor = x) -> None:
+                layer.zero_grad(set_to_none=True)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out = layer(x.to(torch.bfloat16) if precision == "bf16" else x)  # bf16 input, as in a model
+                out.float().sum().backward()
+
+            step()
+            counts[precision] = sum(dispatched_ops(step).values())
+        return counts["bf16"] - counts["fp32"]
+
+    few, many = extra_operations(2), extra_operations(8)
+    assert few == many and few <= 8, (few, many)
