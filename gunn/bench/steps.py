@@ -23,7 +23,9 @@ from gunn.models import create_model, list_models
 
 PEERS = ("resnext50_32x4d", "densenet169", "resnet18")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("eager", "graphs", "compile")  # how the model's forward and backward run
+# How the model's forward and backward run; graphs-stages: a GunnNet captured stage by stage, as the engine
+# captures it with several ranks (so that DDP's all-reduce overlaps the backward).
+MODES = ("eager", "graphs", "graphs-stages", "compile")
 
 
 @dataclass
@@ -33,7 +35,7 @@ class StepResult:
     model: str
     batch: int
     precision: str  # as run: "fp32 (TF32)" where float32 products used TF32 tensor cores
-    mode: str  # eager, graphs (CUDA graphs of the forward and backward) or compile (torch.compile)
+    mode: str  # eager, graphs (CUDA graphs of the forward and backward), graphs-stages, or compile (torch.compile)
     images_per_s: float
     step_ms: float
     peak_mb: float  # CUDA: max_memory_allocated over the timed steps (reset after warm-up); CPU: peak RSS
@@ -61,12 +63,13 @@ def build(name: str, num_classes: int = 1000) -> nn.Module:
 class TrainingStep:
     """The engine's step on a fixed random batch: autocast forward, cross entropy, backward, the engine's SGD
     (``gunn.train.engine.sgd``: fused on CUDA; ``fused_sgd`` chooses). ``graphs``: the forward and backward
-    captured as CUDA graphs (``captured`` says what and the pool's size); ``compile_options``: the model
-    compiled, ``torch.compile(model, **compile_options)``."""
+    captured as CUDA graphs (``captured`` says what and the pool's size), with ``graph_stages`` a GunnNet stage by
+    stage; ``compile_options``: the model compiled, ``torch.compile(model, **compile_options)``."""
 
     def __init__(self, model: nn.Module, batch: int, image_size: int, device: torch.device, precision: str,
                  graphs: bool = False, channels_last: bool = True, num_classes: int = 1000,
-                 compile_options: dict[str, Any] | None = None, fused_sgd: bool | None = None) -> None:
+                 compile_options: dict[str, Any] | None = None, fused_sgd: bool | None = None,
+                 graph_stages: bool = False) -> None:
         from gunn.config import OptimConfig
         from gunn.train.engine import sgd
 
@@ -91,7 +94,7 @@ class TrainingStep:
         if graphs:
             from gunn.train.graphs import capture_training_step
 
-            self.captured = capture_training_step(self.model, self.x, self.dtype)
+            self.captured = capture_training_step(self.model, self.x, self.dtype, stages=graph_stages)
 
     def __call__(self) -> None:
         if self.new_graph_step:
@@ -211,8 +214,9 @@ def measure(name: str, batch: int, image_size: int, device: torch.device, precis
     if mode == "compile" and compile_options is None:
         compile_options = {"mode": "reduce-overhead" if device.type == "cuda" else "default"}
     torch.manual_seed(0)
-    step = TrainingStep(build(name), batch, image_size, device, precision, graphs=mode == "graphs",
-                        compile_options=compile_options if mode == "compile" else None)
+    step = TrainingStep(build(name), batch, image_size, device, precision, graphs=mode.startswith("graphs"),
+                        compile_options=compile_options if mode == "compile" else None,
+                        graph_stages=mode == "graphs-stages")
     try:
         seconds, peak = time_steps(step, device, warmup, steps)
         pool = unseen = None

@@ -53,5 +53,5 @@ def test_a_step_cannot_be_both_graphed_and_compiled():
     with pytest.raises(ValueError, match="exclude each other"):
         steps.TrainingStep(steps.build("gunn_tiny"), 2, 16, torch.device("cpu"), "fp32", graphs=True,
                            compile_options={"mode": "default"})
-    with pytest.raises(ValueError, match="mode must be one of eager, graphs, compile"):
+    with pytest.raises(ValueError, match="mode must be one of eager, graphs, graphs-stages, compile"):
         steps.measure("gunn_tiny", 2, 16, torch.device("cpu"), "fp32", mode="jit")
