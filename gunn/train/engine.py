@@ -58,6 +58,8 @@ _STOP = _StopFlag()
 # The run directory is where the run lives, not a setting: a moved or copied one continues as is.
 _NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.dir", "checkpoint.every", "checkpoint.keep",
                          "runtime.cuda_graphs", "dist.timeout_s")
+# torch.compile's modes that replay the compiled step as CUDA graphs (on CUDA).
+GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 # With several ranks a stop request (a signal on any rank) is agreed on by a collective about
 # this often, not at every step: each check costs a host sync. Far below Slurm's warning time
 # (--signal-delay-s, default 120 s), so a checkpoint is written in time.
@@ -308,7 +310,8 @@ def build(config: RunConfig, info: distributed.DistInfo) -> Parts:
     ) if info.grouped else model
     optimizer = sgd(model.parameters(), c.optim, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.runtime.amp)
-    return Parts(data=data, model=model, forward=torch.compile(ddp) if c.runtime.compile else ddp,
+    forward = torch.compile(ddp, mode=c.runtime.compile_mode) if c.runtime.compile else ddp
+    return Parts(data=data, model=model, forward=forward,
                  optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                  amp_dtype=amp_dtype, memory_format=memory_format, device=device)
 
@@ -415,10 +418,14 @@ def train_one_epoch(parts: Parts, position: Position, config: RunConfig, info: d
     bar = _progress(config, info, position, per_epoch)
     stopped = False
     start_time, start_count = time.perf_counter(), meter.count
+    new_graph_step = (config.runtime.compile and config.runtime.compile_mode in GRAPHED_COMPILE_MODES
+                      and parts.device.type == "cuda")
     for x, y in parts.on_device(loader.iterate(position.epoch, position.batch)):
         lr = learning_rate(config.optim, position.epoch, position.batch, per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if new_graph_step:  # the compiled step's CUDA graphs: a new step, whose replay may reuse the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         # CUDA graphs replay the casts they captured: autocast must not cache casts across steps.
         with torch.autocast(parts.device.type, dtype=parts.amp_dtype or torch.float32,
                             enabled=parts.amp_dtype is not None, cache_enabled=not config.runtime.cuda_graphs):
