@@ -367,6 +367,12 @@ def ddp(record: Record, out: Path) -> None:
                      record, f"{label}, dist.sync_bn")
     if synced is not None and "BatchNorm layers synchronised" not in synced:
         record.fail("dist.sync_bn did not convert any BatchNorm")
+    converted = re.search(r"dist.sync_bn: (\d+) BatchNorm layers synchronised", synced or "")
+    if converted:
+        # torch's SyncBatchNorm drops the statistics of ranks with an empty batch through a boolean mask, whose
+        # shape it reads back: one host sync per converted layer and step (torch/nn/modules/_functions.py).
+        record.figure("dist.sync_bn host syncs per step (torch's SyncBatchNorm, one per converted layer)",
+                      int(converted.group(1)))
 
 
 # -- dali -----------------------------------------------------------------------------------------

@@ -56,12 +56,21 @@ def test_help_names_the_two_commands_their_steps_and_limits_each_within_a_lent_m
 
 
 def test_a_dry_run_of_both_commands_passes_every_step_and_writes_every_figure(tmp_path):
-    # The GPU machine has no MLflow, Ray, submitit nor pytest: here they are made unimportable.
+    # The GPU machine has no MLflow, Ray, submitit, DALI nor pytest: here they are made unimportable.
     # The tests step then runs the pytest that .ci/gpu-check installs from .ci/wheels.
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     for name in ("mlflow", "ray", "submitit", "pytest"):
         (blocked / f"{name}.py").write_text(f"raise ImportError('the GPU check must not need {name}')\n")
+    # nvidia.dali is a subpackage of nvidia, whose other subpackages torch's libraries need: a finder refuses it
+    # alone, installed at start-up by a sitecustomize module on the path.
+    (blocked / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoDali:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'nvidia.dali' or name.startswith('nvidia.dali.'):\n"
+        "            raise ImportError('the GPU check must not need DALI')\n"
+        "sys.meta_path.insert(0, NoDali())\n")
     out = tmp_path / "figures"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = str(blocked)
@@ -81,6 +90,7 @@ def test_a_dry_run_of_both_commands_passes_every_step_and_writes_every_figure(tm
     assert syncs["gunn_tiny generic path eager bf16"] == 0
     assert syncs["gunn_tiny graphs bf16"] == syncs["gunn_tiny eager fp16"] == "needs CUDA"
     assert records["engine"]["figures"]["resumed steps"] == 3
+    assert records["dali"]["notes"] == ["skipped: DALI not installed"]  # its own test runs it: below
     ddp = records["ddp"]["figures"]
     assert "1 rank, gloo: seconds" in ddp and "2 ranks, gloo, resumed: last epoch's images/s" in ddp
     rows = {(r["model"], r["batch"], r["precision"], r["mode"]) for r in records["bench"]["figures"]["steps"]}
@@ -218,6 +228,14 @@ def test_optional_rows_are_left_out_once_the_steps_time_budget_is_spent(tmp_path
     bench.measure([("gunn_tiny", 2, "fp32", "eager")], optional=True)
     assert measured == [("gunn_tiny", 2, "bf16", "eager")]
     assert record.notes == ["gunn_tiny b2 fp32 eager: left out, the step's time budget (0 s) is spent"]
+
+
+def test_a_dry_run_of_the_dali_step_compares_the_decoders_and_trains_an_epoch(tmp_path):
+    assert gpu_check.main(["dali", "--out", str(tmp_path), "--dry-run"]) == 0
+    record = json.loads((tmp_path / "dali.json").read_text())
+    assert record["ok"] and record["figures"]["mean |DALI - ImageFolder| per image, worst"] <= 0.05
+    assert record["figures"]["DALI training images/s at batch 16"] > 0
+    assert any(n.startswith("engine epoch with DALI: finished") for n in record["notes"])
 
 
 def test_the_dali_step_is_skipped_where_dali_is_not_installed(tmp_path, monkeypatch):
