@@ -136,3 +136,11 @@ def test_a_sunn_training_step_dispatches_as_many_operations_whatever_the_number_
         step()  # warm-up
         counts.append(sum(dispatched_ops(step).values()))
     assert counts[0] == counts[1]
+
+
+def test_an_exported_sunn_layer_reads_its_statistics_as_buffers_not_as_constants():
+    layer = _sunn().eval()
+    exported = torch.export.export(layer, (torch.randn(2, 16, 5, 6, dtype=torch.float64, device=DEVICE),))
+    # torch.export swaps the modules' buffers for its own: the tie no longer holds, the layer reads those.
+    assert not exported.constants
+    assert {k for k in exported.state_dict if "running" in k} == {k for k in layer.state_dict() if "running" in k}
