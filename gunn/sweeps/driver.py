@@ -148,6 +148,7 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> tuple[int,
     try:
         ray.init(address=address, log_to_driver=args.verbose,
                  logging_level=logging.INFO if args.verbose else logging.WARNING)
+        _stop_on_signals()  # ray.init put its own SIGTERM handlers in place (Python's exit, its core's stack dump)
         trainable = tune.with_resources(run_trial, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
         tune_dir = sweep_dir / "tune"
         if args.resume and tune_dir.exists():
@@ -525,6 +526,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _in_use(sweep_dir: Path) -> str:
+    return (f"--dir {sweep_dir} holds another sweep already: continue that one with --resume {sweep_dir}, "
+            "or choose a new --dir")
+
+
+def _check_new(sweep_dir: Path) -> None:
+    """ConfigError if ``sweep_dir`` exists and is not empty: a second sweep would mix its trials into it."""
+    if sweep_dir.exists() and (not sweep_dir.is_dir() or any(sweep_dir.iterdir())):
+        raise ConfigError(_in_use(sweep_dir))
+
+
+def _claim(sweep_dir: Path, unique: bool) -> Path:
+    """Makes ``sweep_dir`` this sweep's by creating its settings file exclusively: one sweep per directory, even
+    for two started in the same instant. With ``unique`` (a default name, by the second) a taken one is
+    passed over for a free name beside it (``-2``, ``-3``, ...); otherwise ConfigError."""
+    for k in range(1, 1000):
+        path = sweep_dir if k == 1 else sweep_dir.with_name(f"{sweep_dir.name}-{k}")
+        try:
+            _check_new(path)
+            path.mkdir(parents=True, exist_ok=True)
+            with open(path / SETTINGS, "x"):
+                return path
+        except (ConfigError, FileExistsError):
+            if not unique:
+                raise ConfigError(_in_use(path)) from None
+        except OSError as err:
+            raise ConfigError(f"--dir {path} cannot be made: {err.strerror or err}") from None
+    raise ConfigError(f"no free sweep directory beside {sweep_dir}")
+
+
 def _changed_settings(parser: argparse.ArgumentParser, argv: list[str], saved: argparse.Namespace) -> list[str]:
     """The arguments given with --resume that differ from the sweep's saved ones, as 'NAME: saved X, given Y'.
 
@@ -573,7 +604,10 @@ def main(argv: list[str] | None = None) -> int:
         base = cfgmod.load(args.preset, args.overrides)
         if not args.resume:
             name = f"{args.study}-{base.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            args.unique_dir = args.dir is None
             args.dir = (args.dir or Path("sweeps") / name).resolve()
+            if not args.unique_dir:
+                _check_new(args.dir)
             # Checked now, before Ray or Slurm: every trial's configuration and the data.
             trial_configs(args, args.dir, "unknown", "unknown", check_device=args.cluster != "slurm")
         options = cluster_options(args) if args.cluster == "slurm" else {}
@@ -583,13 +617,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sweep_dir = Path(args.dir).resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
+        unique = args.__dict__.pop("unique_dir")
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("targets", "resume", *WHERE_TO_RUN)}
+                    if k not in ("targets", "resume", "dir", *WHERE_TO_RUN)}
         if settings["space"]:  # --resume may run from another folder
             settings["space"] = str(Path(settings["space"]).resolve())
-        (sweep_dir / SETTINGS).write_text(yaml.safe_dump(settings))
+        try:
+            sweep_dir = args.dir = _claim(sweep_dir, unique)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        (sweep_dir / SETTINGS).write_text(yaml.safe_dump({**settings, "dir": str(sweep_dir)}))
     if args.cluster != "slurm":
         _stop_on_signals()
         try:

@@ -40,6 +40,7 @@ from gunn.train import distributed, graphs
 from gunn.train.device import resolve as resolve_device
 from gunn.train.device import set_tf32
 from gunn.train.metrics import Meter
+from gunn.train import rundir
 from gunn.train.rundir import RunDirError, RunDirLock, slurm_job
 from gunn.train.schedule import learning_rate, snapshot_epochs
 from gunn.train.tracking.journal import JournalWriteError
@@ -55,7 +56,8 @@ class _StopFlag:
 
 _STOP = _StopFlag()
 # Settings that may change between the pieces of a resumed run without changing its result.
-# The run directory is where the run lives, not a setting: a moved or copied one continues as is.
+# The run directory is where the run lives, not a setting: a moved one continues its MLflow run, a copied one
+# starts a new one (``_tracker``).
 _NO_EFFECT_ON_RESULTS = ("data.workers", "logging.", "checkpoint.dir", "checkpoint.every", "checkpoint.keep",
                          "runtime.cuda_graphs", "dist.timeout_s")
 # torch.compile's modes that replay the compiled step as CUDA graphs (on CUDA).
@@ -182,7 +184,7 @@ def _loop(config: RunConfig, info: distributed.DistInfo, run_dir: Path, stop_aft
     or a stop (checkpoint); rank 0 logs it all to MLflow."""
     parts = build(config, info)
     position = resume(run_dir, parts, config, info)
-    tracker = _tracker(config, info, run_dir, parts.model)
+    tracker = _tracker(config, info, run_dir, parts.model, position.history)
     result = RunResult(run_dir, "finished", position.epoch, history=position.history,
                        mlflow_run_id=getattr(tracker, "run_id", None),
                        tracking_uri=getattr(tracker, "tracking_uri", None))
@@ -360,7 +362,6 @@ def resume(run_dir: Path, parts: Parts, config: RunConfig, info: distributed.Dis
             (run_dir / "config.yaml").write_text(cfgmod.dump(config))
         return Position(meter=Meter(parts.device))
     state, path = found
-    _warn_config_changes(config, state["config"], info, run_dir)
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     momentum_from_zero(parts.optimizer)
@@ -374,6 +375,7 @@ def resume(run_dir: Path, parts: Parts, config: RunConfig, info: distributed.Dis
             for name, buffer in parts.model.named_buffers():
                 buffer.copy_(own["buffers"][name])
     _log(info, f"resuming {run_dir} from {path.name}: epoch {position.epoch + 1}, batch {position.batch}")
+    _record_config_changes(config, state["config"], info, run_dir, position)
     return position
 
 
@@ -393,14 +395,19 @@ def _rank_state(state: dict[str, Any], info: distributed.DistInfo, run_dir: Path
     return {"meter": totals, "rng": ranks[0]["rng"]}
 
 
-def _warn_config_changes(config: RunConfig, saved: dict[str, Any], info: distributed.DistInfo, run_dir: Path) -> None:
-    """Names, in a warning on rank 0, the settings that differ from the checkpoint's ``saved`` configuration."""
-    now = cfgmod.flatten(config)
+def _record_config_changes(config: RunConfig, saved: dict[str, Any], info: distributed.DistInfo, run_dir: Path,
+                           position: Position) -> None:
+    """Records (rank 0) and names the settings that differ from the checkpoint's ``saved`` configuration:
+    the run goes on with them, so ``config.yaml`` takes them and ``config-changes.yaml`` says from where."""
     old = cfgmod.flatten(cfgmod.resolve(cfgmod.from_dict(saved)))  # runs saved before resolving held nulls
-    changed = [k for k in now if now[k] != old.get(k) and not k.startswith(_NO_EFFECT_ON_RESULTS)]
-    if changed and info.is_main:
-        warnings.warn(f"continuing {run_dir} with changed settings: "
-                      + ", ".join(f"{k}: {old.get(k)!r} -> {now[k]!r}" for k in changed), stacklevel=3)
+    changes = rundir.config_changes(cfgmod.flatten(config), old, _NO_EFFECT_ON_RESULTS)
+    if not changes or not info.is_main:
+        return
+    rundir.record_config_changes(run_dir, changes, position.epoch + 1, position.batch, cfgmod.dump(config))
+    _log(info, f"continuing with changed settings from epoch {position.epoch + 1}"
+               + (f", batch {position.batch}" if position.batch else "") + ": "
+               + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+               + f" (recorded in {rundir.CONFIG_NAME}, {rundir.CHANGES_NAME} and the MLflow run's changed/ tags)")
 
 
 # -- an epoch ------------------------------------------------------------------------------
@@ -673,9 +680,11 @@ def _log_final_artifacts(tracker: Any, parts: Parts, position: Position, config:
     if final.stat().st_size > 100 * 2**20:
         final = run_dir / "model-final.txt"  # a pointer to the weights, not a copy
         final.write_text(f"{run_dir / 'model-final.pt'}\n")
-    for path in (run_dir / "curves.png", run_dir / "config.yaml", final):
+    # A run continued with changed settings has rewritten its configuration since it was logged: logged again.
+    changed = (run_dir / rundir.CHANGES_NAME).exists()
+    for path in (run_dir / "curves.png", run_dir / rundir.CONFIG_NAME, run_dir / rundir.CHANGES_NAME, final):
         if path.exists():
-            tracker.log_artifact(path, once=True)
+            tracker.log_artifact(path, once=not (changed and path.name in (rundir.CONFIG_NAME, rundir.CHANGES_NAME)))
     if not config.logging.model:
         return
     from gunn.train.tracking.journal import MODEL_DIR_NAME
@@ -803,10 +812,17 @@ def _slurm_jobs(run_dir: Path) -> list[str]:
     return list(dict.fromkeys(jobs))
 
 
-def _tracker(config: RunConfig, info: distributed.DistInfo, run_dir: Path, model: nn.Module) -> Any:
-    """The MLflow tracker of the run (rank 0, with logging.mlflow), or None."""
+def _tracker(config: RunConfig, info: distributed.DistInfo, run_dir: Path, model: nn.Module,
+             history: list[dict[str, float]]) -> Any:
+    """The MLflow tracker of the run (rank 0, with logging.mlflow), or None.
+
+    A copy of a run directory continues as a new MLflow run, tagged with the run it was copied from,
+    which gets the epochs that came with the copy (``history``); the copy's journal is set aside. The
+    settings changed since the start are left out of the params (they were logged before the change):
+    ``changed/`` tags give each change."""
     if not (info.is_main and config.logging.mlflow):
         return None
+    from gunn.train.tracking.journal import copied_from, set_aside
     from gunn.train.tracking.tracker import Tracker
 
     c = config
@@ -832,9 +848,24 @@ def _tracker(config: RunConfig, info: distributed.DistInfo, run_dir: Path, model
         tags["mlflow.parentRunId"] = c.logging.parent_run_id  # shown nested under the sweep
     if c.logging.study:
         tags["study"] = c.logging.study
-    return Tracker(run_dir=run_dir, tracking_uri=c.logging.tracking_uri, experiment=c.logging.experiment,
-                   run_name=c.logging.run_name or run_dir.name, params=cfgmod.flatten(c), tags=tags,
-                   system_metrics=c.logging.system_metrics)
+    changed = rundir.change_tags(run_dir)
+    tags.update(changed)
+    params = {k: v for k, v in cfgmod.flatten(c).items() if f"changed/{k}" not in changed}
+    copied = copied_from(run_dir)
+    if copied is not None:
+        origin, origin_run = copied
+        aside = set_aside(run_dir, origin_run)
+        tags.update({"gunn.forked_from": origin_run, "gunn.forked_from_dir": str(origin)})
+    tracker = Tracker(run_dir=run_dir, tracking_uri=c.logging.tracking_uri, experiment=c.logging.experiment,
+                      run_name=c.logging.run_name or run_dir.name, params=params, tags=tags,
+                      system_metrics=c.logging.system_metrics)
+    if copied is not None:
+        _log(info, f"{run_dir} is a copy of {origin}, whose MLflow run {origin_run} it leaves alone: it continues as "
+                   f"a new MLflow run, tagged gunn.forked_from (the copied journal is kept as {aside.name})")
+        for metrics in history:  # the epochs it inherited, so that its curves start where the run did
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]))
+        _log(info, _mlflow_line(tracker))
+    return tracker
 
 
 class StopPoll:

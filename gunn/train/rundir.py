@@ -1,4 +1,6 @@
-"""The run directory's lock: one process trains a run directory at a time.
+"""The run directory's lock and the record of its settings' changes.
+
+One process trains a run directory at a time.
 
 Rank 0 of a run holds ``<run dir>/.lock`` while it trains. The file names the holder (host,
 pid, Slurm job) and its modification time is refreshed every ``HEARTBEAT_S`` seconds. A
@@ -7,7 +9,12 @@ survive its holder: it is taken over, with a notice, when the holder is
 
 * this Slurm job's previous incarnation (a requeued job continues its own run),
 * a process on this host that no longer exists (pid gone, or reused by another process),
-* on another host and silent for ``STALE_S`` seconds (killed with its node).
+* on another host and silent for ``STALE_S`` seconds (killed with its node),
+* written in another directory (this one is a copy of it).
+
+A run continued with changed settings records each change (``record_config_changes``):
+``config.yaml`` always holds the settings the run trains with now, ``config-changes.yaml`` each
+change with the epoch and batch it took effect at.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any
 from gunn.config import ConfigError
 
 LOCK_NAME = ".lock"
+CONFIG_NAME = "config.yaml"
+CHANGES_NAME = "config-changes.yaml"
 HEARTBEAT_S = 10.0
 STALE_S = 90.0
 
@@ -65,10 +74,13 @@ def _start_ticks(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
-def _me() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_ticks(os.getpid()),
-            "slurm_job": slurm_job(), "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+def _me(directory: Path | None = None) -> dict[str, Any]:
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_ticks(os.getpid()),
+          "slurm_job": slurm_job(), "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if directory is not None:
+        me["dir"] = str(Path(directory).resolve())
+    return me
 
 
 def describe(holder: dict[str, Any]) -> str:
@@ -77,9 +89,12 @@ def describe(holder: dict[str, Any]) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')}{job}, since {holder.get('since')}"
 
 
-def stale_reason(holder: dict[str, Any], age_s: float) -> str | None:
-    """Why the lock of ``holder`` (last refreshed ``age_s`` ago) no longer holds; None while it does."""
+def stale_reason(holder: dict[str, Any], age_s: float, directory: Path | None = None) -> str | None:
+    """Why the lock of ``holder`` (last refreshed ``age_s`` ago) on ``directory`` no longer holds; None while
+    it does."""
     me = _me()
+    if directory is not None and holder.get("dir") not in (None, str(Path(directory).resolve())):
+        return f"it was copied here with the directory: it locks {holder['dir']}"
     if holder.get("slurm_job") and holder["slurm_job"] == me["slurm_job"]:
         return f"it is this Slurm job's previous run (restart {holder.get('restart', '?')})"
     if holder.get("host") == me["host"]:
@@ -102,7 +117,7 @@ def check_usable(directory: Path) -> None:
     check_writable(directory)
     lock = RunDirLock(directory)
     holder, age = lock.read()
-    if holder is not None and stale_reason(holder, age) is None:
+    if holder is not None and stale_reason(holder, age, directory) is None:
         raise RunDirError(_in_use(lock.path, holder))
 
 
@@ -116,7 +131,7 @@ class RunDirLock:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOCK_NAME
-        self.me = _me()
+        self.me = _me(directory)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -139,7 +154,7 @@ class RunDirLock:
                         self._replace(text)
                         return self._start()
                     continue
-                reason = stale_reason(holder, age)
+                reason = stale_reason(holder, age, self.path.parent)
                 if reason is None:
                     raise RunDirError(_in_use(self.path, holder))
                 warnings.warn(f"taking over the lock of {self.path.parent} from {describe(holder)}: {reason}",
@@ -192,3 +207,48 @@ class RunDirLock:
                 os.utime(self.path)
             except OSError:
                 pass  # a full or flaky file system: the next beat tries again
+
+
+def config_changes(now: dict[str, Any], before: dict[str, Any], ignore: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+    """The flat settings of ``now`` that differ from ``before``'s (as ``(before, now)``), but for those
+    starting with one of ``ignore``."""
+    return {k: (before.get(k), v) for k, v in now.items() if v != before.get(k) and not k.startswith(ignore)}
+
+
+def record_config_changes(directory: Path, changes: dict[str, tuple[Any, Any]], epoch: int, batch: int,
+                          config_text: str) -> None:
+    """Records that the run in ``directory`` continues with ``changes`` from ``epoch`` (1-based) and
+    ``batch`` on: one entry more in ``config-changes.yaml``, and ``config.yaml`` replaced by
+    ``config_text``, each written whole or not at all."""
+    import yaml
+
+    from gunn.train.checkpoint import atomic_write
+
+    entry = {"epoch": epoch, "batch": batch, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}}
+    history = [*recorded_changes(directory), entry]
+    text = yaml.safe_dump(history, sort_keys=False).encode()
+    atomic_write(directory / CHANGES_NAME, lambda f: f.write(text), what="configuration history")
+    atomic_write(directory / CONFIG_NAME, lambda f: f.write(config_text.encode()), what="configuration")
+
+
+def recorded_changes(directory: Path) -> list[dict[str, Any]]:
+    """The entries of ``directory``'s ``config-changes.yaml``, oldest first ([] without one)."""
+    import yaml
+
+    try:
+        entries = yaml.safe_load((directory / CHANGES_NAME).read_text())
+    except FileNotFoundError:
+        return []
+    return entries if isinstance(entries, list) else []
+
+
+def change_tags(directory: Path) -> dict[str, str]:
+    """One MLflow tag per changed setting, ``changed/optim.lr``: ``0.1 -> 0.05 from epoch 3``, each
+    change of that setting in order."""
+    tags: dict[str, list[str]] = {}
+    for entry in recorded_changes(directory):
+        where = f"from epoch {entry['epoch']}" + (f", batch {entry['batch']}" if entry.get("batch") else "")
+        for key, change in entry["changes"].items():
+            tags.setdefault(f"changed/{key}", []).append(f"{change['from']} -> {change['to']} {where}")
+    return {k: "; ".join(v) for k, v in tags.items()}

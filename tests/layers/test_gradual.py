@@ -152,8 +152,8 @@ def _compiled_memory(layer: GunnLayer, x: torch.Tensor) -> int:
 
 def test_under_torch_compile_the_states_are_recomputed_not_saved() -> None:
     torch.manual_seed(0)
-    layer = GunnLayer(36, 6, projection=False).to(DEVICE, memory_format=torch.channels_last)
-    x = torch.randn(8, 36, 12, 12, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    layer = GunnLayer(24, 4, projection=False).to(DEVICE, memory_format=torch.channels_last)
+    x = torch.randn(8, 24, 12, 12, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
     eager = activation_bytes(layer, x)
     compiled = _compiled_memory(layer, x)
     layer.memory = "autograd"  # what the compiler keeps of the plain loop: every unit's state
@@ -162,9 +162,9 @@ def test_under_torch_compile_the_states_are_recomputed_not_saved() -> None:
     recomputed = _compiled_memory(layer, x)
     state = x.numel() * x.element_size()
     # Algorithm 1's memory, plus the layer's output once more (the updated segments, before their concatenation);
-    # the plain loop keeps the states of units 2..6 besides.
+    # the plain loop keeps the states of units 2..4 besides.
     assert compiled <= eager + state
-    assert plain - compiled >= 3 * state and recomputed < 0.3 * compiled
+    assert plain - compiled >= 2 * state and recomputed < 0.3 * compiled
 
 
 @pytest.mark.parametrize("mode,precision,backend", [

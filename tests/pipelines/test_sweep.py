@@ -149,6 +149,26 @@ def test_bad_sweeps_are_refused_before_ray_starts(tmp_path, args, message):
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_a_sweep_directory_holds_one_sweep(tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "sweep.yaml").write_text("study: sunn-vs-gunn\n")  # another sweep's, finished or running
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", *TINY, "--dir", str(taken)], tmp_path, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: --dir {taken} holds another sweep already: continue that one with --resume {taken}, or " \
+           "choose a new --dir" in done.stderr
+    assert [p.name for p in taken.iterdir()] == ["sweep.yaml"]
+    # Two sweeps started in the same second: the default name, taken, is passed over; a chosen one is not.
+    default = tmp_path / "sweeps" / "sunn-vs-gunn-digits-20261206-120000"
+    assert driver._claim(default, unique=True) == default
+    assert driver._claim(default, unique=True) == default.with_name(default.name + "-2")
+    with pytest.raises(driver.ConfigError, match="holds another sweep already"):
+        driver._claim(default, unique=False)
+    empty = tmp_path / "made-for-it"
+    empty.mkdir()
+    assert driver._claim(empty, unique=False) == empty and (empty / "sweep.yaml").is_file()
+
+
 @pytest.mark.parametrize("preset,valid", [([], "gunn_tiny (widths [32, 48, 64]): 1 2 4 8 16"),
                                           (["gunn15-cifar10"], "gunn15 (widths [240, 300, 360]): 1 2 3 4 5 6 10 12 15 20 30 60")])
 def test_refused_partitions_name_the_widths_that_divide_every_layer_of_the_preset(tmp_path, preset, valid):
@@ -299,7 +319,7 @@ def wait_for(driver: subprocess.Popen, sweep_dir: Path, pattern: str, timeout: f
 
 def test_ctrl_c_ends_a_sweep_with_status_3_its_unfinished_trials_killed_and_no_report(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    driver = start_sweep(["--study", "sunn-vs-gunn", "optim.epochs=2", NO_MODEL, "--max-concurrent", "1",
+    driver = start_sweep(["--study", "sunn-vs-gunn", *TINY, "optim.epochs=2", "--max-concurrent", "1",
                           "--dir", str(sweep_dir)], tmp_path)
     wait_for(driver, sweep_dir, "runs/*/checkpoint-e0001-*.pt")
     os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C: to the terminal's foreground process group
@@ -322,6 +342,23 @@ def test_ctrl_c_ends_a_sweep_with_status_3_its_unfinished_trials_killed_and_no_r
     assert all(c.info.status == "FINISHED" for c in children)
     assert all([m.step for m in client(tmp_path).get_metric_history(c.info.run_id, "eval_top1_error")] == [1, 2]
                for c in children)
+
+
+def test_sigterm_to_the_driver_ends_a_sweep_as_ctrl_c_does(tmp_path):
+    # As timeout(1), systemd and Slurm stop a job: SIGTERM to the driver alone, after Ray took over its handler.
+    sweep_dir = tmp_path / "sweep"
+    driver = start_sweep(["--study", "sunn-vs-gunn", *TINY, "optim.epochs=3", "--max-concurrent", "1",
+                          "--dir", str(sweep_dir)], tmp_path)
+    wait_for(driver, sweep_dir, "runs/*/checkpoint-e0001-*.pt")
+    driver.send_signal(signal.SIGTERM)
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 3, stdout[-3000:] + stderr[-3000:]
+    assert f"To continue: python {REPO / 'pipelines' / 'sweep.py'} --resume {sweep_dir}" in stderr
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    assert parent.info.status == "KILLED"
+    assert children and all(c.info.status in ("KILLED", "FINISHED") for c in children)
+    ray_folder = Path(tempfile.gettempdir()) / f"gunn-ray-{driver.pid}"
+    assert not ray_folder.exists() and not ray_processes(ray_folder)
 
 
 def test_a_sweep_whose_driver_is_killed_resumes_without_redoing_finished_trials(tmp_path):
@@ -432,7 +469,7 @@ def test_a_sweep_over_two_nodes_places_trials_on_ray_workers_started_with_srun(s
 
 def test_a_preempted_sweep_requeues_its_allocation_and_finishes_every_trial(slurm_cluster, tmp_path):
     sweep_dir, logs = tmp_path / "sweep", tmp_path / "logs"
-    done = run(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=2", NO_MODEL, "--max-concurrent", "1",
+    done = run(SWEEP + ["--study", "sunn-vs-gunn", *TINY, "optim.epochs=2", "--max-concurrent", "1",
                         "--dir", str(sweep_dir), "--cluster", "slurm", "--profile", "dev", "--cpus-per-task", "2", "--mem-gb", "4",
                         "--logs", str(logs)], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import torch.multiprocessing as mp
 
 from gunn import config as cfgmod
@@ -20,6 +22,7 @@ from gunn.config import ConfigError
 from gunn.data import DataError, build_data
 from gunn.models import create_model
 from gunn.train import checkpoint as ckpt
+from gunn.train import rundir
 from gunn.train.engine import train, validate
 from gunn.train.schedule import learning_rate, milestones, snapshot_epochs
 from tests.mlflow_server import REPO_ROOT
@@ -339,15 +342,6 @@ def test_a_run_whose_loss_becomes_nan_stops_naming_epoch_and_batch_and_keeps_its
     assert [p.name for p in ckpt.list_checkpoints(good.run_dir)] == [ckpt.checkpoint_name(1, 0)]
 
 
-def test_a_moved_run_directory_continues_without_a_changed_settings_warning(tmp_path):
-    train(small(tmp_path, "optim.epochs=1"))
-    (tmp_path / "run").rename(tmp_path / "moved")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        result = train(small(tmp_path, "optim.epochs=1", f"checkpoint.dir={tmp_path / 'moved'}"))
-    assert result.status == "finished" and result.epochs_done == 1
-
-
 def test_the_mlflow_line_says_where_the_records_wait_when_the_store_has_not_created_the_run(tmp_path):
     from gunn.train.engine import _mlflow_line
     from gunn.train.tracking import Tracker
@@ -481,6 +475,126 @@ def test_a_run_killed_between_its_final_weights_and_their_logging_logs_them_when
     train(small(tmp_path, *args))  # and once more
     assert _artifact_records(run_dir) == ["config.yaml", "curves.png", "model-final.pt"]  # each logged once
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+_KILLED_AT_AN_EPOCHS_END = """
+import os, signal, sys
+from gunn import config as cfgmod
+from gunn.train import engine
+from gunn.train.tracking.tracker import Tracker
+
+where, epoch = sys.argv[2], int(sys.argv[3])
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # no exception, no finally: a node's failure
+train_one_epoch, save_checkpoint, log_metrics = engine.train_one_epoch, engine.save_checkpoint, Tracker.log_metrics
+
+def training(parts, position, *args, **kwargs):
+    if position.epoch + 1 == epoch:
+        die()
+    return train_one_epoch(parts, position, *args, **kwargs)
+
+def saving(parts, position, *args, **kwargs):
+    save_checkpoint(parts, position, *args, **kwargs)
+    if position.epoch == epoch:
+        die()
+
+def logging(self, metrics, step):
+    log_metrics(self, metrics, step)
+    if step == epoch:
+        die()
+
+engine.train_one_epoch, engine.save_checkpoint = training, saving
+Tracker.log_metrics = logging
+engine.train(cfgmod.load(sys.argv[1]))
+"""
+
+
+def test_every_epochs_metrics_are_logged_once_wherever_in_its_end_the_run_is_killed(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    args = ("optim.epochs=4", "checkpoint.every=2", *_mlflow(server, "engine-killed-at-epoch-ends"))
+    (tmp_path / "config.yaml").write_text(cfgmod.dump(small(tmp_path, *args)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    kills = [("training", 2),  # epoch 1 logged, not checkpointed (checkpoint.every=2): redone from the start
+             ("logging", 2),  # epoch 2 logged, its checkpoint not written: epochs 1 and 2 redone
+             ("logging", 3)]  # epoch 3 logged: redone from the epoch-2 checkpoint
+    for where, epoch in kills:
+        died = subprocess.run([sys.executable, "-c", _KILLED_AT_AN_EPOCHS_END, str(tmp_path / "config.yaml"), where,
+                               str(epoch)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert died.returncode == -9, (where, epoch, died.stderr[-3000:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dead process's lock is taken over, with a warning
+        done = train(small(tmp_path, *args))
+    assert done.status == "finished" and done.epochs_done == 4
+    client = MlflowClient(server.uri)
+    assert client.get_run(done.mlflow_run_id).info.status == "FINISHED"
+    for key in ("train_loss", "eval_top1_error", "epoch_time"):
+        history = client.get_metric_history(done.mlflow_run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3, 4], key  # each epoch once
+    logged = {m.step: m.value for m in client.get_metric_history(done.mlflow_run_id, "train_loss")}
+    assert logged == {h["epoch"]: pytest.approx(h["train_loss"], abs=0) for h in done.history}  # what trained
+
+
+def test_a_copied_run_directory_continues_as_a_new_mlflow_run_with_its_changed_settings_recorded(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    args = _mlflow(server, "engine-copies")
+    first = train(small(tmp_path, *args), on_epoch=lambda metrics, checkpoint: metrics["epoch"] == 2)
+    assert first.status == "interrupted" and first.epochs_done == 2
+    original, copy = tmp_path / "run", tmp_path / "run-copy"
+    shutil.copytree(original, copy, symlinks=True)  # cp -a
+    # Copied while a live process held the original's lock: the copy's lock locks the original, not the copy.
+    parent = os.getppid()
+    (copy / rundir.LOCK_NAME).write_text(json.dumps({**rundir._me(original), "pid": parent,
+                                                     "pid_start": rundir._start_ticks(parent)}))
+    with pytest.warns(UserWarning, match="it was copied here with the directory: it locks " + str(original)):
+        forked = train(small(tmp_path, *args, f"checkpoint.dir={copy}", "optim.lr=0.05", "optim.epochs=4"))
+    continued = train(small(tmp_path, *args))
+    assert (forked.status, forked.epochs_done, continued.status, continued.epochs_done) == \
+        ("finished", 4, "finished", 3)
+
+    client = MlflowClient(server.uri)
+    assert forked.mlflow_run_id != first.mlflow_run_id == continued.mlflow_run_id
+    fork, origin = client.get_run(forked.mlflow_run_id), client.get_run(first.mlflow_run_id)
+    assert fork.data.tags["gunn.forked_from"] == first.mlflow_run_id
+    assert fork.data.tags["gunn.forked_from_dir"] == str(original.resolve())
+    assert fork.data.tags["changed/optim.lr"] == "0.1 -> 0.05 from epoch 3"
+    assert fork.data.tags["changed/optim.epochs"] == "3 -> 4 from epoch 3"
+    assert "optim.lr" not in fork.data.params and fork.data.params["optim.momentum"] == origin.data.params[
+        "optim.momentum"]  # logged before the change: only the tags say what ran
+    assert (origin.data.params["optim.lr"], origin.data.params["optim.epochs"]) == ("0.1", "3")
+    assert not any(k.startswith("changed/") for k in origin.data.tags) and fork.info.status == origin.info.status \
+        == "FINISHED"
+    history = {m.step: m.value for m in client.get_metric_history(first.mlflow_run_id, "train_loss")}
+    forked_history = client.get_metric_history(forked.mlflow_run_id, "train_loss")
+    assert sorted(m.step for m in forked_history) == [1, 2, 3, 4]  # the inherited epochs too, each once
+    assert sorted(m.step for m in client.get_metric_history(first.mlflow_run_id, "train_loss")) == [1, 2, 3]
+    assert {m.step: m.value for m in forked_history if m.step <= 2} == {k: history[k] for k in (1, 2)}
+
+    # What the copy's directory says it trained with, and from when.
+    saved = cfgmod.load(copy / "config.yaml")
+    assert (saved.optim.lr, saved.optim.epochs) == (0.05, 4)
+    assert cfgmod.load(original / "config.yaml").optim.lr == 0.1
+    changes = yaml.safe_load((copy / "config-changes.yaml").read_text())
+    assert [(c["epoch"], c["batch"], c["changes"]) for c in changes] == [
+        (3, 0, {"optim.lr": {"from": 0.1, "to": 0.05}, "optim.epochs": {"from": 3, "to": 4}})]
+    assert (copy / f"mlflow-journal.copied-from-{first.mlflow_run_id}.jsonl").is_file()
+    assert {a.path for a in client.list_artifacts(forked.mlflow_run_id)} >= {"config.yaml", "config-changes.yaml"}
+
+
+def test_a_moved_run_directory_continues_its_mlflow_run(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    args = _mlflow(server, "engine-moves")
+    first = train(small(tmp_path, *args, "optim.epochs=2"), stop_after=3)
+    moved = tmp_path / "moved"
+    os.rename(tmp_path / "run", moved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing to warn of
+        done = train(small(tmp_path, *args, "optim.epochs=2", f"checkpoint.dir={moved}"))
+    assert done.status == "finished" and done.mlflow_run_id == first.mlflow_run_id
+    run = MlflowClient(server.uri).get_run(done.mlflow_run_id)
+    assert run.data.tags["gunn.run_dir"] == str(moved.resolve()) and "gunn.forked_from" not in run.data.tags
+    assert not (moved / "config-changes.yaml").exists()  # the directory is where the run lives, not a setting
 
 
 def test_the_default_mlflow_run_name_is_the_run_directory_name(server, tmp_path):
@@ -623,7 +737,7 @@ def test_images_per_s_after_a_resume_counts_only_what_this_process_trained(tmp_p
 
 # --------------------------------------------------------------------------- the end of a run with several ranks
 
-COLLECTIVE_TIMEOUT_S, RANK0_SOLO_S = 4, 7
+COLLECTIVE_TIMEOUT_S, RANK0_SOLO_S = 3, 4.5
 
 
 def _rank_whose_rank_0_works_alone_at_the_end(rank: int, ports: list[int], config: dict, out: str) -> None:

@@ -27,6 +27,8 @@ __all__ = [
     "MODEL_NAME",
     "JournalWriteError",
     "adopt_run",
+    "copied_from",
+    "set_aside",
     "journal_reference",
     "journaled_run_id",
     "sync_command",
@@ -96,6 +98,34 @@ def journaled_run_id(run_dir: Path, tracking_uri: str) -> str | None:
     return runs.get(tracking_uri)
 
 
+def copied_from(run_dir: Path) -> tuple[Path, str] | None:
+    """(the run directory, its MLflow run id) when the journal in `run_dir` was written in another run
+    directory that still journals the same MLflow run: `run_dir` is a copy of it. None when the journal
+    is this directory's own, or was moved here (its first directory is gone or holds another run)."""
+    path = Path(run_dir) / JOURNAL_NAME
+    if not path.is_file():
+        return None
+    journal = _Journal(path)
+    origin = None
+    for record in sorted(journal.work, key=lambda r: r["seq"]):
+        if record["op"] == "start":
+            origin = record.get("tags", {}).get("gunn.run_dir", origin)
+    if origin is None or Path(origin) == Path(run_dir).resolve() or not (Path(origin) / JOURNAL_NAME).is_file():
+        return None
+    theirs = _Journal(Path(origin) / JOURNAL_NAME).runs
+    shared = [run for uri, run in journal.runs.items() if theirs.get(uri) == run]
+    return (Path(origin), shared[0]) if shared else None
+
+
+def set_aside(run_dir: Path, run_id: str) -> Path:
+    """Renames the journal in `run_dir`, copied with the run directory of MLflow run `run_id`, so that
+    the next tracker starts a run of its own; returns the new name (kept: what was logged before)."""
+    path = Path(run_dir) / JOURNAL_NAME
+    aside = path.with_name(f"mlflow-journal.copied-from-{run_id}.jsonl")
+    os.replace(path, aside)
+    return aside
+
+
 class JournalWriteError(OSError):
     """The journal could not be written (disk full, quota, permissions); the message names it, errno kept."""
 
@@ -139,6 +169,17 @@ class _Journal:
             if record["seq"] not in self.sent:
                 pending.append({**record, "_uri": uri})
         return pending
+
+    def metrics_logged(self, uri: str, step: int) -> set[str]:
+        """Names of the metrics recorded at `step` for the run at `uri`, by this attempt or an earlier one."""
+        names: set[str] = set()
+        current = None
+        for record in sorted(self.work, key=lambda r: r["seq"]):
+            if record["op"] == "start":
+                current = record["tracking_uri"]
+            elif record["op"] == "metrics" and current == uri and record["step"] == step:
+                names.update(record["metrics"])
+        return names
 
     def artifacts(self) -> set[tuple[str, str | None]]:
         """(path, artifact_path) of every artifact call recorded."""

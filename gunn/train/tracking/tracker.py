@@ -152,9 +152,16 @@ class Tracker:
             return len(self._queue)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log metric values at `step`; returns at once."""
+        """Log metric values at `step`; returns at once.
+
+        Each metric is logged once per step: one that the journal already holds at `step` (an
+        earlier attempt logged that epoch, then died before its checkpoint, and the epoch was
+        trained again) keeps its first value and is left out."""
+        logged = self._journal.metrics_logged(self.tracking_uri, int(step))
         values = {check_key("metric", k): float(v) for k, v in metrics.items()}
-        self._enqueue("metrics", metrics=values, step=int(step))
+        values = {k: v for k, v in values.items() if k not in logged}
+        if values:
+            self._enqueue("metrics", metrics=values, step=int(step))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None, *, once: bool = False) -> None:
         """Upload a file or directory (read when sent, so leave it in place); returns at once.
