@@ -64,3 +64,35 @@ def test_every_module_of_the_package_is_in_the_layout_table():
     unnamed = sorted(str(p.relative_to(ROOT)) for p in modules
                      if not any(p == n or n.is_dir() and p.is_relative_to(n) for n in named))
     assert not unnamed, "modules missing from the README's layout table: " + ", ".join(unnamed)
+
+
+def _readme_commands(script: str) -> list[list[str]]:
+    """The arguments of every ``python SCRIPT ...`` line in the README's bash blocks, comments cut."""
+    import shlex
+
+    blocks = re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)
+    return [shlex.split(line, comments=True)[2:] for block in blocks for line in block.splitlines()
+            if line.startswith(f"python {script}")]
+
+
+def test_every_launch_command_of_the_readme_parses_and_prints_its_configuration(monkeypatch, capsys):
+    from gunn.cluster import launch
+
+    monkeypatch.chdir(ROOT)
+    commands = _readme_commands("jobs/launch.py")
+    assert len(commands) >= 8
+    for args in commands:
+        launch.parse_args(args)  # exits 2 on a command line it cannot parse
+        if "my-run.yaml" in args or "mysite" in args:  # the reader's own files
+            continue
+        assert launch.main([*args, "--print-config"]) == 0, (args, capsys.readouterr().err)
+
+
+def test_every_sweep_command_of_the_readme_parses():
+    from gunn.sweeps import driver
+
+    commands = [args for args in _readme_commands("pipelines/sweep.py") if "--resume" not in args]
+    assert len(commands) >= 5
+    for args in commands:
+        parsed = driver.parse_args(args)
+        assert parsed.study and all("=" in o for o in parsed.overrides), args

@@ -74,13 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = hoist_overrides(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # a preset anywhere on the line
     args.configs = [t for t in args.targets if "=" not in t] or [None]
     args.overrides = [t for t in args.targets if "=" in t]
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     if args.cluster == "slurm" and args.nproc != 1:
         parser.error("--nproc is for local runs; on Slurm use --nodes and --tasks-per-node")
+    twice = sorted({s for s in args.seeds or [] if args.seeds.count(s) > 1})
+    if twice:  # two runs would be one run (one run directory)
+        parser.error(f"--seeds: {', '.join(map(str, twice))} given twice")
     return args
 
 def resolve(args: argparse.Namespace, world_size: int, gpus_per_node: int = 0) -> list[RunConfig]:
@@ -252,6 +255,11 @@ def run_ranks(config: RunConfig, nproc: int) -> int:
                       f"a checkpoint. Run the same command again to continue {config.checkpoint.dir} from its last "
                       "checkpoint.", file=sys.stderr)
                 return 128 + received[-1]
+            said = sorted(Path(tmp).glob(f"{ended.name}.rank*"))
+            if said:  # a run that cannot go on, said by the rank in one line (the same on every rank)
+                first = json.loads(said[0].read_text())
+                print(f"error: {first['error']}", file=sys.stderr)
+                return first["status"]
             print(f"error: rank {err.error_index} of {nproc} failed: {str(err).strip()}\nThe other ranks were "
                   f"stopped. Run the same command again to continue {config.checkpoint.dir} from its last "
                   "checkpoint.", file=sys.stderr)
@@ -272,7 +280,15 @@ def _rank_main(rank: int, world_size: int, port: int, config: dict[str, Any], en
     stop = StopSignals(LOCAL_SIGNALS)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    result = stop.train(cfgmod.from_dict(config))
+    from gunn.train.engine import RUN_ERRORS
+    from gunn.train.rundir import RunDirError
+
+    try:
+        result = stop.train(cfgmod.from_dict(config))
+    except RUN_ERRORS as err:  # said in one line by the launcher, without this rank's traceback
+        Path(f"{ended}.rank{rank}").write_text(json.dumps({"error": str(err),
+                                                          "status": 2 if isinstance(err, RunDirError) else 1}))
+        raise SystemExit(1) from None
     if rank == 0:
         Path(ended).write_text(json.dumps(outcome(result)))
 

@@ -498,7 +498,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ray-cpus", type=int, default=0, help="local Ray: CPUs it may use (default: all)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and the trials' output")
     add_cluster_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # a preset anywhere on the line
     if args.resume:
         saved = args.resume / SETTINGS
         if not saved.is_file():
@@ -523,6 +523,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.overrides = [t for t in args.targets if "=" in t]
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         parser.error("--cpus-per-trial must be positive and --gpus-per-trial not negative")
+    for option, value, least in (("--asha-grace", args.asha_grace, 1), ("--ray-cpus", args.ray_cpus, 0),
+                                 ("--max-concurrent", args.max_concurrent, 0), ("--max-failures", args.max_failures, 0)):
+        if value < least:
+            parser.error(f"{option} must be at least {least}, got {value}")
+    for option, value, study in (("--widths", args.widths, "partitions"), ("--space", args.space, "custom")):
+        if value and args.study != study:
+            parser.error(f"{option} is for --study {study}; --study {args.study} does not use it")
+    if args.cluster != "slurm":  # a trial that can never get its CPUs would wait for them for ever
+        cpus = args.ray_cpus or os.cpu_count() or 1
+        if args.cpus_per_trial > cpus:
+            parser.error(f"--cpus-per-trial {args.cpus_per_trial:g} exceeds the {cpus} CPUs that Ray may use here "
+                         f"({'--ray-cpus' if args.ray_cpus else 'this machine'}): no trial could start")
     return args
 
 
@@ -565,7 +577,7 @@ def _changed_settings(parser: argparse.ArgumentParser, argv: list[str], saved: a
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     try:
-        given = vars(parser.parse_args(argv))
+        given = vars(parser.parse_intermixed_args(argv))
     finally:
         for action in parser._actions:
             action.default = defaults[action.dest]
@@ -604,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         base = cfgmod.load(args.preset, args.overrides)
         if not args.resume:
             name = f"{args.study}-{base.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            if args.asha and args.asha_grace > base.optim.epochs:
+                raise ConfigError(f"--asha-grace {args.asha_grace} exceeds the {base.optim.epochs} epochs of every "
+                                  "trial (optim.epochs): ASHA could never stop one")
             args.unique_dir = args.dir is None
             args.dir = (args.dir or Path("sweeps") / name).resolve()
             if not args.unique_dir:

@@ -9,7 +9,6 @@ checkpoint in its directory, so a requeued job needs no special path.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 import os
@@ -192,8 +191,9 @@ def _loop(config: RunConfig, info: distributed.DistInfo, run_dir: Path, stop_aft
     try:
         _announce(info, run_dir, position, tracker)
         first_step = position.step  # of this call: CUDA graphs are captured there, stop_after counts from there
-        stop = StopPoll(info.device, info.grouped, functools.partial(_raise_bad_loss, run_dir, info, position),
-                         stop_at=None if stop_after is None else first_step + stop_after)
+        stop = StopPoll(info.device, info.grouped, lambda batch: _raise_bad_loss(run_dir, info, position, batch,
+                                                                               stop.bad_rank),
+                         stop_at=None if stop_after is None else first_step + stop_after, rank=info.rank)
         already_finished = position.epoch >= config.optim.epochs and (run_dir / "model-final.pt").exists()
         while position.epoch < config.optim.epochs:
             capture = config.runtime.cuda_graphs and position.step == first_step
@@ -459,14 +459,19 @@ def train_one_epoch(parts: Parts, position: Position, config: RunConfig, info: d
     return stopped
 
 
-def _raise_bad_loss(run_dir: Path, info: distributed.DistInfo, position: Position, batch: int) -> None:
-    """Stops the run: the loss was not finite in ``batch`` (with several ranks, on some rank by then)."""
+def _raise_bad_loss(run_dir: Path, info: distributed.DistInfo, position: Position, batch: int,
+                    rank: int | None = None) -> None:
+    """Stops the run: the loss was not finite in ``batch`` (with several ranks, on ``rank`` by then)."""
     saved = ckpt.list_checkpoints(run_dir)
-    last = (f"its last good checkpoint is {saved[-1]}, which running again continues from" if saved else
-            f"{run_dir} holds no checkpoint yet: running again starts from the beginning")
     where = f"by batch {batch}" if info.grouped else f"in batch {batch}"
-    raise NonFiniteLossError(f"the training loss became nan or infinite in epoch {position.epoch + 1}, {where}; the "
-                             f"run stopped without saving it, and {last}. Lower optim.lr, or look at the data, first")
+    if info.world_size > 1 and rank is not None:
+        where += f" on rank {rank} of {info.world_size}"
+    last = (f"its last good checkpoint is {saved[-1].name}" if saved else f"{run_dir} holds no checkpoint yet")
+    raise NonFiniteLossError(
+        f"the training loss became nan or infinite in epoch {position.epoch + 1}, {where}; the run stopped without "
+        f"saving it ({last}). The same command would diverge the same way: continue with a lower optim.lr (the "
+        "change is recorded), or from an earlier checkpoint (move the later ones out of the run directory), "
+        "after looking at the data")
 
 
 def _capture_graphs(parts: Parts, config: RunConfig, info: distributed.DistInfo) -> None:
@@ -882,10 +887,12 @@ class StopPoll:
     """
 
     def __init__(self, device: torch.device, grouped: bool, bad_loss: Callable[[int], None],
-                 stop_at: int | None = None) -> None:
+                 stop_at: int | None = None, rank: int = 0) -> None:
         self.device, self.grouped, self.bad_loss, self.stop_at = device, grouped, bad_loss, stop_at
         self.every, self.since, self.last = 1, 0, time.monotonic()
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_rank: int | None = None  # the highest rank whose loss was not finite, once one was
+        self.rank = rank
 
     def watch_loss(self, loss: torch.Tensor, batch: int) -> None:
         """Notes ``batch`` (1-based, in the epoch) if it is the first whose ``loss`` is not finite."""
@@ -894,8 +901,10 @@ class StopPoll:
 
     def check_loss(self) -> None:
         """``bad_loss(batch)`` on every rank if any rank's loss was not finite (a collective in a process group)."""
-        (worst,) = distributed.all_reduce_max([float(self.first_bad.item())], self.device)
+        mine = self.first_bad.item()
+        worst, rank = distributed.all_reduce_max([float(mine), float(self.rank if mine >= 0 else -1)], self.device)
         if worst >= 0:
+            self.bad_rank = int(rank)
             self.bad_loss(int(worst))
 
     def requested(self, step: int, now: bool = False) -> bool:
@@ -911,11 +920,14 @@ class StopPoll:
         self.since += 1
         if self.since < self.every and not now:
             return False
-        flag, slowest, bad = distributed.all_reduce_max(
-            [float(_STOP.requested), time.monotonic() - self.last, float(self.first_bad.item())], self.device)
+        mine = self.first_bad.item()
+        flag, slowest, bad, rank = distributed.all_reduce_max(
+            [float(_STOP.requested), time.monotonic() - self.last, float(mine), float(self.rank if mine >= 0 else -1)],
+            self.device)
         self.every = max(1, min(1000, int(self.since * STOP_POLL_S / max(slowest, 1e-6))))
         self.since, self.last = 0, time.monotonic()
         if bad >= 0:
+            self.bad_rank = int(rank)
             self.bad_loss(int(bad))  # every rank sees it at this same check, so all stop together
         return flag > 0
 

@@ -279,6 +279,12 @@ def test_a_failed_requeue_says_why_and_how_to_continue_the_run(capsys, monkeypat
         f"{command}" in capsys.readouterr().out
 
 
+def test_a_seed_given_twice_is_refused_as_the_sweeps_refuse_it(capsys):
+    with pytest.raises(SystemExit) as exited:
+        launcher.parse_args(["--seeds", "1", "1", "2"])
+    assert exited.value.code == 2 and "error: --seeds: 1 given twice" in capsys.readouterr().err
+
+
 def test_the_command_that_continues_a_slurm_run_names_its_directory_and_its_options(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     args = launcher.parse_args(["gunn15-cifar10", "optim.lr=0.05", "--seeds", "3", "4", "--cluster", "slurm",
@@ -330,12 +336,18 @@ def test_a_full_disk_ends_the_run_with_one_clear_line_and_the_previous_checkpoin
         assert sorted(p.name for p in (disk / "run").iterdir() if "tmp" in p.name) == []
 
 
-def test_a_loss_that_becomes_nan_ends_the_run_with_exit_1_naming_epoch_and_batch(tmp_path):
-    args = ["optim.epochs=2", "optim.lr=1e8", "logging.mlflow=false", f"checkpoint.dir={tmp_path / 'r'}"]
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_loss_that_becomes_nan_ends_the_run_with_exit_1_naming_epoch_and_batch(tmp_path, nproc):
+    args = ["optim.epochs=2", "optim.lr=1e8", "logging.mlflow=false", f"checkpoint.dir={tmp_path / 'r'}",
+            "--nproc", str(nproc)]
     done = launch(QUICK + args, tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert re.search(r"error: the training loss became nan or infinite in epoch 1, in batch \d+", done.stderr)
-    assert "Traceback" not in done.stderr and not list((tmp_path / "r").glob("checkpoint-*"))
+    where = r"in batch \d+" if nproc == 1 else r"by batch \d+ on rank [01] of 2"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(r"error: the training loss became nan or infinite in epoch 1, " + where
+                                         + r"; .*continue with a lower optim.lr", errors[0]), done.stderr
+    assert "Traceback" not in done.stderr and "Run the same command again" not in done.stderr
+    assert not list((tmp_path / "r").glob("checkpoint-*"))
 
 
 def test_a_storm_of_stop_signals_to_the_ranks_still_ends_in_one_checkpoint_and_exit_3(tmp_path):

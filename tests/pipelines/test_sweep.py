@@ -149,6 +149,25 @@ def test_bad_sweeps_are_refused_before_ray_starts(tmp_path, args, message):
     assert not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--asha", "--asha-grace", "0"], "--asha-grace must be at least 1, got 0"),
+    (["--ray-cpus", "-2"], "--ray-cpus must be at least 0, got -2"),
+    (["--max-concurrent", "-3"], "--max-concurrent must be at least 0, got -3"),
+    (["--max-failures", "-1"], "--max-failures must be at least 0, got -1"),  # Tune: retry for ever
+    (["--cpus-per-trial", "64", "--ray-cpus", "2"], "--cpus-per-trial 64 exceeds the 2 CPUs that Ray may use here "
+                                                    "(--ray-cpus): no trial could start"),
+    (["--widths", "8"], "--widths is for --study partitions; --study sunn-vs-gunn does not use it"),
+    (["--space", "space.yaml"], "--space is for --study custom; --study sunn-vs-gunn does not use it"),
+    (["--asha", "--asha-grace", "3", "optim.epochs=2"], "error: --asha-grace 3 exceeds the 2 epochs of every trial"),
+])
+def test_sweep_options_that_cannot_work_are_refused_at_once(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(driver.main(["--study", "sunn-vs-gunn", *TINY, *args, "--dir", str(tmp_path / "sweep")]))
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_sweep_directory_holds_one_sweep(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()

@@ -336,8 +336,9 @@ def test_a_run_whose_loss_becomes_nan_stops_naming_epoch_and_batch_and_keeps_its
     assert [p.name for p in ckpt.list_checkpoints(good.run_dir)] == [ckpt.checkpoint_name(1, 0)]
     # The same run continued with an absurd learning rate diverges in its second epoch.
     with pytest.raises(NonFiniteLossError, match=r"loss became nan or infinite in epoch 2, in batch \d+; the run "
-                                                 r"stopped without saving it, and its last good checkpoint is .*"
-                                                 r"checkpoint-e0001-b000000\.pt"):
+                                                 r"stopped without saving it \(its last good checkpoint is "
+                                                 r"checkpoint-e0001-b000000\.pt\)\. The same command would diverge "
+                                                 r"the same way: continue with a lower optim.lr"):
         train(small(tmp_path, "optim.epochs=3", "optim.lr=1e8"))
     assert [p.name for p in ckpt.list_checkpoints(good.run_dir)] == [ckpt.checkpoint_name(1, 0)]
 
