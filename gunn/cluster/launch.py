@@ -109,7 +109,8 @@ def resolve(args: argparse.Namespace, world_size: int, gpus_per_node: int = 0) -
         if gpus_per_node > 0 and config.runtime.device == "auto":
             config.runtime.device = "cuda"
         try:
-            validate(config, world_size=world_size, check_device=args.cluster != "slurm")
+            validate(config, world_size=world_size, check_device=args.cluster != "slurm",
+                     check_tracking=not args.print_config)
         except DataError as err:  # the data is checked last: everything else was checked
             if not args.print_config:  # printing a configuration does not need its data; training does
                 raise
@@ -173,20 +174,25 @@ class StopSignals:
 def outcome(result: RunResult) -> dict[str, Any]:
     """How a run ended, as plain values (what rank 0 hands to the launcher)."""
     return {"status": result.status, "epochs_done": result.epochs_done, "run_dir": str(result.run_dir),
-            "mlflow_run_id": result.mlflow_run_id, "tracking_uri": result.tracking_uri}
+            "mlflow_run_id": result.mlflow_run_id, "tracking_uri": result.tracking_uri, "unsent": result.unsent}
 
 
 def report_local(config: RunConfig, ended: dict[str, Any], nproc: int) -> int:
     """Prints how a local run ended; its exit status: 0 finished, 3 interrupted (checkpointed)."""
     ranks = f" ({nproc} processes)" if nproc > 1 else ""
     print(f"{ended['status']}: {ended['epochs_done']}/{config.optim.epochs} epochs in {ended['run_dir']}{ranks}")
+    from gunn.train.tracking import JOURNAL_NAME, sync_command
+
+    journal, sync = Path(ended["run_dir"]) / JOURNAL_NAME, sync_command(Path(ended["run_dir"]))
     if ended["mlflow_run_id"]:
         print(mlflow_line(ended["mlflow_run_id"], ended["tracking_uri"]))
+        if ended.get("unsent"):
+            print(f"MLflow: {ended['unsent']} record(s) of this run did not reach {ended['tracking_uri']} (down at the "
+                  f"end); they wait in {journal}: send them with {sync} (add --tracking-uri URI if the store moved)")
     elif config.logging.mlflow:
-        from gunn.train.tracking import JOURNAL_NAME, sync_command
-
-        print(f"MLflow: {ended['tracking_uri']} never created the run; its records wait in "
-              f"{Path(ended['run_dir']) / JOURNAL_NAME}: send them with {sync_command(Path(ended['run_dir']))}")
+        count = f"{ended['unsent']} record(s)" if ended.get("unsent") else "records"
+        print(f"MLflow: {ended['tracking_uri']} never created the run; its {count} wait in {journal}: send them "
+              f"with {sync} (add --tracking-uri URI if the store moved)")
     return 0 if ended["status"] == "finished" else 3
 
 

@@ -24,6 +24,9 @@ JOB_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 def mlflow_line(run_id: str, uri: str) -> str:
+    """Where a run logged, and how to see it: a server's own address, or ``mlflow ui`` on a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow run {run_id} at {uri}  (browse: open {uri.rstrip('/')}/#/runs/{run_id})"
     return f"MLflow run {run_id} at {uri}  (browse: mlflow ui --backend-store-uri {uri})"
 
 

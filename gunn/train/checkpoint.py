@@ -196,7 +196,9 @@ def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
             continue
         return state, path
     if failures:
-        raise RuntimeError(
+        from gunn.train.rundir import RunDirError
+
+        raise RunDirError(
             f"no checkpoint in {directory} can be loaded ({', '.join(p.name for p in failures)}); refusing to "
             "start from scratch over them: move them away to start a new run there"
         )

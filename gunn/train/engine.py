@@ -105,11 +105,13 @@ class RunResult:
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     model: nn.Module | None = None  # the trained network (unwrapped from DDP and compile)
+    unsent: int = 0  # MLflow records still in the run's journal at the end (the store was down)
 
 
-def validate(config: RunConfig, world_size: int = 1, check_device: bool = True) -> None:
-    """Checks what the schema cannot: values that depend on each other, the model, the data path, and
-    (``check_device``, where the run will train) that the device it asks for is usable."""
+def validate(config: RunConfig, world_size: int = 1, check_device: bool = True, check_tracking: bool = True) -> None:
+    """Checks what the schema cannot: values that depend on each other, the model, the data path,
+    (``check_device``, where the run will train) that the device it asks for is usable, and
+    (``check_tracking``) that the MLflow store is one runs can log to."""
     o = config.optim
     if o.schedule == "step" and any(not 0 < f <= 1 for f in o.lr_steps):
         raise ConfigError(f"optim.lr_steps must be fractions of the epochs in (0, 1], got {o.lr_steps}")
@@ -134,7 +136,23 @@ def validate(config: RunConfig, world_size: int = 1, check_device: bool = True) 
         raise ConfigError("runtime.cuda_graphs=true cannot capture dist.sync_bn's collectives; turn one of them off")
     if r.cuda_graphs and kind == "cpu":
         raise ConfigError("runtime.cuda_graphs=true needs a GPU (CUDA graphs); set it to false on the CPU")
+    if config.logging.mlflow and check_tracking:
+        _check_tracking(config)
     check_data(config.data)
+
+
+def _check_tracking(config: RunConfig) -> None:
+    """ConfigError naming where the tracking URI came from if runs cannot log there (`check_tracking_uri`)."""
+    from gunn.train.tracking.store import check_tracking_uri, resolve_tracking_uri
+
+    given = config.logging.tracking_uri
+    uri = resolve_tracking_uri(given)
+    why = check_tracking_uri(uri)
+    if why is None:
+        return
+    source = (f"logging.tracking_uri={given}" if given else f"MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']}"
+              if os.environ.get("MLFLOW_TRACKING_URI") else f"the default MLflow store {uri}")
+    raise ConfigError(f"{source}: {why}; set logging.tracking_uri to a store runs can log to, or logging.mlflow=false")
 
 
 def _model_overrides(config: RunConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
@@ -225,6 +243,7 @@ def _loop(config: RunConfig, info: distributed.DistInfo, run_dir: Path, stop_aft
         if tracker is not None:
             tracker.finish(status)
             result.mlflow_run_id = tracker.run_id  # also a run created after the start's wait
+            result.unsent = tracker.unsent
 
 
 def _log(info: distributed.DistInfo, message: str) -> None:
@@ -362,6 +381,11 @@ def resume(run_dir: Path, parts: Parts, config: RunConfig, info: distributed.Dis
             (run_dir / "config.yaml").write_text(cfgmod.dump(config))
         return Position(meter=Meter(parts.device))
     state, path = found
+    mismatch = _shape_mismatch(parts.model.state_dict(), state["model"])
+    if mismatch:
+        raise RunDirError(f"{path} holds a run of another model than these settings build ({config.model.name}: "
+                          f"{mismatch}); continue {run_dir} with the settings it was saved with (its config.yaml), "
+                          "or choose another checkpoint.dir")
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     momentum_from_zero(parts.optimizer)
@@ -377,6 +401,22 @@ def resume(run_dir: Path, parts: Parts, config: RunConfig, info: distributed.Dis
     _log(info, f"resuming {run_dir} from {path.name}: epoch {position.epoch + 1}, batch {position.batch}")
     _record_config_changes(config, state["config"], info, run_dir, position)
     return position
+
+
+def _shape_mismatch(now: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str:
+    """How the tensors of ``saved`` differ from the model's ``now`` in names and shapes ('' if they fit)."""
+    missing, extra = [k for k in now if k not in saved], [k for k in saved if k not in now]
+    shapes = [k for k in now if k in saved and tuple(now[k].shape) != tuple(saved[k].shape)]
+    said = []
+    if shapes:
+        k = shapes[0]
+        said.append(f"{len(shapes)} tensor(s) of other shapes, e.g. {k}: saved {tuple(saved[k].shape)}, "
+                    f"built {tuple(now[k].shape)}")
+    if missing:
+        said.append(f"{len(missing)} the checkpoint lacks, e.g. {missing[0]}")
+    if extra:
+        said.append(f"{len(extra)} the model lacks, e.g. {extra[0]}")
+    return "; ".join(said)
 
 
 def _rank_state(state: dict[str, Any], info: distributed.DistInfo, run_dir: Path) -> dict[str, Any]:

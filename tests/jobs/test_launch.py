@@ -74,6 +74,8 @@ def test_no_arguments_trains_the_digits_demo_to_95_percent_and_logs_it_locally(t
         (["no-such-preset"], "error: no preset or configuration file 'no-such-preset'"),
         (["model.segments=[5, 5, 5]"], "error: model: segments[0] must be a positive divisor"),
         (["runtime.device=cuda"], "error: runtime.device='cuda' but CUDA is not usable: "),
+        (["logging.tracking_uri=htp://x"], "error: logging.tracking_uri=htp://x: its scheme 'htp' is none that MLflow "
+                                           "stores use (file, sqlite, http, https"),
     ],
 )
 def test_bad_input_is_reported_with_its_field_before_any_work(tmp_path, args, message):
@@ -277,6 +279,23 @@ def test_a_failed_requeue_says_why_and_how_to_continue_the_run(capsys, monkeypat
         "stopped at its requeue limit (3 requeues, max_requeues 3)"
     assert f"not requeued: the job stopped at its requeue limit (3 requeues, max_requeues 3); to continue the run: " \
         f"{command}" in capsys.readouterr().out
+
+
+def test_a_run_whose_store_never_answered_ends_saying_how_many_records_wait_and_how_to_send_them(tmp_path):
+    from tests.mlflow_server import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = launch(QUICK + ["optim.epochs=1", f"logging.tracking_uri={uri}", f"checkpoint.dir={tmp_path / 'r'}"],
+                  tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(rf"MLflow: {uri} never created the run; its \d+ record\(s\) wait in {tmp_path / 'r'}/"
+                        rf"mlflow-journal.jsonl: send them with python -m gunn.train.tracking sync {tmp_path / 'r'} "
+                        r"\(add --tracking-uri URI if the store moved\)", last), last
+    # A server's runs are browsed at its own address; a local store's with mlflow ui.
+    assert slurm.mlflow_line("abc", "http://host:5000") == \
+        "MLflow run abc at http://host:5000  (browse: open http://host:5000/#/runs/abc)"
+    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in slurm.mlflow_line("abc", "sqlite:////x/mlflow.db")
 
 
 def test_a_seed_given_twice_is_refused_as_the_sweeps_refuse_it(capsys):

@@ -22,10 +22,11 @@ from gunn.config import ConfigError
 from gunn.data import DataError, build_data
 from gunn.models import create_model
 from gunn.train import checkpoint as ckpt
+from gunn.train.rundir import RunDirError
 from gunn.train import rundir
 from gunn.train.engine import train, validate
 from gunn.train.schedule import learning_rate, milestones, snapshot_epochs
-from tests.mlflow_server import REPO_ROOT
+from tests.mlflow_server import REPO_ROOT, free_port
 
 TIMING = {"epoch_time", "images_per_s", "peak_memory_mb"}
 
@@ -94,7 +95,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"model": Payload()}, run / ckpt.checkpoint_name(9, 0))
-    with pytest.raises(RuntimeError, match="no checkpoint in .* can be loaded"):
+    with pytest.raises(RunDirError, match="no checkpoint in .* can be loaded"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             train(small(tmp_path))
@@ -235,11 +236,19 @@ def test_training_outlives_the_tracking_server_and_sync_sends_what_it_missed(ser
     with caplog.at_level("WARNING"):
         second = train(small(tmp_path, *args))
     assert second.status == "finished" and second.epochs_done == 3
-    assert "python -m gunn.train.tracking sync" in caplog.text
+    assert second.unsent > 0 and "python -m gunn.train.tracking sync" in caplog.text  # the launcher says both
+    # The server comes back elsewhere (another port: a store that moved), with the same store behind it.
+    old = server.uri
+    server.port = mlflow_server_port = free_port()
+    server.uri = f"http://127.0.0.1:{mlflow_server_port}"
     server.start()
-    synced = subprocess.run([sys.executable, "-m", "gunn.train.tracking", "sync", str(second.run_dir)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    sync = [sys.executable, "-m", "gunn.train.tracking", "sync", str(second.run_dir)]
+    lost = subprocess.run(sync, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert lost.returncode == 1 and f"Could not reach MLflow at {old}" in lost.stderr, lost.stderr
+    synced = subprocess.run(sync + ["--tracking-uri", server.uri], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120)
     assert synced.returncode == 0, synced.stderr
+    assert f"{first.mlflow_run_id} at {server.uri}" in synced.stdout  # the same run, at its new address
     client = MlflowClient(server.uri)
     assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "eval_top1_error")] == [1, 2, 3]
     assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
@@ -341,6 +350,17 @@ def test_a_run_whose_loss_becomes_nan_stops_naming_epoch_and_batch_and_keeps_its
                                                  r"the same way: continue with a lower optim.lr"):
         train(small(tmp_path, "optim.epochs=3", "optim.lr=1e8"))
     assert [p.name for p in ckpt.list_checkpoints(good.run_dir)] == [ckpt.checkpoint_name(1, 0)]
+
+
+def test_a_run_continued_with_another_model_shape_is_refused_in_one_line_before_it_trains(tmp_path):
+    first = train(small(tmp_path, "optim.epochs=1"))
+    with pytest.raises(RunDirError) as refused:
+        train(small(tmp_path, "optim.epochs=2", "model.expansion=1"))
+    message = str(refused.value)
+    assert "\n" not in message and f"{ckpt.checkpoint_name(1, 0)} holds a run of another model than these " \
+        "settings build (gunn_tiny: " in message and "tensor(s) of other shapes, e.g. " in message
+    assert f"continue {first.run_dir} with the settings it was saved with (its config.yaml)" in message
+    assert not (first.run_dir / "config-changes.yaml").exists()  # refused before anything was recorded
 
 
 def test_the_mlflow_line_says_where_the_records_wait_when_the_store_has_not_created_the_run(tmp_path):

@@ -181,6 +181,17 @@ def test_an_unwritable_run_directory_is_refused_before_anything_starts(tmp_path,
     assert "Traceback" not in err and not (tmp_path / "mlflow.db").exists()
 
 
+def test_the_default_mlflow_store_in_a_read_only_working_directory_is_refused_before_anything_starts(
+        tmp_path, read_only_folder):
+    done = launch(QUICK + ["optim.epochs=1", f"checkpoint.dir={tmp_path / 'run'}"], read_only_folder)
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 2, out + err
+    assert (f"error: the default MLflow store sqlite:///{read_only_folder / 'mlflow.db'}: {read_only_folder} cannot "
+            "be written: Read-only file system; set logging.tracking_uri to a store runs can log to, or "
+            "logging.mlflow=false") in err, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def test_a_run_directory_under_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     done = launch(QUICK + [f"checkpoint.dir={tmp_path / 'file' / 'run'}"], tmp_path)

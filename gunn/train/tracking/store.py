@@ -9,7 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-__all__ = ["default_tracking_uri", "resolve_tracking_uri", "store_lock"]
+__all__ = ["check_tracking_uri", "default_tracking_uri", "resolve_tracking_uri", "store_lock"]
+
+# The schemes of MLflow's own tracking stores (mlflow.tracking._tracking_service.utils), copied so that
+# importing this module stays cheap; plugins add theirs through the mlflow.tracking_store entry points.
+_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
 
 def default_tracking_uri(cwd: Path | None = None) -> str:
@@ -40,6 +44,36 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     elif urlparse(uri).scheme == "" and uri != "databricks":
         return Path(uri).resolve().as_uri()
     return uri
+
+def check_tracking_uri(uri: str) -> str | None:
+    """Why runs cannot log to the store at `uri` (resolved), said before any work; None when they may try.
+
+    Catches a scheme no store serves (``htp://x``) and a local SQLite store that cannot be written
+    (a read-only working directory with the default ``./mlflow.db``); a server that is down is no
+    reason: the journal waits for it."""
+    from importlib.metadata import entry_points
+
+    scheme = urlparse(uri).scheme
+    plugins = {e.name for e in entry_points(group="mlflow.tracking_store")}
+    if scheme and scheme not in _SCHEMES and scheme.split("+")[0] not in _SCHEMES and scheme not in plugins:
+        return (f"its scheme {scheme!r} is none that MLflow stores use ({', '.join(_SCHEMES)}"
+                + (f", or the plugins' {', '.join(sorted(plugins))}" if plugins else "") + ")")
+    path = _sqlite_path(uri)
+    if path is None:
+        return None
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:  # a real write: permissions, read-only mounts, quotas (SQLite also writes a journal beside the store)
+        fd = os.open(folder / f".gunn-write-check-{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as err:
+        return f"{folder} cannot be written: {err.strerror or err}"
+    os.close(fd)
+    os.unlink(folder / f".gunn-write-check-{os.getpid()}")
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} cannot be written: permission denied"
+    return None
+
 
 def _sqlite_path(uri: str) -> Path | None:
     """The database file of a local SQLite store URI, or None for any other store."""

@@ -25,8 +25,11 @@ _log = logging.getLogger(__package__)
 DESCRIPTION = "MLflow tracking of a training run that survives the tracking server going away."
 
 
-def sync(run_dir: Path, *, final_status: str | None = None) -> tuple[int, int]:
-    """Send what the journal in `run_dir` holds but MLflow never got; return (sent, still unsent)."""
+def sync(run_dir: Path, *, final_status: str | None = None, tracking_uri: str | None = None) -> tuple[int, int]:
+    """Send what the journal in `run_dir` holds but MLflow never got; return (sent, still unsent).
+
+    `tracking_uri`: where the store is now, when it moved (a server on another host or port, a
+    database file elsewhere): every unsent record goes there, into the run it already has there."""
     run_dir = Path(run_dir).resolve()
     path = run_dir / JOURNAL_NAME
     if not path.exists():
@@ -39,9 +42,18 @@ def sync(run_dir: Path, *, final_status: str | None = None) -> tuple[int, int]:
         journal.append(
             {"seq": journal.next_seq, "op": "finish", "time": int(time.time() * 1000), "status": final_status}
         )
+    pending = journal.pending()
+    if tracking_uri is not None:
+        from gunn.train.tracking.store import resolve_tracking_uri
+
+        moved_to = resolve_tracking_uri(tracking_uri)
+        for old in {r["_uri"] for r in pending} - {moved_to}:
+            if old in journal.runs and moved_to not in journal.runs:  # the same run, found at its new address
+                journal.append({"run_id": journal.runs[old], "tracking_uri": moved_to})
+        pending = [{**r, "_uri": moved_to} for r in pending]
     sender = _Sender(journal)
     sent, unsent, unreachable = 0, 0, set()
-    for record in journal.pending():
+    for record in pending:
         if record["_uri"] in unreachable:  # keeps each store's calls in order
             unsent += 1
             continue
@@ -123,11 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="end the run with this status if training stopped without ending it (e.g. killed)",
     )
+    sync_parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="where the store is now, if it moved since the run logged to it (its run keeps its id there)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not (args.run_dir / JOURNAL_NAME).exists():
         parser.error(f"no {JOURNAL_NAME} in {args.run_dir}")
-    sent, unsent = sync(args.run_dir, final_status=args.status)
+    sent, unsent = sync(args.run_dir, final_status=args.status, tracking_uri=args.tracking_uri)
     journal = _Journal(args.run_dir.resolve() / JOURNAL_NAME)
     runs = ", ".join(f"{run_id} at {uri}" for uri, run_id in journal.runs.items()) or "none"
     print(f"sent {sent} call(s), {unsent} still unsent; MLflow run: {runs}")
