@@ -9,12 +9,17 @@ Options given on the command line override the profile's.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+# The least work time a start of a job must leave (its time limit less the signal delay): a start
+# (Python, torch, the data, the model, the process group) and one checkpoint take about a minute
+# on a cluster node; a limit that leaves less requeues again and again with little or no progress.
+MIN_WORK_S = 120
 # The profiles that come with the package (package data).
 PACKAGED = Path(__file__).resolve().parent / "profiles"
 # Cluster options: profile key -> (type, default). The command line overrides the profile.
@@ -134,6 +139,11 @@ def cluster_options(args: argparse.Namespace) -> dict[str, Any]:
         raise LaunchError(f"--signal-delay-s {delay} is not shorter than the time limit, --time-min {limit} "
                           f"({limit * 60} s): every start of the job would be told at once to checkpoint and "
                           "requeue. Give a smaller --signal-delay-s or a longer --time-min")
+    if limit * 60 - delay < MIN_WORK_S:
+        raise LaunchError(f"--time-min {limit} with --signal-delay-s {delay} leaves {limit * 60 - delay:g} s of work per "
+                          f"start of the job, less than the {MIN_WORK_S} s that a start (Python, the data, the model, "
+                          "the process group) and one checkpoint take: it would requeue again and again with "
+                          f"little or no progress. Give --time-min {math.ceil((MIN_WORK_S + delay) / 60)} or more")
     return options
 
 

@@ -313,11 +313,25 @@ def build(tracking_uri: str, parent: str, out: Path, *, log: bool = True) -> str
     return f"sweep {run.info.run_name} ({study}), {len(children)} trials:\n{table}\n{budget}"
 
 
-def check_store(tracking_uri: str) -> None:
+def check_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """Refuses a local store that does not exist or holds no MLflow data, without creating one
-    (MLflow would create an empty store at any local URI it is given)."""
+    (MLflow would create an empty store at any local URI it is given), and a server that does not
+    answer within ``timeout_s`` (MLflow's own client retries for minutes)."""
     from urllib.parse import unquote, urlparse
 
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answers (a proxy's or an older server's page): MLflow's own calls say the rest
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "reason", None) or err
+            raise ReportError(f"MLflow at {tracking_uri} does not answer ({reason}); start it, or pass the "
+                              "sweep's store with --tracking-uri") from None
     if tracking_uri.startswith("sqlite:///"):
         path = Path(unquote(tracking_uri[len("sqlite:///"):].split("?", 1)[0]))
         try:

@@ -256,6 +256,11 @@ def test_a_second_signal_aborts_nproc_2_at_once(tmp_path):
         (["--time-min", "2", "--signal-delay-s", "120"], ("error: --signal-delay-s 120 is not shorter than the time "
                                                           "limit, --time-min 2 (120 s)")),
         (["--signal-delay-s", "0"], "error: --signal-delay-s must be at least 1, got 0"),
+        (["--time-min", "2", "--signal-delay-s", "90"], ("error: --time-min 2 with --signal-delay-s 90 leaves 30 s of "
+                                                         "work per start of the job, less than the 120 s that a start "
+                                                         "(Python, the data, the model, the process group) and one "
+                                                         "checkpoint take: it would requeue again and again with little "
+                                                         "or no progress. Give --time-min 4 or more")),
         (["--max-requeues", "-1"], "error: --max-requeues must be at least 0, got -1"),
     ],
 )

@@ -61,6 +61,20 @@ def test_the_report_never_creates_a_store_and_says_where_it_looked(tmp_path):
         assert sorted(p.name for p in elsewhere.iterdir()) == ["empty.db"] and not (elsewhere / "empty.db").stat().st_size
 
 
+def test_the_report_against_a_server_that_does_not_answer_says_so_in_one_line_at_once(capsys):
+    import time
+
+    from tests.mlflow_server import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens: MLflow's client would retry for minutes
+    started = time.monotonic()
+    assert report.main(["some-sweep", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: MLflow at {uri} does not answer (") and err.count("\n") == 1
+    assert "start it, or pass the sweep's store with --tracking-uri" in err
+    assert time.monotonic() - started < 30
+
+
 def test_the_sweeps_rebuild_command_runs_from_another_folder(tmp_path):
     uri, parent = hand_made_sweep(tmp_path)
     elsewhere = tmp_path / "elsewhere"
