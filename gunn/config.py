@@ -207,7 +207,12 @@ def load(source: str | Path | None = None, overrides: typing.Sequence[str] = ())
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"no preset or configuration file {str(source)!r}; presets: {', '.join(list_presets())}")
+            import difflib
+
+            close = difflib.get_close_matches(str(source), list_presets(), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"no preset or configuration file {str(source)!r}; {hint}presets: "
+                              f"{', '.join(list_presets())}")
         text, origin = path.read_text(), str(path)
     try:
         data = read_yaml(text) or {}

@@ -19,6 +19,11 @@ def test_every_preset_loads_and_the_paper_presets_exist():
         assert config.load(name).name == name
 
 
+def test_a_misspelt_preset_gets_the_closest_name():
+    with pytest.raises(ConfigError, match="no preset or configuration file 'digit'; did you mean 'digits'\\? presets: "):
+        config.load("digit")
+
+
 def test_the_cifar_presets_follow_the_papers_recipe():
     c = config.load("gunn15-cifar10")
     assert (c.model.name, c.data.name, c.optim.epochs, c.optim.batch_size, c.optim.lr) == ("gunn15", "cifar10", 300, 64, 0.1)

@@ -8,6 +8,8 @@ points ``gunn-launch``, ``gunn-sweep`` and ``gunn-report``.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 # The checkout this package belongs to, if it is one (where jobs/ and pipelines/ are).
@@ -25,7 +27,7 @@ def command(name: str, absolute: bool = False) -> list[str]:
     script's path relative to the current folder when it is below it, unless ``absolute``), else its entry point."""
     script, entry_point = COMMANDS[name]
     path = CHECKOUT / script
-    if not path.is_file():
+    if not path.is_file() or _invoked_as(entry_point):
         return [entry_point]
     here = Path.cwd()
     return ["python", str(path if absolute or not path.is_relative_to(here) else path.relative_to(here))]
@@ -34,4 +36,22 @@ def command(name: str, absolute: bool = False) -> list[str]:
 def program(name: str) -> str:
     """The name of command ``name`` in its help: ``python SCRIPT`` in a checkout, else its entry point."""
     script, entry_point = COMMANDS[name]
-    return f"python {script}" if (CHECKOUT / script).is_file() else entry_point
+    return f"python {script}" if (CHECKOUT / script).is_file() and not _invoked_as(entry_point) else entry_point
+
+
+def _invoked_as(entry_point: str) -> bool:
+    """Whether this process was started as ``entry_point`` (also an editable install's, beside a checkout)."""
+    return bool(sys.argv) and Path(sys.argv[0]).name == entry_point
+
+
+def plain_warnings() -> None:
+    """Warnings print as one line, ``warning: MESSAGE``, not with the file, line and source that raised them:
+    a command's notices (a lock taken over, a checkpoint skipped) are for its user, not its developer."""
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+        stream = sys.stderr if file is None else file
+        try:
+            stream.write(f"warning: {message}\n")
+        except (OSError, ValueError):
+            pass
+
+    warnings.showwarning = show

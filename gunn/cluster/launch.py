@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gunn import config as cfgmod
-from gunn.cluster.commands import command, program
+from gunn.cluster.commands import command, plain_warnings, program
 from gunn.cluster.options import CLUSTER_OPTIONS, LaunchError, add_cluster_arguments, cluster_options, list_profiles
 from gunn.cluster.slurm import (JOB_SIGNALS, check_partition, follow, mlflow_line, requeue_job, requeues_done,
                                 submit_reporting_refusal)
@@ -284,6 +284,7 @@ def run_ranks(config: RunConfig, nproc: int) -> int:
 def _rank_main(rank: int, world_size: int, port: int, config: dict[str, Any], ended: str) -> None:
     # No message, no abort: the launcher says what happens and kills the ranks on a second signal.
     stop = StopSignals(LOCAL_SIGNALS)
+    plain_warnings()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from gunn.train.engine import RUN_ERRORS
@@ -414,8 +415,12 @@ def run_slurm(configs: list[RunConfig], args: argparse.Namespace, options: dict[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    plain_warnings()
     if args.fields:
-        print(cfgmod.help_text())
+        try:
+            print(cfgmod.help_text(), flush=True)
+        except BrokenPipeError:  # `--fields | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
         options = cluster_options(args) if args.cluster == "slurm" else {}

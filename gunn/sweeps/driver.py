@@ -44,7 +44,7 @@ import yaml
 
 from gunn import config as cfgmod
 from gunn.cluster import launch, slurm
-from gunn.cluster.commands import command, program
+from gunn.cluster.commands import command, plain_warnings, program
 from gunn.cluster.options import CLUSTER_OPTIONS, LaunchError, add_cluster_arguments, cluster_options
 from gunn.config import ConfigError
 from gunn.data import DataError
@@ -607,6 +607,7 @@ def _changed_settings(parser: argparse.ArgumentParser, argv: list[str], saved: a
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    plain_warnings()
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:  # not imported: Ray reads its settings once, on first import

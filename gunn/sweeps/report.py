@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gunn.cluster.commands import program
+from gunn.cluster.commands import plain_warnings, program
 from gunn.config import RunConfig
 from gunn.layers import GunnLayer
 from gunn.models import MODEL_KNOBS, create_model, default_cfg
@@ -213,16 +213,17 @@ def budget_line(summary: Summary) -> str:
     done = [r for r in summary.rows if r["configuration"] in summary.full and not math.isnan(r["top1_error_mean"])]
     if done:
         best = min(done, key=lambda r: r["top1_error_mean"])
-        return (f"{head}: best {best['configuration']}: top-1 error "
-                f"{best['top1_error_mean']:.2f} ± {best['top1_error_std']:.2f} %")
+        spread = f" ± {best['top1_error_std']:.2f}" if best["seeds"] > 1 else ""  # no spread from one seed
+        return (f"{head}: best {best['configuration']}: top-1 error {best['top1_error_mean']:.2f}{spread} % "
+                f"({best['seeds']} seed{'s' * (best['seeds'] != 1)})")
     some = {label: errors for label, errors in summary.at_budget.items() if errors}
     if not some:
         return f"{head}: no configuration ran the full budget in all its trials, and no trial reached it."
     label = min(some, key=lambda k: statistics.mean(some[k]))
     errors, seeds = some[label], next(r["seeds"] for r in summary.rows if r["configuration"] == label)
-    spread = statistics.stdev(errors) if len(errors) > 1 else 0.0
+    spread = f" ± {statistics.stdev(errors):.2f}" if len(errors) > 1 else ""
     return (f"{head}: no configuration ran the full budget in all its trials; of the trials that did, best "
-            f"{label}: top-1 error {statistics.mean(errors):.2f} ± {spread:.2f} % ({len(errors)} of {seeds} seeds)")
+            f"{label}: top-1 error {statistics.mean(errors):.2f}{spread} % ({len(errors)} of {seeds} seeds)")
 
 
 # The engine's peak_memory_mb: torch.cuda.max_memory_allocated on CUDA, else the process's ru_maxrss.
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store)")
     parser.add_argument("--out", type=Path, default=None, help="directory of the report files (default: report-<sweep>)")
     args = parser.parse_args(argv)
+    plain_warnings()
     from gunn.train.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)

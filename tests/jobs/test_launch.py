@@ -303,6 +303,23 @@ def test_a_run_whose_store_never_answered_ends_saying_how_many_records_wait_and_
     assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in slurm.mlflow_line("abc", "sqlite:////x/mlflow.db")
 
 
+def test_fields_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    listing = subprocess.Popen(LAUNCH + ["--fields"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    listing.stdout.close()  # as `| head` does once it has its lines: the listing writes into a closed pipe
+    err = listing.stderr.read()
+    assert listing.wait(timeout=60) == 0 and "BrokenPipeError" not in err and "Traceback" not in err, err
+
+
+def test_an_entry_point_names_itself_in_its_help_and_messages_also_beside_a_checkout(monkeypatch):
+    from gunn.cluster import commands
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/gunn-launch", "--help"])  # an editable install's entry point
+    assert commands.program("launch") == "gunn-launch" and commands.command("launch") == ["gunn-launch"]
+    monkeypatch.setattr(sys, "argv", ["jobs/launch.py"])
+    assert commands.program("launch") == "python jobs/launch.py"
+
+
 def test_a_seed_given_twice_is_refused_as_the_sweeps_refuse_it(capsys):
     with pytest.raises(SystemExit) as exited:
         launcher.parse_args(["--seeds", "1", "1", "2"])

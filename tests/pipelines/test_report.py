@@ -130,7 +130,7 @@ def test_trials_stopped_early_are_compared_at_the_last_epoch_every_seed_reached(
     assert (one["finished"], one["stopped"], one["epoch"], two["stopped"], two["epoch"]) == ("1", "1", "2", "0", "3")
     assert float(one["top1_error_mean"]) == 42.0 and abs(float(one["top1_error_std"]) - 8 ** 0.5) < 1e-9
     assert float(two["top1_error_mean"]) == 26.0 and float(one["collapsed_pairs"]) == 3.0  # at epoch 2 too
-    best = "Full budget (3 epochs): best expansion=2: top-1 error 26.00 ± 1.41 %"
+    best = "Full budget (3 epochs): best expansion=2: top-1 error 26.00 ± 1.41 % (2 seeds)"
     md = (tmp_path / "out" / "report.md").read_text()
     assert best in md and text.endswith(best) and "| stopped |" in md and "| at epoch |" in md
     assert "final epoch" not in md and "last epoch that every seed of the configuration reached" in md
@@ -146,7 +146,7 @@ def test_the_report_says_when_no_configuration_ran_the_full_budget(tmp_path):
         {"expansion": 2, "seed": 0, "metrics": {"eval_top1_error": [45, 35]}, "tags": STOPPED}])
     text = report.build(uri, parent, tmp_path / "out")
     line = ("Full budget (3 epochs): no configuration ran the full budget in all its trials; of the trials that "
-            "did, best expansion=1: top-1 error 30.00 ± 0.00 % (1 of 2 seeds)")
+            "did, best expansion=1: top-1 error 30.00 % (1 of 2 seeds)")  # no spread from one seed
     assert text.endswith(line) and line in (tmp_path / "out" / "report.md").read_text()
 
 

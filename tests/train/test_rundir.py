@@ -84,6 +84,18 @@ def test_the_lock_of_a_dead_process_on_this_host_is_taken_over_with_a_notice(tmp
     assert result.status == "finished" and not (result.run_dir / rundir.LOCK_NAME).exists()
 
 
+def test_the_launchers_notices_are_one_line_each(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    write_lock(tmp_path / "run", pid=dead.pid, pid_start="1")
+    done = launch(QUICK + ["optim.epochs=1", "logging.mlflow=false", f"checkpoint.dir={tmp_path / 'run'}"], tmp_path)
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 0, out + err
+    notice = [line for line in err.splitlines() if "taking over the lock" in line]
+    assert len(notice) == 1 and notice[0].startswith("warning: taking over the lock"), err
+    assert "UserWarning" not in err and "warnings.warn" not in err and ".py:" not in err
+
+
 def test_a_live_process_of_this_host_keeps_its_lock_even_against_the_engine(tmp_path):
     holder = subprocess.Popen(["sleep", "60"])
     try:
