@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from gunn import config as cfgmod
 from gunn.cluster.commands import command, plain_warnings, program
 from gunn.cluster.options import CLUSTER_OPTIONS, LaunchError, add_cluster_arguments, cluster_options, list_profiles
-from gunn.cluster.slurm import (JOB_SIGNALS, check_partition, follow, mlflow_line, requeue_job, requeues_done,
-                                submit_reporting_refusal)
+from gunn.cluster.slurm import (JOB_SIGNALS, check_not_submitted, check_partition, follow, mlflow_line,
+                                record_submitted, requeue_job, requeues_done, submit_reporting_refusal)
 from gunn.config import ConfigError, RunConfig
 from gunn.data import DataError
 
@@ -402,11 +402,14 @@ def run_slurm(configs: list[RunConfig], args: argparse.Namespace, options: dict[
     """Submits the runs; with ``--wait`` follows them to the end."""
     seeds: list[int | None] = list(args.seeds) if args.seeds else [None]
     runs = list(itertools.product(args.configs, seeds))  # as resolve() made the configs
+    for c in configs:  # a pending job holds its run directory too
+        check_not_submitted(Path(c.checkpoint.dir))
     tasks = [TrainingJob(cfgmod.to_dict(c), options["max_requeues"], continue_command(args, source, seed, c))
              for c, (source, seed) in zip(configs, runs)]
     jobs = submit_reporting_refusal(tasks, options, args.logs, configs[0].name if len(configs) == 1 else "gunn-array")
     if jobs is None:
         return 1
+    record_submitted([c.checkpoint.dir for c in configs], jobs)
     return follow(jobs, [c.name for c in configs], [c.checkpoint.dir for c in configs], args.wait,
                   [tracking_store(c) for c in configs])
 

@@ -277,6 +277,32 @@ def _queue_state(job_id: str) -> tuple[str | None, str]:
     return lines[0][0], lines[0][1]
 
 
+SUBMITTED_NAME = ".slurm-job"  # in a run directory: the Slurm job submitted to train it
+
+
+def check_not_submitted(directory: Path) -> None:
+    """LaunchError if a Slurm job submitted for run directory ``directory`` is still in the queue (pending
+    or running): a pending job holds its directory as a running one does with its lock."""
+    try:
+        job, when = (directory / SUBMITTED_NAME).read_text().split()[:2]
+    except (OSError, ValueError):
+        return
+    state, reason = _queue_state(job)
+    if state is not None:
+        raise LaunchError(f"checkpoint.dir {directory} is claimed by Slurm job {job} ({state}"
+                          + (f", {reason}" if reason and reason != "None" else "") + f"), submitted {when}: wait for "
+                          f"it to end, scancel {job}, or choose another checkpoint.dir")
+
+
+def record_submitted(directories: list[str], jobs: list[Any]) -> None:
+    """Notes in each run directory the job submitted to train it (``check_not_submitted`` reads it)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for directory, job in zip(directories, jobs):
+        with contextlib.suppress(OSError):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / SUBMITTED_NAME).write_text(f"{job.job_id} {stamp}\n")
+
+
 def _report(job: Any) -> bool:
     if not job.paths.result_pickle.exists():
         print(f"job {job.job_id} ended without a result (cancelled or killed); see {job.paths.stderr}")

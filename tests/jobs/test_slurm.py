@@ -200,6 +200,23 @@ def test_at_its_requeue_limit_a_job_says_where_its_checkpoint_is_and_how_to_cont
     assert "finished, 3 epochs" in resumed.stdout
 
 
+def test_a_pending_job_holds_its_run_directory_against_a_second_submission(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    args = slurm(QUICK + ["optim.epochs=1", "logging.mlflow=false", f"checkpoint.dir={run_dir}"], tmp_path)
+    first = launch(args + ["--sbatch", "begin=now+3600"], tmp_path)  # pending for an hour (BeginTime)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (job,) = job_ids(first.stdout)
+    try:
+        second = launch(args, tmp_path)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stdout + second.stderr
+        assert (f"error: checkpoint.dir {run_dir} is claimed by Slurm job {job} (PENDING, BeginTime), submitted "
+                in second.stderr and f"wait for it to end, scancel {job}, or choose another checkpoint.dir"
+                in second.stderr), second.stderr
+        assert queued_jobs() & set(job_ids(second.stdout)) == set() and not job_ids(second.stdout)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+
+
 def test_two_seeds_become_a_job_array(slurm_cluster, tmp_path):
     done = launch(slurm(QUICK + ["optim.epochs=1", "logging.mlflow=false", "--seeds", "3", "4", "--wait"], tmp_path),
                   tmp_path)
