@@ -205,14 +205,13 @@ def run_local(config: RunConfig, nproc: int) -> int:
     if nproc > 1:
         return run_ranks(config, nproc)
     from gunn.train.engine import RUN_ERRORS
-    from gunn.train.rundir import RunDirError
 
     previous = {signum: signal.getsignal(signum) for signum in LOCAL_SIGNALS}
     try:
         result = StopSignals(LOCAL_SIGNALS, message=True, abort=True).train(config)
     except RUN_ERRORS as err:  # a run that cannot go on, said in one line (its checkpoint is intact)
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, RunDirError) else 1
+        return 2 if isinstance(err, ConfigError) else 1  # the run directory or its checkpoints refuse it
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -288,13 +287,12 @@ def _rank_main(rank: int, world_size: int, port: int, config: dict[str, Any], en
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from gunn.train.engine import RUN_ERRORS
-    from gunn.train.rundir import RunDirError
 
     try:
         result = stop.train(cfgmod.from_dict(config))
     except RUN_ERRORS as err:  # said in one line by the launcher, without this rank's traceback
         Path(f"{ended}.rank{rank}").write_text(json.dumps({"error": str(err),
-                                                          "status": 2 if isinstance(err, RunDirError) else 1}))
+                                                          "status": 2 if isinstance(err, ConfigError) else 1}))
         raise SystemExit(1) from None
     if rank == 0:
         Path(ended).write_text(json.dumps(outcome(result)))

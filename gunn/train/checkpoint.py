@@ -16,6 +16,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from gunn.config import ConfigError
+
 PATTERN = re.compile(r"checkpoint-e(\d+)-b(\d+)\.pt$")
 
 
@@ -171,6 +173,10 @@ def check_state(state: Any) -> str | None:
     return "; ".join(problems) or None
 
 
+class NoLoadableCheckpoint(ConfigError):
+    """No checkpoint of a run directory loads: the run stops rather than start over them."""
+
+
 def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint that loads and holds a run's state (``check_state``), or None if there is
     none; a bad newer one is skipped with a warning.
@@ -196,9 +202,7 @@ def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
             continue
         return state, path
     if failures:
-        from gunn.train.rundir import RunDirError
-
-        raise RunDirError(
+        raise NoLoadableCheckpoint(
             f"no checkpoint in {directory} can be loaded ({', '.join(p.name for p in failures)}); refusing to "
             "start from scratch over them: move them away to start a new run there"
         )

@@ -90,7 +90,7 @@ class NonFiniteLossError(RuntimeError):
 
 # How a run fails for a reason its message says in full (no traceback needed); each leaves the
 # last checkpoint intact.
-RUN_ERRORS = (NonFiniteLossError, ckpt.CheckpointWriteError, JournalWriteError, RunDirError)
+RUN_ERRORS = (NonFiniteLossError, ckpt.CheckpointWriteError, ckpt.NoLoadableCheckpoint, JournalWriteError, RunDirError)
 
 
 @dataclass

@@ -14,7 +14,6 @@ import torch
 import torch.serialization
 
 from gunn.train import checkpoint as ckpt
-from gunn.train.rundir import RunDirError
 from tests.train.full_disk import fill, small_tmpfs
 
 
@@ -214,7 +213,7 @@ def test_a_checkpoint_of_the_older_layout_is_run_state() -> None:
 
 def test_only_checkpoints_without_run_state_are_refused(tmp_path: Path) -> None:
     torch.save({"model": {}}, tmp_path / ckpt.checkpoint_name(1, 0))
-    with warnings.catch_warnings(record=True), pytest.raises(RunDirError, match="refusing to start from scratch"):
+    with warnings.catch_warnings(record=True), pytest.raises(ckpt.NoLoadableCheckpoint, match="refusing to start from scratch"):
         ckpt.load_latest(tmp_path)
 
 

@@ -95,7 +95,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"model": Payload()}, run / ckpt.checkpoint_name(9, 0))
-    with pytest.raises(RunDirError, match="no checkpoint in .* can be loaded"):
+    with pytest.raises(ckpt.NoLoadableCheckpoint, match="no checkpoint in .* can be loaded"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             train(small(tmp_path))
