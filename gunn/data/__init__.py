@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -10,7 +11,9 @@ from gunn.config import DataConfig
 from gunn.data.base import Batch, DataBundle, DataError, EpochLoader
 from gunn.data.loader import Samples, ShardedLoader
 
-__all__ = ["Batch", "DataBundle", "DataError", "EpochLoader", "build_data", "check_data"]
+__all__ = ["Batch", "DataBundle", "DataError", "EpochLoader", "build_data", "check_data", "train_size"]
+
+CIFAR_TRAIN_IMAGES = 50_000  # both CIFAR-10 and CIFAR-100
 
 
 def check_data(cfg: DataConfig) -> None:
@@ -25,6 +28,25 @@ def check_data(cfg: DataConfig) -> None:
         if cfg.root is None:
             raise DataError("data.root is required for imagenet: the directory that holds train/ and val/")
         check_tree(Path(cfg.root).expanduser())  # class folders listed, no image decoded
+
+
+def train_size(cfg: DataConfig) -> int | None:
+    """Images in the training set where that is known without reading the images (None for ImageNet:
+    counting its files costs minutes on a cluster's file system)."""
+    if cfg.name == "digits":
+        return _digits_train_size()
+    if cfg.name in ("cifar10", "cifar100"):
+        return CIFAR_TRAIN_IMAGES
+    if cfg.name == "synthetic":
+        return cfg.samples
+    return None
+
+
+@functools.cache
+def _digits_train_size() -> int:
+    from gunn.data.digits import Digits
+
+    return len(Digits(train=True))
 
 
 def build_data(

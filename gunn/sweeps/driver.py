@@ -35,6 +35,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -53,7 +54,8 @@ from gunn.sweeps.ray_nodes import RAY, auth_token, ray_head, ray_worker, wait_fo
 from gunn.sweeps.studies import STUDIES, trial_configs
 from gunn.train.distributed import job_port
 
-SETTINGS = "sweep.yaml"  # the sweep's arguments, read back by --resume
+SETTINGS = "sweep.yaml"
+TRIAL_ERROR = "trial-error.txt"  # in a failed trial's run directory: its last attempt's traceback  # the sweep's arguments, read back by --resume
 # Options that say where and how a sweep runs: not saved with it, taken anew on --resume.
 WHERE_TO_RUN = ("cluster", "wait", "logs", "verbose", "profile", "sbatch", "ray_cpus", *CLUSTER_OPTIONS)
 
@@ -96,7 +98,14 @@ def run_trial(space: dict[str, Any]) -> None:
             return True
         return False
 
-    result = train(config, on_epoch=report_epoch)
+    try:
+        result = train(config, on_epoch=report_epoch)
+    except Exception:
+        # Kept for the sweep's record of the trial: it may fail before its MLflow run exists.
+        run_dir = Path(config.checkpoint.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / TRIAL_ERROR).write_text(traceback.format_exc())
+        raise
     if not reported and result.history:
         # Restarted after it had finished (the driver died before Tune recorded the end):
         # nothing was trained again; give Tune the run's final metrics.
@@ -139,6 +148,9 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> tuple[int,
     # Without a run id yet (MLflow unreachable), the trials name the parent by its journal; each
     # trial's run takes the parent's id when it is sent (see gunn.train.tracking.journal).
     trials = trial_configs(args, sweep_dir, parent.run_id or journal_reference(sweep_dir), tracking_uri)
+    names = json.dumps([t["key"] for t in trials])
+    # What the report needs to tell a partial sweep from a whole one (gunn.sweeps.report.progress_line).
+    parent.set_tags({"gunn.trials": str(len(trials)), **({"gunn.trial_names": names} if len(names) <= 5000 else {})})
     named = parent.run_id or f"(not created yet; journaled in {sweep_dir})"
     print(f"sweep {sweep_dir.name}: {len(trials)} trials, MLflow parent run {named} at {tracking_uri}", flush=True)
     if not args.verbose:
@@ -192,7 +204,9 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> tuple[int,
         _warn_unsent(([sweep_dir] if parent.unsent else []) + unsent)
         return 3, bool(failed)
     for key in failed:
-        launch.say(f"trial failed: {key} (its log: {sweep_dir / 'tune' / key[:120]}, run directory: {sweep_dir / 'runs' / key})")
+        error = _trial_error(sweep_dir / "runs" / key)
+        launch.say(f"trial failed: {key}{f': {error}' if error else ''} (its log: {sweep_dir / 'tune' / key[:120]}, "
+                   f"run directory: {sweep_dir / 'runs' / key})")
     table, why = _write_report(parent, tracking_uri, sweep_dir / "report")
     if table is not None:
         print(table)
@@ -238,7 +252,9 @@ def _quiet_ray() -> None:
     """Hides Ray's own chatter (TensorBoard hints, token notices, restore warnings); --verbose shows it."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the experiment box and TensorBoard hint
     for name in ("ray", "ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        # CRITICAL: a failed trial's traceback is Ray's ERROR; the sweep says it in one line, and keeps the
+        # traceback in the trial's run directory (TRIAL_ERROR) and MLflow run.
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _scheduler(args: argparse.Namespace, epochs: int) -> Any:
@@ -340,8 +356,11 @@ def complete_records(trials: list[dict], sweep_dir: Path, statuses: dict[str, di
             endings[key] = "not started"
             continue
         endings[key] = ending
+        error = _trial_error(run_dir) if ending == "failed" else None
         if not (run_dir / JOURNAL_NAME).exists():
-            continue
+            if ending != "failed":
+                continue
+            _start_failed_record(trial, run_dir)  # it failed before its MLflow run existed
         lock = RunDirLock(run_dir)
         deadline = time.monotonic() + 60
         while True:  # the trial's process may still be ending
@@ -362,12 +381,35 @@ def complete_records(trials: list[dict], sweep_dir: Path, statuses: dict[str, di
             if ending == "finished" and not (run_dir / "curves.png").exists():
                 _plot_from_checkpoint(run_dir)  # the trial was killed before it drew them
             files = (run_dir / "curves.png", run_dir / "config.yaml", run_dir / "model-final.pt")
-            _, left = complete(run_dir, status, tags=tags, artifacts=files if ending == "finished" else files[1:2])
+            kept = files if ending == "finished" else (*files[1:2], run_dir / TRIAL_ERROR)
+            if error:
+                tags["error"] = error
+            _, left = complete(run_dir, status, tags=tags, artifacts=kept)
         finally:
             lock.release()
         if left:
             unsent.append(run_dir)
     return endings, unsent
+
+
+def _trial_error(run_dir: Path) -> str | None:
+    """The last line of the failed trial's traceback (the exception and its message), if it left one."""
+    path = run_dir / TRIAL_ERROR
+    lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return lines[-1][:1000] if lines else None
+
+
+def _start_failed_record(trial: dict, run_dir: Path) -> None:
+    """Journals an MLflow run for a trial that failed before it made its own: a FAILED child of the sweep,
+    with the trial's configuration as params, so that it shows in the MLflow UI and as a report row."""
+    from gunn.train.tracking import Tracker
+
+    c = cfgmod.resolve(cfgmod.from_dict(trial["config"]))  # the model's own values, as the engine logs them
+    tags = {"model": c.model.name, "data": c.data.name, "study": c.logging.study or "",
+            "mlflow.parentRunId": c.logging.parent_run_id or ""}
+    Tracker(run_dir=run_dir, tracking_uri=c.logging.tracking_uri, experiment=c.logging.experiment,
+            run_name=c.logging.run_name or trial["key"], params=cfgmod.flatten(c),
+            tags={k: v for k, v in tags.items() if v}, start_timeout=10.0).finish("FAILED")
 
 
 def _plot_from_checkpoint(run_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """The comparison report of a sweep, rebuilt from MLflow alone.
 
-    python pipelines/report.py PARENT_RUN_ID | SWEEP_NAME [--tracking-uri URI] [--out DIR]
+    python pipelines/report.py PARENT_RUN_ID | SWEEP_NAME [--tracking-uri URI] [--out DIR] [--attach]
 
 One row per configuration (the parameters that vary between the sweep's child runs, seeds
 aside): update mode, segment width, parameters, FLOPs, top-1 error at the last epoch every
@@ -8,7 +8,9 @@ seed of the configuration reached (mean and spread over seeds; trials stopped ea
 end sooner), time per epoch, throughput, peak memory, and the overlap-singularity diagnostics
 when the trials logged them; below the table, the best configuration among those that ran the
 full budget. Writes report.md, report.csv, error_vs_width.png and curves.png, and logs them as
-artifacts of the sweep's parent run.
+artifacts of the sweep's parent run once that is FINISHED (--attach: whatever its status). The
+report of a sweep that is running or was interrupted says it is partial: how many trials ended,
+which have no run yet, and it measures the full budget by the epochs the trials were given.
 """
 
 from __future__ import annotations
@@ -148,7 +150,12 @@ def summarize(client: Any, children: list[Any]) -> Summary:
     histories = {c.info.run_id: {name: _by_epoch(client.get_metric_history(c.info.run_id, name)) for name in METRICS}
                  for c in children}
     last = {run_id: max(h["eval_top1_error"], default=None) for run_id, h in histories.items()}
-    budget = max((e for e in last.values() if e is not None), default=None)
+    # The full budget is the epochs the trials were given (a partial sweep has not reached it); runs
+    # that do not say so (made by other tools) are taken to have been given what the longest reached.
+    reached = max((e for e in last.values() if e is not None), default=None)
+    given = {c.info.run_id: configured_epochs(c) for c in children}
+    budget = max((e for e in given.values() if e is not None), default=reached)
+    due = {run_id: budget if e is None else e for run_id, e in given.items()}  # each run's own budget
     rows, curves, full, at_budget = [], {}, set(), {}
     for label, runs in sorted(groups.items()):
         params, flops, widths, mode = model_cost(runs[0].data.params)
@@ -177,25 +184,61 @@ def summarize(client: Any, children: list[Any]) -> Summary:
             "seeds": len(runs),
             "finished": sum(r.info.status == "FINISHED" and r.data.tags.get("stopped_early") != "true" for r in runs),
             "stopped": sum(r.data.tags.get("stopped_early") == "true" for r in runs),
+            "failed": sum(r.info.status == "FAILED" for r in runs),
             "parameters": params,
             "mmac_per_image": round(flops / 1e6, 2),
             "epoch": math.nan if epoch is None else epoch,
             "top1_error_mean": statistics.mean(final) if final else math.nan,
-            "top1_error_std": statistics.stdev(final) if len(final) > 1 else 0.0,
+            "top1_error_std": statistics.stdev(final) if len(final) > 1 else math.nan,  # no spread from one seed
             "epoch_time_s": statistics.mean(epoch_times) if epoch_times else math.nan,
             "images_per_s": statistics.mean(rates) if rates else math.nan,
-            "images_per_s_std": statistics.stdev(rates) if len(rates) > 1 else 0.0 if rates else math.nan,
+            "images_per_s_std": statistics.stdev(rates) if len(rates) > 1 else math.nan,
             "peak_memory_mb": max(memory) if memory else math.nan,
             "collapsed_pairs": statistics.mean(pairs) if pairs else math.nan,
             "participation_ratio": statistics.mean(ratios) if ratios else math.nan,
         })
         curves[label] = {name: _mean_curve([h[name] for h in runs_h])
                          for name in ("eval_top1_error", "train_top1_error")}
-        if budget is not None and all(last[r.info.run_id] == budget for r in runs):
+        if budget is not None and all(last[r.info.run_id] is not None and last[r.info.run_id] >= due[r.info.run_id]
+                                      for r in runs):
             full.add(label)
         at_budget[label] = [histories[r.info.run_id]["eval_top1_error"][budget] for r in evaluated
                             if last[r.info.run_id] == budget]
     return Summary(rows, curves, budget, full, at_budget)
+
+
+def configured_epochs(run: Any) -> int | None:
+    """The epochs a child run was given (its ``optim.epochs``, the last value it was changed to), if it says."""
+    changed = run.data.tags.get("changed/optim.epochs")
+    if changed:
+        return int(re.findall(r"-> (\d+)", changed)[-1])
+    value = run.data.params.get("optim.epochs")
+    return int(value) if value and value.isdigit() else None
+
+
+def progress_line(run: Any, children: list[Any]) -> str | None:
+    """What a report of a sweep that has not ended, or has runs missing or unfinished, leaves out, in one
+    line; None for a complete sweep. The sweep driver tags its parent run with its trials (gunn.trials,
+    gunn.trial_names)."""
+    import json
+
+    names = json.loads(run.data.tags.get("gunn.trial_names", "[]"))
+    total = int(run.data.tags.get("gunn.trials", len(names) or len(children)))
+    have = {c.data.tags.get("mlflow.runName") or c.info.run_name for c in children}
+    missing = [n for n in names if n not in have]
+    open_runs = sorted(f"{c.info.run_name} ({c.info.status})" for c in children
+                       if c.info.status not in ("FINISHED", "FAILED"))
+    ended = sum(c.info.status in ("FINISHED", "FAILED") for c in children)
+    if run.info.status in ("FINISHED", "FAILED") and not open_runs and ended >= total:
+        return None
+    parts = [f"Partial: the sweep's parent run is {run.info.status}; {ended} of {total} trials have ended"]
+    if open_runs:
+        parts.append(f"not ended: {', '.join(open_runs)}")
+    if missing:
+        parts.append(f"no run yet: {', '.join(missing)}")
+    elif len(children) < total:
+        parts.append(f"{total - len(children)} without a run yet")
+    return "; ".join(parts) + ". The figures cover what has been logged so far."
 
 
 def _mean_curve(histories: list[dict[int, float]]) -> tuple[list[int], list[float]]:
@@ -237,7 +280,7 @@ def memory_title(children: list[Any]) -> str:
 
 
 COLUMNS = [("configuration", "configuration"), ("mode", "mode"), ("segment_width", "segment width"),
-           ("seeds", "seeds"), ("finished", "finished"), ("stopped", "stopped"), ("parameters", "parameters"),
+           ("seeds", "seeds"), ("finished", "finished"), ("stopped", "stopped"), ("failed", "failed"), ("parameters", "parameters"),
            ("mmac_per_image", "MMAC/image"), ("epoch", "at epoch"), ("top1_error_mean", "top-1 error %"),
            ("top1_error_std", "+-"), ("epoch_time_s", "s/epoch"), ("images_per_s", "images/s"),
            ("images_per_s_std", "+-"), ("peak_memory_mb", "peak MB"), ("collapsed_pairs", "collapsed pairs"),
@@ -264,16 +307,18 @@ def plot(rows: list[dict[str, Any]], curves: dict[str, dict[str, tuple[list[int]
     gunn = [r for r in rows if r["mode"] != "sunn" and r["segment_width"]]
     if len({r["segment_width"] for r in gunn}) > 1:
         figure = plots.error_vs_width_figure([int(r["segment_width"].split("/")[0]) for r in gunn],
-                                             [r["top1_error_mean"] for r in gunn], [r["top1_error_std"] for r in gunn],
+                                             [r["top1_error_mean"] for r in gunn],
+                                             [0.0 if math.isnan(r["top1_error_std"]) else r["top1_error_std"] for r in gunn],
                                              [r["top1_error_mean"] for r in rows if r["mode"] == "sunn"])
         paths.append(plots.save_png(figure, out / "error_vs_width.png", dpi=120))
     paths.append(plots.save_png(plots.sweep_curves_figure(curves), out / "curves.png", dpi=120))
     return paths
 
 
-def build(tracking_uri: str, parent: str, out: Path, *, log: bool = True) -> str:
-    """Writes the report of the sweep ``parent`` into ``out``, logs it to the parent run (``log``: else the
-    caller does); the table and the full-budget line."""
+def build(tracking_uri: str, parent: str, out: Path, *, log: bool | None = None) -> str:
+    """Writes the report of the sweep ``parent`` into ``out`` and logs it to the parent run (``log``: True
+    always, False never (the caller does), None only when the parent run is FINISHED: a report of a
+    sweep that is running, interrupted or failed is not the sweep's); the text to print."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -283,12 +328,14 @@ def build(tracking_uri: str, parent: str, out: Path, *, log: bool = True) -> str
     summary = summarize(client, children)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(summary.rows, {"peak_memory_mb": memory_title(children)})
-    budget = budget_line(summary)
+    partial = progress_line(run, children)
+    budget = budget_line(summary) if partial is None else f"So far: {budget_line(summary)}"
+    head = f"{partial}\n\n" if partial else ""
     study = run.data.tags.get("study", "?")
     devices = sorted({c.data.tags["device"] for c in children if "device" in c.data.tags})
     ran_on = f"these trials ran on {', '.join(devices)}" if devices else "these trials did not say on which device"
     (out / "report.md").write_text(
-        f"# Sweep {run.info.run_name} ({study})\n\n{table}\n\n{budget}\n\n"
+        f"# Sweep {run.info.run_name} ({study})\n\n{head}{table}\n\n{budget}\n\n"
         "- Top-1 error: evaluation error at the last epoch that every seed of the configuration reached "
         "(column at epoch), mean and standard deviation over seeds. Trials stopped early by ASHA (column "
         "stopped; column finished counts the trials that ran the full budget) end before the full budget, so rows at different epochs are no "
@@ -309,9 +356,14 @@ def build(tracking_uri: str, parent: str, out: Path, *, log: bool = True) -> str
         writer = csv.DictWriter(f, fieldnames=[key for key, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(summary.rows)
-    for path in sorted(out.iterdir()) if log else ():
+    attach = run.info.status == "FINISHED" if log is None else log
+    for path in sorted(out.iterdir()) if attach else ():
         client.log_artifact(run.info.run_id, str(path), artifact_path="report")
-    return f"sweep {run.info.run_name} ({study}), {len(children)} trials:\n{table}\n{budget}"
+    text = f"sweep {run.info.run_name} ({study}), {len(children)} trials:\n{head}{table}\n{budget}"
+    if log is None and not attach:
+        text += (f"\nNot logged to the parent run {run.info.run_id}: it is {run.info.status}, so this report may "
+                 "not be the sweep's last (--attach logs it there all the same).")
+    return text
 
 
 def check_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
@@ -355,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="the sweep's parent run id, or the sweep's name")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store)")
     parser.add_argument("--out", type=Path, default=None, help="directory of the report files (default: report-<sweep>)")
+    parser.add_argument("--attach", action="store_true",
+                        help="log the report to the parent run even when the sweep has not finished (it is running, "
+                             "was interrupted, or a trial failed)")
     args = parser.parse_args(argv)
     plain_warnings()
     from gunn.train.tracking import resolve_tracking_uri
@@ -362,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
         check_store(uri)
-        print(build(uri, args.sweep, args.out or Path(f"report-{args.sweep}")))
+        print(build(uri, args.sweep, args.out or Path(f"report-{args.sweep}"), log=True if args.attach else None))
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

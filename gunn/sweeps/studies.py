@@ -125,11 +125,14 @@ def trial_configs(args: argparse.Namespace, sweep_dir: Path, parent_run_id: str,
             "logging.progress=false", "logging.mlflow=true", f"logging.tracking_uri={tracking_uri}",
             f"logging.parent_run_id={json.dumps(parent_run_id)}", f"logging.study={args.study}", f"logging.run_name={key}",
         ]
-        config = cfgmod.load(args.preset, overrides)
-        if config.data.root:  # trials run elsewhere (Ray workers change directory)
-            config.data.root = str(Path(config.data.root).expanduser().resolve())
-        if args.gpus_per_trial > 0 and config.runtime.device == "auto":
-            config.runtime.device = "cuda"  # a GPU CUDA cannot use is an error, not a CPU run
-        validate(config, check_device=check_device)
+        try:
+            config = cfgmod.load(args.preset, overrides)
+            if config.data.root:  # trials run elsewhere (Ray workers change directory)
+                config.data.root = str(Path(config.data.root).expanduser().resolve())
+            if args.gpus_per_trial > 0 and config.runtime.device == "auto":
+                config.runtime.device = "cuda"  # a GPU CUDA cannot use is an error, not a CPU run
+            validate(config, check_device=check_device)
+        except ConfigError as err:
+            raise ConfigError(f"trial {key}: {err}") from None
         trials.append({"key": key, "config": cfgmod.to_dict(config)})
     return trials

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gunn import config as cfgmod
 from gunn.config import ConfigError, OptimConfig, RunConfig
-from gunn.data import DataBundle, build_data, check_data
+from gunn.data import DataBundle, build_data, check_data, train_size
 from gunn.layers import GunnLayer
 from gunn.models import create_model
 from gunn.train import checkpoint as ckpt
@@ -139,6 +139,14 @@ def validate(config: RunConfig, world_size: int = 1, check_device: bool = True, 
     if config.logging.mlflow and check_tracking:
         _check_tracking(config)
     check_data(config.data)
+    size = train_size(config.data)
+    if size is not None and o.batch_size > size:
+        raise ConfigError(_too_large(o.batch_size, size, config.data.name))
+
+
+def _too_large(batch_size: int, images: int, data: str) -> str:
+    return (f"optim.batch_size={batch_size} is larger than the {images} training images of {data}: an epoch would "
+            "hold no batch (the last partial batch is dropped)")
 
 
 def _check_tracking(config: RunConfig) -> None:
@@ -314,7 +322,7 @@ def build(config: RunConfig, info: distributed.DistInfo) -> Parts:
     data = build_data(c.data, batch_size=c.optim.batch_size // info.world_size, rank=info.rank,
                       world_size=info.world_size, seed=c.runtime.seed, device=device)
     if len(data.train) == 0:
-        raise ConfigError(f"optim.batch_size={c.optim.batch_size} is larger than the {data.train_images} training images")
+        raise ConfigError(_too_large(c.optim.batch_size, data.train_images, c.data.name))
     model = create_model(c.model.name, **_model_overrides(c, data.num_classes, data.in_chans))
     memory_format = torch.channels_last if c.runtime.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)

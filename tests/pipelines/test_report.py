@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -28,6 +30,7 @@ def hand_made_sweep(folder: Path) -> tuple[str, str]:
             client.log_param(child.info.run_id, key, value)
         client.log_metric(child.info.run_id, "eval_top1_error", error, step=1)
         client.set_terminated(child.info.run_id)
+    client.set_terminated(parent.info.run_id)  # the sweep has ended
     return uri, parent.info.run_id
 
 
@@ -107,6 +110,7 @@ def sweep_of(folder: Path, trials: list[dict]) -> tuple[str, str]:
                                                      for name, values in trial["metrics"].items()
                                                      for epoch, value in enumerate(values, 1)])
         client.set_terminated(child.info.run_id)
+    client.set_terminated(parent.info.run_id)  # the sweep has ended
     return uri, parent.info.run_id
 
 
@@ -164,7 +168,7 @@ def test_the_report_shows_throughput_per_configuration_with_its_spread_over_tria
     assert reader.fieldnames == [key for key, _ in report.COLUMNS]
     one, two = rows["expansion=1"], rows["expansion=2"]
     assert float(one["images_per_s"]) == 225.0 and abs(float(one["images_per_s_std"]) - 75 * 2 ** 0.5) < 1e-9
-    assert float(two["images_per_s"]) == 400.0 and float(two["images_per_s_std"]) == 0.0
+    assert float(two["images_per_s"]) == 400.0 and math.isnan(float(two["images_per_s_std"]))  # one trial: no spread
     assert float(one["epoch_time_s"]) == 3.0
     assert "| s/epoch | images/s | +- |" in text and "| 3.00 | 225.00 | 106.07 |" in text
 
@@ -198,3 +202,38 @@ def test_the_cost_of_a_model_is_measured_on_the_input_its_data_gives_and_follows
     assert deeper > params and widths == [w // s for w, s in zip(default_cfg("gunn_tiny").widths,
                                                                    default_cfg("gunn_tiny").segments)]
     assert mode == "gunn"
+
+
+def test_the_report_of_an_unfinished_sweep_says_it_is_partial_and_is_not_attached_unless_asked(tmp_path, capsys):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "store").mkdir()
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweeps", artifact_location=(tmp_path / "artifacts").as_uri())
+    names = ["expansion=1_seed=0", "expansion=2_seed=0", "expansion=1_seed=1"]
+    parent = client.create_run(experiment, run_name="cut-short", tags={
+        "study": "custom", "sweep": "cut-short", "gunn.trials": "3", "gunn.trial_names": json.dumps(names)})
+    # Interrupted: one trial finished its 3 epochs, one was killed after 2, the third never started.
+    for name, errors, status in ((names[0], [50, 40, 30], "FINISHED"), (names[1], [45, 35], "KILLED")):
+        child = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent.info.run_id})
+        for key, value in {"model.name": "gunn_tiny", "model.expansion": name[10], "data.name": "digits",
+                           "runtime.seed": "0", "optim.epochs": "3"}.items():
+            client.log_param(child.info.run_id, key, value)
+        client.log_batch(child.info.run_id, metrics=[Metric("eval_top1_error", e, 1000 * k, k) for k, e in
+                                                     enumerate(errors, 1)])
+        client.set_terminated(child.info.run_id, status)
+    client.set_terminated(parent.info.run_id, "KILLED")
+    assert report.main([parent.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    partial = ("Partial: the sweep's parent run is KILLED; 1 of 3 trials have ended; not ended: expansion=2_seed=0 "
+               "(KILLED); no run yet: expansion=1_seed=1. The figures cover what has been logged so far.")
+    assert partial in text and partial in (tmp_path / "out" / "report.md").read_text()
+    # The budget is the 3 epochs the trials were given, not the 2 that the killed one reached.
+    assert "So far: Full budget (3 epochs): best expansion=1: top-1 error 30.00 % (1 seed)" in text
+    assert f"Not logged to the parent run {parent.info.run_id}: it is KILLED" in text
+    assert client.list_artifacts(parent.info.run_id) == []
+    assert report.main([parent.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "out"), "--attach"]) == 0
+    assert "Not logged" not in capsys.readouterr().out
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["report"]

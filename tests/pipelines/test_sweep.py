@@ -204,6 +204,8 @@ def test_refused_partitions_name_the_widths_that_divide_every_layer_of_the_prese
         ("logging.diagnostics: [true, false]", "logging.diagnostics is set by the sweep for every trial"),
         ("model.expansion: [1, 2, 1]", "model.expansion lists 1 twice"),
         ("name: [a/b, a-b]", "two trials would share the name and run directory name=a-b_seed=0"),
+        ("optim.batch_size: [64, 4000]", "error: trial batch_size=4000_seed=0: optim.batch_size=4000 is larger than "
+                                         "the 1438 training images of digits"),
     ],
 )
 def test_refused_custom_spaces(tmp_path, space, message):
@@ -412,6 +414,34 @@ def test_asha_stops_poor_trials_as_a_normal_ending_and_the_report_compares_equal
     assert (rows["lr=0.0"]["epoch"], rows["lr=0.0"]["stopped"]) == ("1", "1")
     assert (rows["lr=0.1"]["epoch"], rows["lr=0.1"]["stopped"]) == ("2", "0")
     assert "Full budget (2 epochs): best lr=0.1" in done.stdout
+
+
+def test_a_trial_that_fails_before_its_mlflow_run_exists_is_a_failed_child_and_a_report_row(tmp_path):
+    # The CIFAR folder is there (what the check before Ray reads) but holds no data: the trial fails as its
+    # engine loads it, before it has an MLflow run. The other trial, on synthetic data, finishes.
+    (tmp_path / "broken" / "cifar-10-batches-py").mkdir(parents=True)
+    (tmp_path / "space.yaml").write_text("data.name: [synthetic, cifar10]\n")
+    sweep_dir = tmp_path / "sweep"
+    done = run(SWEEP + ["--study", "custom", "--space", "space.yaml", *TINY[1:], f"data.root={tmp_path / 'broken'}",
+                        "optim.epochs=1", "--max-failures", "0", "--dir", str(sweep_dir)], tmp_path)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output and "Trial task failed" not in output  # Ray's 40 lines: in the run's files
+    error = f"gunn.data.base.DataError: cifar10 in {tmp_path / 'broken'} is incomplete or corrupt"
+    assert f"trial failed: name=cifar10_seed=0: {error}" in done.stderr
+    parent, children = sweep_runs(tmp_path, sweep_dir)
+    runs = {c.data.params["data.name"]: c for c in children}
+    assert parent.info.status == "FAILED" and parent.data.tags["gunn.trials"] == "2"
+    assert (runs["cifar10"].info.status, runs["synthetic"].info.status) == ("FAILED", "FINISHED")
+    failed = runs["cifar10"]
+    assert failed.data.tags["error"].startswith(error) and failed.info.run_name == "name=cifar10_seed=0"
+    assert failed.data.params["model.depth"] == runs["synthetic"].data.params["model.depth"]  # resolved, as logged
+    assert [a.path for a in client(tmp_path).list_artifacts(failed.info.run_id)] == ["trial-error.txt"]
+    with open(sweep_dir / "report" / "report.csv") as f:
+        rows = {row["configuration"]: row for row in csv.DictReader(f)}
+    assert (rows["name=cifar10"]["failed"], rows["name=cifar10"]["finished"], rows["name=cifar10"]["epoch"]) == \
+        ("1", "0", "nan")
+    assert (rows["name=synthetic"]["failed"], rows["name=synthetic"]["finished"]) == ("0", "1")
 
 
 def test_a_sweep_runs_inside_one_allocation_of_the_local_slurm_cluster(slurm_cluster, tmp_path):
