@@ -193,6 +193,8 @@ def report_local(config: RunConfig, ended: dict[str, Any], nproc: int) -> int:
         count = f"{ended['unsent']} record(s)" if ended.get("unsent") else "records"
         print(f"MLflow: {ended['tracking_uri']} never created the run; its {count} wait in {journal}: send them "
               f"with {sync} (add --tracking-uri URI if the store moved)")
+    if ended["status"] == "interrupted":
+        print("to continue: run the same command again (it resumes from the newest checkpoint there)")
     return 0 if ended["status"] == "finished" else 3
 
 

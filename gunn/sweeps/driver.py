@@ -58,6 +58,8 @@ SETTINGS = "sweep.yaml"
 TRIAL_ERROR = "trial-error.txt"  # in a failed trial's run directory: its last attempt's traceback  # the sweep's arguments, read back by --resume
 # Options that say where and how a sweep runs: not saved with it, taken anew on --resume.
 WHERE_TO_RUN = ("cluster", "wait", "logs", "verbose", "profile", "sbatch", "ray_cpus", *CLUSTER_OPTIONS)
+# Saved with the sweep, and changed by --resume when given: how the trials share the machine.
+MAY_CHANGE = ("max_concurrent",)
 
 
 # -- one trial, in a Ray worker --------------------------------------------------------------
@@ -140,6 +142,7 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> tuple[int,
     import ray
     from ray import tune
 
+    from gunn.sweeps.grid import GunnGrid, with_limit
     from gunn.train.tracking import journal_reference, resolve_tracking_uri
 
     base = cfgmod.load(args.preset, args.overrides)
@@ -165,13 +168,15 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> tuple[int,
         tune_dir = sweep_dir / "tune"
         if args.resume and tune_dir.exists():
             tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+            if not with_limit(tuner, args.max_concurrent):
+                launch.say("warning: this sweep keeps its first --max-concurrent (it was started by an older gunn)")
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(trials)},
                 tune_config=tune.TuneConfig(
                     metric="eval_top1_error", mode="min", scheduler=_scheduler(args, base.optim.epochs),
-                    max_concurrent_trials=args.max_concurrent or None,
+                    search_alg=GunnGrid(max_concurrent=args.max_concurrent),
                     trial_dirname_creator=lambda trial: trial.config["trial"]["key"][:120],
                     trial_name_creator=lambda trial: trial.config["trial"]["key"][:120],
                 ),
@@ -240,7 +245,7 @@ def _write_report(parent: Any, tracking_uri: str, out: Path) -> tuple[str | None
     if not parent.flush(timeout=60.0) or parent.run_id is None:
         return None, "unreachable"
     try:
-        table = report.build(tracking_uri, parent.run_id, out, log=False)
+        table = report.build(tracking_uri, parent.run_id, out, log=False, ended=True)
     except (MlflowException, report.ReportError, OSError) as err:  # it went away meanwhile
         return None, brief(err)
     if out.is_dir():
@@ -546,11 +551,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not saved.is_file():
             parser.error(f"--resume {args.resume}: no sweep there ({saved} is missing)")
         resumed = argparse.Namespace(**yaml.safe_load(saved.read_text()))
-        differ = _changed_settings(parser, argv, resumed)
+        differ, given = _changed_settings(parser, argv, resumed)
         if differ:
             parser.error(f"--resume {args.resume} continues the sweep as it was started ({saved}); "
                          f"these arguments differ: {'; '.join(differ)} (start a new sweep to change them)")
         resumed.resume, resumed.dir = args.resume, args.resume
+        for key in MAY_CHANGE:
+            if key in given:
+                if given[key] < 0:
+                    parser.error(f"--{key.replace('_', '-')} must be at least 0, got {given[key]}")
+                setattr(resumed, key, given[key])
         # Where and how to run now comes from this command line, not from the first one.
         for key in WHERE_TO_RUN:
             if hasattr(args, key):
@@ -610,11 +620,13 @@ def _claim(sweep_dir: Path, unique: bool) -> Path:
     raise ConfigError(f"no free sweep directory beside {sweep_dir}")
 
 
-def _changed_settings(parser: argparse.ArgumentParser, argv: list[str], saved: argparse.Namespace) -> list[str]:
-    """The arguments given with --resume that differ from the sweep's saved ones, as 'NAME: saved X, given Y'.
+def _changed_settings(parser: argparse.ArgumentParser, argv: list[str],
+                      saved: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """The arguments given with --resume that differ from the sweep's saved ones, as 'NAME: saved X, given Y';
+    and the arguments on this command line, by name.
 
     Only arguments on this command line count (a default does not undo a saved value); where to
-    run (WHERE_TO_RUN) may change."""
+    run (WHERE_TO_RUN) and MAY_CHANGE may change."""
     defaults = {a.dest: a.default for a in parser._actions}
     for action in parser._actions:
         action.default = argparse.SUPPRESS
@@ -631,7 +643,7 @@ def _changed_settings(parser: argparse.ArgumentParser, argv: list[str], saved: a
         given["overrides"] = [t for t in targets if "=" in t]
     differ = []
     for key, value in given.items():
-        if key in ("resume", *WHERE_TO_RUN) or not hasattr(saved, key):
+        if key in ("resume", *WHERE_TO_RUN, *MAY_CHANGE) or not hasattr(saved, key):
             continue
         old = getattr(saved, key)
         if key == "dir":
@@ -644,7 +656,7 @@ def _changed_settings(parser: argparse.ArgumentParser, argv: list[str], saved: a
         if not same:
             name = key if key in ("preset", "overrides") else f"--{key.replace('_', '-')}"
             differ.append(f"{name}: saved {old}, given {value}")
-    return differ
+    return differ, given
 
 
 def main(argv: list[str] | None = None) -> int:

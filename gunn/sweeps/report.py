@@ -138,15 +138,14 @@ def _at(client: Any, run: Any, key: str, epoch: int, last: int) -> float | None:
     return _by_epoch(client.get_metric_history(run.info.run_id, key)).get(epoch)
 
 
-def summarize(client: Any, children: list[Any]) -> Summary:
+def summarize(client: Any, children: list[Any], study: str | None = None) -> Summary:
     """Report rows, the mean training curves of every configuration and the full budget, with every
     configuration's trials compared at one epoch: the last that all of them reached."""
     varying = sorted({k for c in children for k in c.data.params
                       if not k.startswith(PER_TRIAL) and len({d.data.params.get(k) for d in children}) > 1})
     groups: dict[str, list[Any]] = defaultdict(list)
     for child in children:
-        label = ", ".join(f"{k.split('.')[-1]}={child.data.params.get(k)}" for k in varying) or "all"
-        groups[label].append(child)
+        groups[_label(child, varying, study)].append(child)
     histories = {c.info.run_id: {name: _by_epoch(client.get_metric_history(c.info.run_id, name)) for name in METRICS}
                  for c in children}
     last = {run_id: max(h["eval_top1_error"], default=None) for run_id, h in histories.items()}
@@ -207,6 +206,16 @@ def summarize(client: Any, children: list[Any]) -> Summary:
     return Summary(rows, curves, budget, full, at_budget)
 
 
+def _label(child: Any, varying: list[str], study: str | None) -> str:
+    """A child run's configuration: the parameters that vary between the trials; for the partitions study,
+    what it varied (``width=4``, ``mode=sunn``: the trial's name without its seed), not the segment counts
+    that follow from it."""
+    head, _, seed = (child.info.run_name or "").rpartition("_seed=")
+    if study == "partitions" and head and seed == child.data.params.get("runtime.seed"):
+        return head
+    return ", ".join(f"{k.split('.')[-1]}={child.data.params.get(k)}" for k in varying) or "all"
+
+
 def configured_epochs(run: Any) -> int | None:
     """The epochs a child run was given (its ``optim.epochs``, the last value it was changed to), if it says."""
     changed = run.data.tags.get("changed/optim.epochs")
@@ -216,10 +225,11 @@ def configured_epochs(run: Any) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def progress_line(run: Any, children: list[Any]) -> str | None:
+def progress_line(run: Any, children: list[Any], ended: bool = False) -> str | None:
     """What a report of a sweep that has not ended, or has runs missing or unfinished, leaves out, in one
     line; None for a complete sweep. The sweep driver tags its parent run with its trials (gunn.trials,
-    gunn.trial_names)."""
+    gunn.trial_names). ``ended``: the sweep has ended, whatever its parent run's status says yet (the driver
+    builds the report before it ends the parent run)."""
     import json
 
     names = json.loads(run.data.tags.get("gunn.trial_names", "[]"))
@@ -228,10 +238,10 @@ def progress_line(run: Any, children: list[Any]) -> str | None:
     missing = [n for n in names if n not in have]
     open_runs = sorted(f"{c.info.run_name} ({c.info.status})" for c in children
                        if c.info.status not in ("FINISHED", "FAILED"))
-    ended = sum(c.info.status in ("FINISHED", "FAILED") for c in children)
-    if run.info.status in ("FINISHED", "FAILED") and not open_runs and ended >= total:
+    done = sum(c.info.status in ("FINISHED", "FAILED") for c in children)
+    if (ended or run.info.status in ("FINISHED", "FAILED")) and not open_runs and done >= total:
         return None
-    parts = [f"Partial: the sweep's parent run is {run.info.status}; {ended} of {total} trials have ended"]
+    parts = [f"Partial: the sweep's parent run is {run.info.status}; {done} of {total} trials have ended"]
     if open_runs:
         parts.append(f"not ended: {', '.join(open_runs)}")
     if missing:
@@ -315,20 +325,21 @@ def plot(rows: list[dict[str, Any]], curves: dict[str, dict[str, tuple[list[int]
     return paths
 
 
-def build(tracking_uri: str, parent: str, out: Path, *, log: bool | None = None) -> str:
+def build(tracking_uri: str, parent: str, out: Path, *, log: bool | None = None, ended: bool = False) -> str:
     """Writes the report of the sweep ``parent`` into ``out`` and logs it to the parent run (``log``: True
     always, False never (the caller does), None only when the parent run is FINISHED: a report of a
-    sweep that is running, interrupted or failed is not the sweep's); the text to print."""
+    sweep that is running, interrupted or failed is not the sweep's); ``ended``: the caller knows the sweep
+    has ended (see `progress_line`); the text to print."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     run, children = collect(tracking_uri, parent)
     if not children:
         return f"sweep {run.info.run_name}: no trial has logged a run yet"
-    summary = summarize(client, children)
+    summary = summarize(client, children, run.data.tags.get("study"))
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(summary.rows, {"peak_memory_mb": memory_title(children)})
-    partial = progress_line(run, children)
+    partial = progress_line(run, children, ended)
     budget = budget_line(summary) if partial is None else f"So far: {budget_line(summary)}"
     head = f"{partial}\n\n" if partial else ""
     study = run.data.tags.get("study", "?")

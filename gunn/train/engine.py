@@ -232,7 +232,7 @@ def _loop(config: RunConfig, info: distributed.DistInfo, run_dir: Path, stop_aft
                 stopped = not last and (told or stop.requested(position.step, now=True))
             if stopped:
                 save_checkpoint(parts, position, config, info, run_dir)
-                _log(info, f"checkpointed at epoch {position.epoch + 1}, batch {position.batch}: run again to continue")
+                _log(info, f"checkpointed at epoch {position.epoch + 1}, batch {position.batch}")  # the caller says what next
                 result.status, status = "interrupted", "KILLED"
                 break
         if result.status == "finished":

@@ -51,6 +51,20 @@ def launch_until_checkpoint(args: list[str], cwd: Path, run_dir: Path, **kwargs)
     return process
 
 
+@pytest.mark.parametrize("after_s", [0.3, 1.5, 3.0])
+def test_ctrl_c_while_the_launcher_starts_ends_it_quietly(tmp_path, after_s):
+    # While Python loads torch and the launcher checks its arguments there is nothing to save: status 130, one
+    # line at most, never a KeyboardInterrupt traceback. Later, the run checkpoints (status 3).
+    process = subprocess.Popen(LAUNCH + QUICK + ["logging.mlflow=false", "checkpoint.dir=run"], cwd=tmp_path, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after_s)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode in (130, 3), out[-2000:] + err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip() in ("", "python jobs/launch.py: interrupted (Ctrl-C)") or process.returncode == 3, err
+
+
 def test_no_arguments_trains_the_digits_demo_to_95_percent_and_logs_it_locally(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -402,6 +416,7 @@ def test_a_storm_of_stop_signals_to_the_ranks_still_ends_in_one_checkpoint_and_e
     assert process.returncode == 3, out[-2000:] + err[-2000:]
     assert "Traceback" not in err and "terminate called" not in err
     assert re.search(r"interrupted: \d+/40 epochs", out)
+    assert out.rstrip().endswith("to continue: run the same command again (it resumes from the newest checkpoint there)")
 
 
 def test_a_profile_name_is_looked_up_in_the_users_folder_then_among_the_packaged_ones(tmp_path, monkeypatch):

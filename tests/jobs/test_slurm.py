@@ -127,6 +127,7 @@ def test_a_preempted_job_is_requeued_and_ends_like_an_uninterrupted_run(slurm_cl
     log = (tmp_path / "logs" / job / f"{job}_0_log.out").read_text()
     assert f"requeueing job {job} (restart 1)" in log, log
     assert "resuming" in log and "finished: eval top-1 error" in log
+    assert "run again" not in log and "run the same command again" not in log  # the job goes on by itself
 
     uninterrupted = train(cfgmod.load("digits", args[:-1] + ["logging.mlflow=false",
                                                             f"checkpoint.dir={tmp_path / 'straight'}"]))

@@ -203,7 +203,7 @@ def test_two_gloo_ranks_end_with_identical_weights_and_the_metrics_they_report(t
     assert reported["eval_top1_error"] == pytest.approx(100 * wrong / total, abs=1e-9)
 
 
-def test_a_run_logs_config_metrics_tags_and_artifacts_to_mlflow_and_resumes_the_same_run(server, tmp_path):
+def test_a_run_logs_config_metrics_tags_and_artifacts_to_mlflow_and_resumes_the_same_run(server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     uri = f"logging.tracking_uri={server.uri}"
@@ -225,6 +225,7 @@ def test_a_run_logs_config_metrics_tags_and_artifacts_to_mlflow_and_resumes_the_
         assert len(client.get_metric_history(run.info.run_id, name)) == 3, name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves.png", "model-final.pt"} <= artifacts
+    assert "View run" not in capsys.readouterr().out  # MLflow's own line at each end: the engine names the run
 
 
 def test_training_outlives_the_tracking_server_and_sync_sends_what_it_missed(server, tmp_path, caplog):

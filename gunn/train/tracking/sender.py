@@ -4,6 +4,7 @@ record the server refused for good (a rejection) from an outage (try again later
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -14,6 +15,10 @@ from typing import Any
 
 from gunn.train.tracking.journal import REFERENCE_PREFIX, _Journal, journaled_run_id, sync_command
 from gunn.train.tracking.store import store_lock
+
+# MLflow prints "🏃 View run ... at: URL" to stdout when a run on a server ends; the engine's own line names
+# the run and how to browse it. Set it to false to have MLflow's lines back.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 __all__ = ["ParentNotSent", "brief", "experiment_id", "short_http_timeouts"]
 
