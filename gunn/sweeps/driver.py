@@ -193,6 +193,10 @@ def drive(args: argparse.Namespace, sweep_dir: Path, address: str) -> tuple[int,
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
+        # Ray's shutdown leaves SIGTERM to its default action (the driver ended with status 143 while it
+        # completed the records), and Tune leaves its SIGINT handler, which ignores one Ctrl-C after the run.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _stop_on_signals()
     statuses = json.loads(endings_file.read_text()) if endings_file.is_file() else {}
     parent.flush(timeout=30.0)  # the trials' runs are sent under the parent's id
     endings, unsent = complete_records(trials, sweep_dir, statuses)

@@ -465,16 +465,33 @@ def train_one_epoch(parts: Parts, position: Position, config: RunConfig, info: d
                     stop: StopPoll, capture_graphs: bool = False) -> bool:
     """Trains the rest of the epoch at ``position``, advancing it batch by batch; True if ``stop`` asked to
     stop before the epoch's end. ``capture_graphs``: first capture the training step as CUDA graphs."""
-    loader, optimizer, scaler, meter = parts.data.train, parts.optimizer, parts.scaler, position.meter
+    meter = position.meter
     parts.model.train()
-    per_epoch = len(loader)
+    per_epoch = len(parts.data.train)
     if capture_graphs:  # before the loader's threads start (pin memory, DALI): see _capture_graphs
         _capture_graphs(parts, config, info)
     bar = _progress(config, info, position, per_epoch)
-    stopped = False
     start_time, start_count = time.perf_counter(), meter.count
     new_graph_step = (config.runtime.compile and config.runtime.compile_mode in GRAPHED_COMPILE_MODES
                       and parts.device.type == "cuda")
+    try:
+        stopped = _train_batches(parts, position, config, stop, bar, new_graph_step, start_time, start_count,
+                                 info.world_size)
+    finally:
+        if bar is not None:
+            bar.close()  # also when the step fails: an error line then starts a line of its own
+    seconds = time.perf_counter() - start_time
+    position.train_seconds += seconds
+    position.seconds_here += seconds
+    position.images_here += meter.count - start_count
+    return stopped
+
+
+def _train_batches(parts: Parts, position: Position, config: RunConfig, stop: StopPoll, bar: Any,
+                   new_graph_step: bool, start_time: float, start_count: float, world_size: int) -> bool:
+    """The batches of `train_one_epoch`; True if ``stop`` asked to stop before the epoch's end."""
+    loader, optimizer, scaler, meter = parts.data.train, parts.optimizer, parts.scaler, position.meter
+    per_epoch = len(loader)
     for x, y in parts.on_device(loader.iterate(position.epoch, position.batch)):
         lr = learning_rate(config.optim, position.epoch, position.batch, per_epoch)
         for group in optimizer.param_groups:
@@ -494,17 +511,10 @@ def train_one_epoch(parts: Parts, position: Position, config: RunConfig, info: d
         stop.watch_loss(loss.detach(), position.batch + 1)
         position.batch, position.step = position.batch + 1, position.step + 1
         if bar is not None:
-            _update_bar(bar, position, info.world_size, start_time, start_count)
+            _update_bar(bar, position, world_size, start_time, start_count)
         if position.batch < per_epoch and stop.requested(position.step):
-            stopped = True
-            break
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - start_time
-    position.train_seconds += seconds
-    position.seconds_here += seconds
-    position.images_here += meter.count - start_count
-    return stopped
+            return True
+    return False
 
 
 def _raise_bad_loss(run_dir: Path, info: distributed.DistInfo, position: Position, batch: int,
@@ -547,9 +557,26 @@ def _progress(config: RunConfig, info: distributed.DistInfo, position: Position,
         return None
     from tqdm import tqdm
 
+    terminal = sys.stderr.isatty()
     return tqdm(total=total, initial=position.batch, desc=f"epoch {position.epoch + 1}/{config.optim.epochs}",
-                unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0)
+                unit="batch", leave=False, dynamic_ncols=terminal, file=sys.stderr if terminal else _Lines(sys.stderr),
+                mininterval=0.5 if terminal else 30.0)
+
+
+class _Lines:
+    """tqdm's file in a log file (not a terminal): each redraw a line of its own. tqdm redraws in place
+    with carriage returns, which in a file glue every redraw, and the next message, into one line."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()  # a closing bar writes only blanks
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def _update_bar(bar: Any, position: Position, world_size: int, start_time: float, start_count: float) -> None:

@@ -393,12 +393,14 @@ def test_a_full_disk_ends_the_run_with_one_clear_line_and_the_previous_checkpoin
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_loss_that_becomes_nan_ends_the_run_with_exit_1_naming_epoch_and_batch(tmp_path, nproc):
+    # With the progress bar on, into a log file: the error is a line of its own there (split at newlines only).
     args = ["optim.epochs=2", "optim.lr=1e8", "logging.mlflow=false", f"checkpoint.dir={tmp_path / 'r'}",
-            "--nproc", str(nproc)]
+            "--nproc", str(nproc), "logging.progress=true"]
     done = launch(QUICK + args, tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
     where = r"in batch \d+" if nproc == 1 else r"by batch \d+ on rank [01] of 2"
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "\r" not in done.stderr  # the bar's redraws are lines of their own in a file
+    errors = [line for line in done.stderr.split("\n") if line.startswith("error:")]
     assert len(errors) == 1 and re.match(r"error: the training loss became nan or infinite in epoch 1, " + where
                                          + r"; .*continue with a lower optim.lr", errors[0]), done.stderr
     assert "Traceback" not in done.stderr and "Run the same command again" not in done.stderr
