@@ -227,11 +227,13 @@ def run_ranks(config: RunConfig, nproc: int) -> int:
     too (Ctrl-C in a terminal reaches the whole process group): the run checkpoints at the next
     batch and rank 0 writes how it ended to a file the launcher reads. A second signal kills the ranks.
     """
-    from multiprocessing import resource_tracker
+    import logging
 
     import torch.multiprocessing as mp
 
-    resource_tracker.ensure_running()  # started later, it would unblock SIGINT and SIGTERM here
+    _start_resource_tracker()
+    # torch says "Terminating process N via signal SIGTERM" when one rank ends early; the launcher says why.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     previous = {signum: signal.getsignal(signum) for signum in LOCAL_SIGNALS}
     received: list[int] = []
     with tempfile.TemporaryDirectory(prefix="gunn-ranks-") as tmp:
@@ -280,6 +282,23 @@ def run_ranks(config: RunConfig, nproc: int) -> int:
                   file=sys.stderr)
             return 1
         return report_local(config, json.loads(ended.read_text()), nproc)
+
+
+def _start_resource_tracker() -> None:
+    """Starts multiprocessing's resource tracker now: started later, it would unblock SIGINT and SIGTERM
+    here. It cleans up the semaphores of ranks killed by a second signal; it is told not to warn about
+    them ("leaked semaphore objects"): the launcher has said that it killed the ranks."""
+    from multiprocessing import resource_tracker
+
+    saved = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved, "ignore:resource_tracker:UserWarning"]))
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = saved
 
 
 def _rank_main(rank: int, world_size: int, port: int, config: dict[str, Any], ended: str) -> None:

@@ -560,7 +560,7 @@ def _progress(config: RunConfig, info: distributed.DistInfo, position: Position,
     terminal = sys.stderr.isatty()
     return tqdm(total=total, initial=position.batch, desc=f"epoch {position.epoch + 1}/{config.optim.epochs}",
                 unit="batch", leave=False, dynamic_ncols=terminal, file=sys.stderr if terminal else _Lines(sys.stderr),
-                mininterval=0.5 if terminal else 30.0)
+                mininterval=0.5 if terminal else 30.0, delay=0 if terminal else 30.0)  # a log file: no "0%" lines
 
 
 class _Lines:

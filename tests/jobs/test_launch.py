@@ -259,6 +259,8 @@ def test_a_second_signal_aborts_nproc_2_at_once(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-2000:]
     assert "error: aborted by a second SIGTERM: the ranks were killed" in err and "Traceback" not in err
+    # Nothing else: neither torch's "Terminating process" nor the resource tracker's leaked semaphores.
+    assert "leaked semaphore" not in err and "Terminating process" not in err, err
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,9 @@ def test_ddp_over_two_nodes_keeps_ranks_identical_and_matches_one_process(slurm_
     assert "weights identical on all 2 ranks" in logs[0]
     hosts = {rank: re.search(r"hostname=([\w.-]+)", text).group(1) for rank, text in logs.items()}
     assert hosts[0] != hosts[1], "both ranks ran on one host"
+    for rank in (0, 1):  # nothing but the job's own output: no c10d warning that a peer's name is unknown
+        errors = (tmp_path / "logs" / job / f"{job}_{rank}_log.err").read_text()
+        assert "[c10d]" not in errors and "Warning" not in errors, errors
     ddp = [line for line in logs[0].splitlines() if line.startswith("epoch ")]
 
     local = train(cfgmod.load("digits", args + [f"checkpoint.dir={tmp_path / 'local'}"]))
