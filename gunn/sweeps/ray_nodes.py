@@ -17,14 +17,19 @@ from pathlib import Path
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # Ray's command line, from this environment
 
+# How long a Ray node's processes get to end after SIGTERM before SIGKILL. Ray keeps no state the sweep
+# needs (Tune's is in the sweep directory), and `ray start --block` does not end on SIGTERM by itself
+# (its GCS server lingers): a longer grace only delays every sweep's end.
+GRACE_S = 1.5
+
 # Runs beside a sweep's Ray head, in a session of its own; when the driver's end of its stdin
 # closes (the driver ended, even by SIGKILL), it stops the head's process group and removes the
 # head's temporary folder, unless the driver wrote "keep".
-WATCHDOG = """
+WATCHDOG = f"""
 import os, shutil, signal, sys, time
 group, temp = int(sys.argv[1]), sys.argv[2]
 keep = sys.stdin.read().strip() == "keep"
-for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 0)):
+for sig, wait in ((signal.SIGTERM, {GRACE_S}), (signal.SIGKILL, 0)):
     try:
         os.killpg(group, sig)
     except ProcessLookupError:
@@ -95,7 +100,7 @@ def ray_worker(command: list[str], done: Path) -> None:
     node = subprocess.Popen(command, start_new_session=True)
     while node.poll() is None and not done.exists():
         time.sleep(1)
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 5)):
         try:
             os.killpg(node.pid, sig)  # the node's raylet and workers are in its process group
         except ProcessLookupError:
