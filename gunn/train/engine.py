@@ -815,7 +815,11 @@ def _save_mlflow_model(model_dir: Path, data: DataBundle, position: Position, co
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         try:
-            mlflow.pytorch.save_model(model, str(tmp), serialization_format="pt2", **options)
+            with warnings.catch_warnings():
+                # The BatchNorm statistics of a GUNN layer are views of one tensor (fused.TiedStatistics): the
+                # archive stores them whole, and warns that it does, which only matters for weights off the CPU.
+                warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+                mlflow.pytorch.save_model(model, str(tmp), serialization_format="pt2", **options)
         except Exception as err:  # noqa: BLE001 - torch.export could not trace the network
             warnings.warn(f"torch.export could not export {c.model.name} ({type(err).__name__}: {err}); its "
                           f"MLflow model is pickled with gunn's code instead", stacklevel=3)
