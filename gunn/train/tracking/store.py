@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 __all__ = ["check_tracking_uri", "default_tracking_uri", "resolve_tracking_uri", "store_lock"]
+
+# MLflow announces at INFO each new SQLite store's tables ("Creating initial MLflow database tables...",
+# "Updating database tables"): what the store holds is for MLflow to know, not for the run's output.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 # The schemes of MLflow's own tracking stores (mlflow.tracking._tracking_service.utils), copied so that
 # importing this module stays cheap; plugins add theirs through the mlflow.tracking_store entry points.
