@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The comparison report of a sweep, rebuilt from MLflow (gunn.sweeps.report; installed: gunn-report). See --help."""
 
-from gunn.cluster.commands import report
+from gunn.cli import report
 
 if __name__ == "__main__":
     raise SystemExit(report())

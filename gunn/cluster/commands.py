@@ -8,9 +8,6 @@ points ``gunn-launch``, ``gunn-sweep`` and ``gunn-report``.
 
 from __future__ import annotations
 
-import importlib
-import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -23,49 +20,6 @@ COMMANDS = {
     "sweep": ("pipelines/sweep.py", "gunn-sweep"),
     "report": ("pipelines/report.py", "gunn-report"),
 }
-MODULES = {"launch": "gunn.cluster.launch", "sweep": "gunn.sweeps.driver", "report": "gunn.sweeps.report"}
-INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
-
-
-def run(name: str) -> int:
-    """Runs command ``name`` (its module's ``main``): what the scripts and entry points call.
-
-    Ctrl-C before the command has anything to save (while Python loads torch and the command's modules,
-    seconds; or while it checks its arguments) ends it quietly with status 130, not with a traceback.
-    Once it runs, the command's own handlers take over (checkpoint at the next batch, interrupt a sweep)."""
-    quiet = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not where SIGINT is ignored
-    if quiet:
-        signal.signal(signal.SIGINT, _interrupted)
-    try:
-        main = importlib.import_module(MODULES[name]).main
-    finally:
-        if quiet:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return main()
-    except KeyboardInterrupt:
-        print(f"{program(name)}: interrupted (Ctrl-C)", file=sys.stderr)
-        return INTERRUPTED
-
-
-def launch() -> int:
-    return run("launch")
-
-
-def sweep() -> int:
-    return run("sweep")
-
-
-def report() -> int:
-    return run("report")
-
-
-def _interrupted(*_: object) -> None:
-    # Not an exception: the code being imported may swallow one (a bare except around an optional import),
-    # and the command would then go on. Nothing is being written yet.
-    os._exit(INTERRUPTED)
-
-
 def command(name: str, absolute: bool = False) -> list[str]:
     """The words that run command ``name`` from the current folder: ``python SCRIPT`` in a checkout (the
     script's path relative to the current folder when it is below it, unless ``absolute``), else its entry point."""
