@@ -52,7 +52,7 @@ def _meta(help: str, **checks: Any) -> dict[str, Any]:
 class ModelConfig:
     """Which network, and the overrides that the ablations need (None keeps the model's)."""
 
-    name: str = field(default="gunn_tiny", metadata=_meta("registered model name (gunn.models.list_models())"))
+    name: str = field(default="gunn_tiny", metadata=_meta("registered model name (gunn.models.list_models()), or torchvision.NAME / timm.NAME"))
     mode: Literal["gunn", "sunn"] | None = field(default=None, metadata=_meta("update order: gunn (gradual) or sunn (simultaneous); null: the model's"))
     residual: bool | None = field(default=None, metadata=_meta("residual updates (false: the NoRes ablation); null: the model's"))
     segments: list[int] | None = field(default=None, metadata=_meta("segment count of each GUNN layer, e.g. [10, 10, 10]; null: the model's"))
@@ -277,6 +277,18 @@ def model_knobs(model: ModelConfig) -> dict[str, Any]:
     return {knob: getattr(model, knob) for knob in MODEL_KNOBS}
 
 
+def model_arguments(model: ModelConfig) -> dict[str, Any]:
+    """What ``create_model`` is given from a model configuration: the knobs it sets, and its backward
+    strategy (``memory``) where the model takes one; a model without GUNN layers is not given the
+    default strategy (another one is an error that names it)."""
+    from gunn.models import takes
+
+    arguments = model_knobs(model)
+    if model.memory != ModelConfig.memory or takes(model.name, "memory"):
+        arguments["memory"] = model.memory
+    return arguments
+
+
 def resolve(config: RunConfig) -> RunConfig:
     """A copy of ``config`` whose model fields left None (``gunn.models.MODEL_KNOBS``: ``mode``,
     ``residual``, ``segments``, ``expansion``, ``depth``) hold the values its model actually uses:
@@ -290,14 +302,12 @@ def resolve(config: RunConfig) -> RunConfig:
     import torch
 
     from gunn.layers import GunnLayer
-    from gunn.models import create_model, list_models
+    from gunn.models import create_model
 
     m = config.model
-    if m.name not in list_models():
-        raise ConfigError(f"model.name {m.name!r} is not a model; models: {', '.join(list_models())}")
     try:
         with torch.device("meta"):
-            model = create_model(m.name, **model_knobs(m), memory=m.memory)
+            model = create_model(m.name, **model_arguments(m))
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
     layers = [layer for layer in model.modules() if isinstance(layer, GunnLayer)]

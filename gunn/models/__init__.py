@@ -2,7 +2,8 @@
 
 from gunn.models import gunn as _gunn  # noqa: F401  (registers the builders)
 from gunn.models.gunn import OVERRIDES, GunnNet
-from gunn.models.registry import MODEL_KNOBS, ModelDefaults, create_model, default_cfg, list_models, register_model
+from gunn.models.registry import (MODEL_KNOBS, ModelDefaults, create_model, default_cfg, is_model, list_models,
+                                  register_model, takes)
 
-__all__ = ["GunnNet", "MODEL_KNOBS", "ModelDefaults", "OVERRIDES", "create_model", "default_cfg", "list_models",
-           "register_model"]
+__all__ = ["GunnNet", "MODEL_KNOBS", "ModelDefaults", "OVERRIDES", "create_model", "default_cfg", "is_model",
+           "list_models", "register_model", "takes"]

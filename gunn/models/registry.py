@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -70,30 +73,114 @@ def register_model(
     return register if builder is None else register(builder)
 
 
+# Models of other libraries, by ``LIBRARY.NAME``: torchvision's classification models, and timm's when
+# timm is installed (``torchvision.resnext50_32x4d``, ``timm.wide_resnet50_2``). They take num_classes
+# and in_chans, and none of the GUNN knobs.
+LIBRARIES = ("torchvision", "timm")
+# What every builder may be given besides its own architecture: the data decides these.
+DATA_ARGUMENTS = ("num_classes", "in_chans")
+# The GUNN knobs that only models which declare them take (MODEL_KNOBS and the backward strategy).
+GUNN_ARGUMENTS = (*MODEL_KNOBS, "memory")
+
+
 def list_models(pattern: str = "*") -> list[str]:
-    """Names of the registered models matching a shell-style ``pattern``, sorted."""
+    """Names of the registered models matching a shell-style ``pattern``, sorted. Other libraries' models
+    (``torchvision.NAME``, ``timm.NAME``) are found by name, not listed."""
     return sorted(name for name in _BUILDERS if fnmatch.fnmatchcase(name, pattern))
 
 
-def _check_name(name: str) -> None:
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+def _builder(name: str) -> Callable[..., nn.Module]:
+    """The builder of model ``name``: registered, or another library's; ValueError naming what there is."""
+    if name in _BUILDERS:
+        return _BUILDERS[name]
+    library, _, model = name.partition(".")
+    if library == "torchvision" and model:
+        from torchvision import models
+
+        known = models.list_models(module=models)  # the classification models
+        if model not in known:
+            raise ValueError(f"unknown model {name!r}: torchvision has no classification model {model!r}"
+                             f"{_close(model, known, 'torchvision.')}")
+        return functools.partial(_torchvision, model)
+    if library == "timm" and model:
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"model {name!r} needs timm: pip install timm (or the gunn[timm] extra)") from None
+        if not timm.is_model(model):
+            raise ValueError(f"unknown model {name!r}: timm has no model {model!r}"
+                             f"{_close(model, timm.list_models(), 'timm.')}")
+        return functools.partial(_timm, model)
+    raise ValueError(f"unknown model {name!r}{_close(name, list_models(), '')}; available models: "
+                     f"{', '.join(list_models())}, and torchvision.NAME (or timm.NAME with timm installed) for "
+                     "another library's classification model")
+
+
+def _close(name: str, known: list[str], prefix: str) -> str:
+    matches = difflib.get_close_matches(name, known, n=3)
+    return f" (did you mean {', '.join(prefix + m for m in matches)}?)" if matches else ""
+
+
+def is_model(name: str) -> bool:
+    """Whether ``name`` builds a model: registered, or another library's."""
+    try:
+        _builder(name)
+    except ValueError:
+        return False
+    return True
+
+
+def takes(name: str, argument: str) -> bool:
+    """Whether model ``name``'s builder takes ``argument`` (a GUNN knob, ``memory``, ``num_classes``...)."""
+    builder = _builder(name)
+    if isinstance(builder, functools.partial):  # another library's: the data's arguments only
+        return argument in DATA_ARGUMENTS
+    parameters = inspect.signature(builder).parameters
+    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def default_cfg(name: str) -> ModelDefaults | None:
     """The default configuration registered with model ``name`` (None if it has none)."""
-    _check_name(name)
+    _builder(name)
     return _DEFAULTS.get(name)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Builds the model registered as ``name``; keyword arguments that are None are dropped.
+    """Builds model ``name``; keyword arguments that are None are dropped.
 
     Dropping None lets a command line pass every option it has without overriding a
-    model's defaults with unset values.
+    model's defaults with unset values. A GUNN knob (``mode``, ``segments``, ..., ``memory``) given to a
+    model that does not take it is a ValueError naming both: it would otherwise be ignored, or fail
+    inside the builder.
     """
-    _check_name(name)
-    model = _BUILDERS[name](**{key: value for key, value in kwargs.items() if value is not None})
+    builder = _builder(name)
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    for key in kwargs:
+        if key in GUNN_ARGUMENTS and not takes(name, key):
+            raise ValueError(f"{name} has no setting {key!r} (model.{key}={kwargs[key]}): only GUNN models take "
+                             f"{', '.join(GUNN_ARGUMENTS)}; leave model.{key} unset")
+    kwargs = {key: value for key, value in kwargs.items() if key not in DATA_ARGUMENTS or takes(name, key)}
+    model = builder(**kwargs)
     if name in _DEFAULTS and isinstance(model, nn.Module):
         model.default_cfg = _DEFAULTS[name]
     return model
+
+
+class InputChannels(nn.Sequential):
+    """A network for 3-channel images fed ``in_chans`` channels: a learned 1x1 convolution maps them to 3."""
+
+    def __init__(self, in_chans: int, network: nn.Module) -> None:
+        super().__init__(nn.Conv2d(in_chans, 3, kernel_size=1), network)
+
+
+def _torchvision(model: str, num_classes: int = 1000, in_chans: int = 3) -> nn.Module:
+    from torchvision import models
+
+    network = models.get_model(model, weights=None, num_classes=num_classes)
+    return network if in_chans == 3 else InputChannels(in_chans, network)
+
+
+def _timm(model: str, num_classes: int = 1000, in_chans: int = 3) -> nn.Module:
+    import timm
+
+    return timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_chans)

@@ -164,8 +164,7 @@ def _check_tracking(config: RunConfig) -> None:
 
 
 def _model_overrides(config: RunConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
-    return dict(num_classes=num_classes, in_chans=in_chans, **cfgmod.model_knobs(config.model),
-                memory=config.model.memory)
+    return dict(num_classes=num_classes, in_chans=in_chans, **cfgmod.model_arguments(config.model))
 
 
 def default_run_dir(config: RunConfig) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from torch import nn
 
@@ -65,3 +67,48 @@ def test_a_model_registered_without_defaults_has_none_and_an_unknown_name_is_an_
     assert not hasattr(create_model("tiny_test_model_without_defaults"), "default_cfg")
     with pytest.raises(ValueError, match="unknown model 'no_such_model'"):
         default_cfg("no_such_model")
+
+
+def test_another_librarys_model_is_built_by_name_and_takes_the_datas_channels_and_classes():
+    import torch
+
+    from gunn.models import is_model, takes
+    from gunn.models.registry import InputChannels
+
+    model = create_model("torchvision.resnet18", num_classes=7, in_chans=3)
+    assert type(model).__name__ == "ResNet" and model.fc.out_features == 7
+    grey = create_model("torchvision.resnet18", num_classes=7, in_chans=1)  # digits: one channel, mapped to 3
+    assert isinstance(grey, InputChannels) and grey(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    assert is_model("torchvision.resnext50_32x4d") and not is_model("torchvision.resnt18")
+    assert not takes("torchvision.resnet18", "memory") and takes("gunn15", "memory")
+
+
+@pytest.mark.parametrize("name,message", [
+    ("torchvision.resnt18", r"unknown model 'torchvision.resnt18': torchvision has no classification model 'resnt18' "
+                            r"\(did you mean torchvision.resnet18"),
+    ("torchvision.", r"unknown model 'torchvision.'"),
+    ("tourchvision.resnet18", r"unknown model 'tourchvision.resnet18'.*torchvision.NAME"),
+])
+def test_an_unknown_model_of_another_library_is_a_clear_error(name, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(name)
+
+
+def test_a_gunn_setting_given_to_a_model_without_it_names_the_model_and_the_setting():
+    @register_model
+    def plain_mlp(num_classes: int = 10, in_chans: int = 3) -> nn.Module:  # no GUNN knob, no memory
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    assert isinstance(create_model("plain_mlp", num_classes=4, in_chans=1, mode=None, memory=None), nn.Sequential)
+    for name in ("plain_mlp", "torchvision.resnet18"):
+        with pytest.raises(ValueError, match=rf"{name} has no setting 'segments' \(model.segments=\[2, 2\]\): only "
+                                             "GUNN models take mode, residual, segments, expansion, depth, memory"):
+            create_model(name, segments=[2, 2])
+
+
+def test_timm_models_need_timm():
+    if importlib.util.find_spec("timm") is not None:
+        assert create_model("timm.resnet18", num_classes=3, in_chans=1).num_classes == 3
+    else:
+        with pytest.raises(ValueError, match=r"model 'timm.resnet18' needs timm: pip install timm"):
+            create_model("timm.resnet18")

@@ -149,7 +149,7 @@ def test_snapshot_ensembles_are_evaluated_beside_the_single_model(tmp_path):
     "overrides,error,message",
     [
         (["model.segments=[3, 3, 3]"], ConfigError, r"model: segments\[0\] must be a positive divisor"),
-        (["model.name=gunn16"], ConfigError, r"model.name 'gunn16' is not a model"),
+        (["model.name=gunn16"], ConfigError, r"model: unknown model 'gunn16' \(did you mean gunn18"),
         (["optim.lr_steps=[0.75, 0.5]"], ConfigError, r"optim.lr_steps must be increasing"),
         (["optim.schedule=snapshot", "optim.snapshots=4", "optim.epochs=6"], ConfigError,
          r"optim.snapshots=4 must divide optim.epochs=6"),
@@ -841,3 +841,23 @@ def test_runtime_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, mode)
     config = cfgmod.resolve(small(tmp_path, "runtime.compile=true", f"runtime.compile_mode={mode}"))
     engine.build(config, distributed.DistInfo(0, 1, 0, torch.device("cpu")))
     assert seen == [{"mode": mode}]
+
+
+def test_a_model_of_another_library_trains_resumes_and_logs_as_a_gunn_model_does(tmp_path):
+    # torchvision's ResNet-18 by name, through the same engine: checkpoint, resume, MLflow.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ("model.name=torchvision.resnet18", "optim.epochs=2", "logging.mlflow=true", f"logging.tracking_uri={uri}")
+    first = train(small(tmp_path, *args), stop_after=5)
+    assert first.status == "interrupted"
+    resumed = train(small(tmp_path, *args))
+    straight = train(small(tmp_path / "straight", *args[:2]))
+    assert resumed.status == "finished" and same_weights(resumed.model.state_dict(), straight.model.state_dict())
+    run = MlflowClient(uri).get_run(resumed.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "torchvision.resnet18"
+    assert run.data.params["model.mode"] == "None"  # no GUNN layer: nothing resolved
+    with pytest.raises(ConfigError, match=r"model: torchvision.resnet18 has no setting 'mode' \(model.mode=sunn\)"):
+        validate(small(tmp_path, "model.name=torchvision.resnet18", "model.mode=sunn"))
+    with pytest.raises(ConfigError, match=r"has no setting 'memory' \(model.memory=recompute\)"):
+        validate(small(tmp_path, "model.name=torchvision.resnet18", "model.memory=recompute"))
