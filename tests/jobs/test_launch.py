@@ -55,8 +55,11 @@ def launch_until_checkpoint(args: list[str], cwd: Path, run_dir: Path, **kwargs)
 def test_ctrl_c_while_the_launcher_starts_ends_it_quietly(tmp_path, after_s):
     # While Python loads torch and the launcher checks its arguments there is nothing to save: status 130, one
     # line at most, never a KeyboardInterrupt traceback. Later, the run checkpoints (status 3).
+    # SIGINT at its default action in the launcher, as in a terminal (a test run started in the background by a
+    # shell inherits it ignored).
     process = subprocess.Popen(LAUNCH + QUICK + ["logging.mlflow=false", "checkpoint.dir=run"], cwd=tmp_path, env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(after_s)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
