@@ -73,10 +73,9 @@ def register_model(
     return register if builder is None else register(builder)
 
 
-# Models of other libraries, by ``LIBRARY.NAME``: torchvision's classification models, and timm's when
-# timm is installed (``torchvision.resnext50_32x4d``, ``timm.wide_resnet50_2``). They take num_classes
-# and in_chans, and none of the GUNN knobs.
-LIBRARIES = ("torchvision", "timm")
+# Models of other libraries are found by ``LIBRARY.NAME`` (`_builder`): torchvision's classification models,
+# and timm's when timm is installed (``torchvision.resnext50_32x4d``, ``timm.wide_resnet50_2``). They take
+# num_classes and in_chans, and none of the GUNN knobs.
 # What every builder may be given besides its own architecture: the data decides these.
 DATA_ARGUMENTS = ("num_classes", "in_chans")
 # The GUNN knobs that only models which declare them take (MODEL_KNOBS and the backward strategy).

@@ -54,8 +54,8 @@ from gunn.sweeps.ray_nodes import RAY, auth_token, ray_head, ray_worker, wait_fo
 from gunn.sweeps.studies import STUDIES, trial_configs
 from gunn.train.distributed import job_port
 
-SETTINGS = "sweep.yaml"
-TRIAL_ERROR = "trial-error.txt"  # in a failed trial's run directory: its last attempt's traceback  # the sweep's arguments, read back by --resume
+SETTINGS = "sweep.yaml"  # the sweep's arguments, read back by --resume
+TRIAL_ERROR = "trial-error.txt"  # in a failed trial's run directory: its last attempt's traceback
 # Options that say where and how a sweep runs: not saved with it, taken anew on --resume.
 WHERE_TO_RUN = ("cluster", "wait", "logs", "verbose", "profile", "sbatch", "ray_cpus", *CLUSTER_OPTIONS)
 # Saved with the sweep, and changed by --resume when given: how the trials share the machine.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import re
 import sqlite3
@@ -230,8 +231,6 @@ def progress_line(run: Any, children: list[Any], ended: bool = False) -> str | N
     line; None for a complete sweep. The sweep driver tags its parent run with its trials (gunn.trials,
     gunn.trial_names). ``ended``: the sweep has ended, whatever its parent run's status says yet (the driver
     builds the report before it ends the parent run)."""
-    import json
-
     names = json.loads(run.data.tags.get("gunn.trial_names", "[]"))
     total = int(run.data.tags.get("gunn.trials", len(names) or len(children)))
     have = {c.data.tags.get("mlflow.runName") or c.info.run_name for c in children}
