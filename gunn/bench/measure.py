@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+
+from gunn.models.cost import multiply_adds
 
 
 def retained_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[int, object]:
@@ -44,13 +45,7 @@ def activation_bytes(model: nn.Module, x: Tensor) -> int:
 
 def flops(model: nn.Module, x: Tensor) -> int:
     """Floating-point operations (2 per multiply-add) of one eval forward of ``model`` on ``x``."""
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    model.train(was_training)
-    return counter.get_total_flops()
+    return 2 * multiply_adds(model, x)
 
 
 def step_seconds(step: Callable[[], None], device: torch.device | str = "cpu") -> float:

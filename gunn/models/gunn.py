@@ -26,6 +26,23 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 1, stride: 
     return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
+def resnet_init(model: nn.Module) -> None:
+    """The ResNet initialisation (fb.resnet.torch's, which the paper's and its peers' official code use;
+    docs/layer.md, "The models"): convolutions N(0, 2 / (k * k * out_channels)), BatchNorm weight 1 and bias
+    0, linear biases 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if m.weight.is_meta:  # no values to draw; the meta kernel of normal_ would import torch._dynamo
+                continue
+            k = m.kernel_size[0] * m.kernel_size[1]
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (k * m.out_channels)))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
 class GunnNet(nn.Module):
     """Stem, then per resolution a transition and a GUNN layer, then pooling and ``fc``.
 
@@ -89,31 +106,39 @@ class GunnNet(nn.Module):
         self.head = _conv_bn_relu(channels, head_width) if head_width else nn.Identity()
         self.num_features = head_width or channels
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(self.num_features, num_classes)
+        self.fc: nn.Module = nn.Linear(self.num_features, num_classes)
         self.num_classes = num_classes
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """ResNet initialisation (docs/layer.md, "The models")."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                if m.weight.is_meta:  # no values to draw; the meta kernel of normal_ would import torch._dynamo
-                    continue
-                k = m.kernel_size[0] * m.kernel_size[1]
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (k * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self.in_chans = in_chans  # read by timm (get_model_traits)
+        resnet_init(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature map before global pooling."""
         return self.head(self.stages(self.stem(x)))
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        """Global average pooling and the classifier."""
-        return self.fc(self.pool(x).flatten(1))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pooling and the classifier; ``pre_logits``: the pooled features (as timm's models)."""
+        x = self.pool(x).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``fc``; an ``nn.Identity`` after ``reset_classifier(0)``)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` classes, initialised as the network's; 0: none (the pooled
+        features are the output), as timm's models. ``global_pool`` may only keep the average pooling."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool must be 'avg' (the only pooling of GUNN) or None, got {global_pool!r}")
+        if num_classes == 0:
+            self.fc = nn.Identity()
+        else:
+            weight = next(self.stem.parameters())
+            self.fc = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
+            nn.init.zeros_(self.fc.bias)  # as resnet_init
+            self.fc.train(self.training)
+        self.num_classes = num_classes
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -120,10 +120,15 @@ def _close(name: str, known: list[str], prefix: str) -> str:
     return f" (did you mean {', '.join(prefix + m for m in matches)}?)" if matches else ""
 
 
+def check_model(name: str) -> None:
+    """Raises ValueError, naming the models there are (and close matches), unless ``name`` builds a model."""
+    _builder(name)
+
+
 def is_model(name: str) -> bool:
     """Whether ``name`` builds a model: registered, or another library's."""
     try:
-        _builder(name)
+        check_model(name)
     except ValueError:
         return False
     return True

@@ -80,7 +80,7 @@ def test_list_models_names_every_model_and_filters_by_pattern():
 
 def test_an_unknown_model_name_lists_the_available_ones():
     with pytest.raises(ValueError, match=r"unknown model 'gunn16' \(did you mean gunn18, gunn15, sunn18\?\); "
-                                         "available models: gunn15, gunn18"):
+                                         "available models: densenet264, densenet_bc190, gunn15, gunn18"):
         create_model("gunn16")
 
 
