@@ -4,6 +4,10 @@ Studies, on any preset (the paper's comparisons, Table 5):
   sunn-vs-gunn  both update orders x seeds
   partitions    the segment width of every GUNN layer over --widths, SUNN as reference
   residual      GUNN with and without residual updates
+  peers         --models NAME ...: GUNN against other networks at one recipe (any model.name)
+  paper-cifar   the rows of the paper's Tables 3 and 5 that gunn builds (a preset such as gunn15-cifar10 gives
+                the paper's recipe; --models picks rows)
+  paper-imagenet  the rows of Table 4 that gunn builds (preset gunn18-imagenet; timm's rows with timm)
   custom        --space FILE: a YAML mapping of configuration fields to lists of values (a grid)
 Every trial runs the training engine (gunn.train.engine.train, as jobs/launch.py does), reports
 each epoch's metrics and checkpoint to Tune, and logs an MLflow child run under the sweep's
@@ -51,7 +55,7 @@ from gunn.config import ConfigError
 from gunn.data import DataError
 from gunn.sweeps import report
 from gunn.sweeps.ray_nodes import RAY, auth_token, ray_head, ray_worker, wait_for_nodes
-from gunn.sweeps.studies import STUDIES, trial_configs
+from gunn.sweeps.studies import MODEL_STUDIES, STUDIES, trial_configs
 from gunn.train.distributed import job_port
 
 SETTINGS = "sweep.yaml"  # the sweep's arguments, read back by --resume
@@ -129,7 +133,7 @@ def parent_run(tracking_uri: str, experiment: str, name: str, args: argparse.Nam
     if marker.is_file() and journaled_run_id(sweep_dir, tracking_uri) is None:
         adopt_run(sweep_dir / JOURNAL_NAME, marker.read_text().strip(), tracking_uri)  # a sweep started before
     params = {"study": args.study, "preset": args.preset or "digits", "seeds": args.seeds, "widths": args.widths,
-              "overrides": args.overrides}
+              "models": getattr(args, "models", None), "overrides": args.overrides}
     return Tracker(run_dir=sweep_dir, tracking_uri=tracking_uri, experiment=experiment, run_name=name,
                    params={k: json.dumps(v) for k, v in params.items()},
                    tags={"study": args.study, "sweep": name, "sweep_dir": str(sweep_dir)}, drain_timeout=30.0)
@@ -252,8 +256,9 @@ def _write_report(parent: Any, tracking_uri: str, out: Path) -> tuple[str | None
         table = report.build(tracking_uri, parent.run_id, out, log=False, ended=True)
     except (MlflowException, report.ReportError, OSError) as err:  # it went away meanwhile
         return None, brief(err)
-    if out.is_dir():
-        parent.log_artifact(out, "report")
+    if out.is_dir():  # as report.py --attach logs it (gunn.sweeps.report._attach), through the journal
+        parent.log_artifact(report.mlflow_copy(out, parent.run_id, out.parent / ".report-mlflow"), "report")
+        parent.log_metrics(report.summary_metrics(report.read_rows(out)), step=0)
     return table, ""
 
 
@@ -538,6 +543,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every configuration (default 0)")
     parser.add_argument("--widths", type=int, nargs="+", help="partitions: segment widths to compare")
     parser.add_argument("--space", help="custom: YAML file mapping fields to lists of values")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help="peers: the models to compare; paper-cifar, paper-imagenet: which of the paper's rows")
     parser.add_argument("--dir", type=Path, help="sweep directory (default: sweeps/<study>-<preset>-<time>)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="finish the interrupted sweep in DIR")
     parser.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs of each trial (default 1)")
@@ -583,9 +590,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  ("--max-concurrent", args.max_concurrent, 0), ("--max-failures", args.max_failures, 0)):
         if value < least:
             parser.error(f"{option} must be at least {least}, got {value}")
-    for option, value, study in (("--widths", args.widths, "partitions"), ("--space", args.space, "custom")):
-        if value and args.study != study:
-            parser.error(f"{option} is for --study {study}; --study {args.study} does not use it")
+    for option, value, study in (("--widths", args.widths, ("partitions",)), ("--space", args.space, ("custom",)),
+                                 ("--models", args.models, tuple(MODEL_STUDIES))):
+        if value and args.study not in study:
+            parser.error(f"{option} is for --study {' or '.join(study)}; --study {args.study} does not use it")
     if args.cluster != "slurm":  # a trial that can never get its CPUs would wait for them for ever
         cpus = args.ray_cpus or os.cpu_count() or 1
         if args.cpus_per_trial > cpus:

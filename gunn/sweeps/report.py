@@ -20,9 +20,11 @@ import csv
 import json
 import math
 import re
+import shutil
 import sqlite3
 import statistics
 import sys
+import time
 from collections import defaultdict
 from contextlib import closing
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch
 from gunn.cluster.commands import plain_warnings, program
 from gunn.config import RunConfig
 from gunn.layers import GunnLayer
-from gunn.models import MODEL_KNOBS, create_model, default_cfg
+from gunn.models import MODEL_KNOBS, cost, create_model, default_cfg, is_model, paper
 from gunn.train import plots
 
 
@@ -43,7 +45,7 @@ class ReportError(Exception):
 
 # Child-run parameters that differ between trials without defining a configuration.
 PER_TRIAL = ("runtime.seed", "checkpoint.dir", "logging.")
-METRICS = ("eval_top1_error", "train_top1_error", "epoch_time", "images_per_s", "peak_memory_mb")
+METRICS = ("eval_top1_error", "eval_top5_error", "train_top1_error", "epoch_time", "images_per_s", "peak_memory_mb")
 # Image channels, side and classes of each data set as the loaders give them (synthetic: its data.image_size
 # and data.classes): the data, not the model, decides what a run's model sees.
 DATA = {"digits": (1, 32, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "imagenet": (3, 224, 1000)}
@@ -76,20 +78,36 @@ def _value(text: str | None) -> Any:
 def model_cost(params: dict[str, str]) -> tuple[int, int, list[int], str]:
     """Parameters, multiply-adds per image, GUNN layer segment widths and update mode of a child
     run's model (the mode its layers have: the model's own when the run did not set one)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     chans, size, classes = input_shape(params)
     overrides = {k: _value(params.get(f"model.{k}")) for k in MODEL_KNOBS}
-    with torch.device("meta"):
-        model = create_model(params["model.name"], num_classes=classes, in_chans=chans, **overrides).eval()
-        x = torch.randn(1, chans, size, size)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
+    count, macs, model = cost.model_cost(params["model.name"], (chans, size, size), num_classes=classes,
+                                         in_chans=chans, **overrides)
     layers = [m for m in model.modules() if isinstance(m, GunnLayer)]
     widths = [m.channels // m.segments for m in layers]
     mode = ",".join(sorted({m.mode for m in layers}))  # as the engine's ``mode`` tag
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2, widths, mode
+    return count, macs, widths, mode
+
+
+def paper_columns(params: dict[str, str]) -> dict[str, float]:
+    """The paper's published top-1 and top-5 errors of a child run's model and data (gunn.models.paper), when
+    the run used the paper's recipe and the model's own architecture; NaN otherwise."""
+    why = paper_differs(params)
+    row = paper.published(params.get("model.name", ""), params.get("data.name", ""))
+    if why or row is None:
+        return {"paper_top1_error": math.nan, "paper_top5_error": math.nan}
+    return {"paper_top1_error": row.top1, "paper_top5_error": math.nan if row.top5 is None else row.top5}
+
+
+def paper_differs(params: dict[str, str]) -> list[str]:
+    """How a child run differs from the paper's recipe for its data, and from its model's architecture."""
+    data = params.get("data.name", "")
+    fields = paper.PAPER_RECIPE["imagenet" if data == "imagenet" else "cifar"]
+    differ = paper.differs_from_recipe(data, {k: _value(params.get(k)) for k in fields})
+    defaults = default_cfg(params["model.name"]) if is_model(params.get("model.name", "")) else None
+    if defaults is not None:
+        differ += [f"model.{k}={_value(params.get(f'model.{k}'))} (paper: {v})" for k, v in defaults.knobs().items()
+                   if params.get(f"model.{k}") not in (None, "None") and _value(params.get(f"model.{k}")) != v]
+    return differ
 
 
 def collect(tracking_uri: str, parent: str) -> tuple[Any, list[Any]]:
@@ -164,6 +182,7 @@ def summarize(client: Any, children: list[Any], study: str | None = None) -> Sum
         steps = [set(histories[r.info.run_id]["eval_top1_error"]) for r in evaluated]
         epoch = max(set.intersection(*steps), default=None) if steps else None
         final = [histories[r.info.run_id]["eval_top1_error"][epoch] for r in evaluated] if epoch is not None else []
+        top5 = [histories[r.info.run_id]["eval_top5_error"].get(epoch, math.nan) for r in evaluated] if final else []
         rates = [statistics.mean(h["images_per_s"].values()) for h in runs_h if h["images_per_s"]]
         epoch_times = [v for h in runs_h for v in h["epoch_time"].values()]
         memory = [v for h in runs_h for v in h["peak_memory_mb"].values()]
@@ -186,10 +205,12 @@ def summarize(client: Any, children: list[Any], study: str | None = None) -> Sum
             "stopped": sum(r.data.tags.get("stopped_early") == "true" for r in runs),
             "failed": sum(r.info.status == "FAILED" for r in runs),
             "parameters": params,
-            "mmac_per_image": round(flops / 1e6, 2),
+            "gmac_per_image": flops / 1e9,
             "epoch": math.nan if epoch is None else epoch,
             "top1_error_mean": statistics.mean(final) if final else math.nan,
             "top1_error_std": statistics.stdev(final) if len(final) > 1 else math.nan,  # no spread from one seed
+            "top5_error_mean": statistics.mean(top5) if top5 else math.nan,
+            **paper_columns(runs[0].data.params),
             "epoch_time_s": statistics.mean(epoch_times) if epoch_times else math.nan,
             "images_per_s": statistics.mean(rates) if rates else math.nan,
             "images_per_s_std": statistics.stdev(rates) if len(rates) > 1 else math.nan,
@@ -210,9 +231,10 @@ def summarize(client: Any, children: list[Any], study: str | None = None) -> Sum
 def _label(child: Any, varying: list[str], study: str | None) -> str:
     """A child run's configuration: the parameters that vary between the trials; for the partitions study,
     what it varied (``width=4``, ``mode=sunn``: the trial's name without its seed), not the segment counts
-    that follow from it."""
+    that follow from it; for the studies of models, the model (``model=wrn28_10``), not the settings that differ
+    with it."""
     head, _, seed = (child.info.run_name or "").rpartition("_seed=")
-    if study == "partitions" and head and seed == child.data.params.get("runtime.seed"):
+    if (study == "partitions" or head.startswith("model=")) and head and seed == child.data.params.get("runtime.seed"):
         return head
     return ", ".join(f"{k.split('.')[-1]}={child.data.params.get(k)}" for k in varying) or "all"
 
@@ -290,22 +312,23 @@ def memory_title(children: list[Any]) -> str:
 
 COLUMNS = [("configuration", "configuration"), ("mode", "mode"), ("segment_width", "segment width"),
            ("seeds", "seeds"), ("finished", "finished"), ("stopped", "stopped"), ("failed", "failed"), ("parameters", "parameters"),
-           ("mmac_per_image", "MMAC/image"), ("epoch", "at epoch"), ("top1_error_mean", "top-1 error %"),
-           ("top1_error_std", "+-"), ("epoch_time_s", "s/epoch"), ("images_per_s", "images/s"),
+           ("gmac_per_image", "GMAC/image"), ("epoch", "at epoch"), ("top1_error_mean", "top-1 error %"),
+           ("top1_error_std", "+-"), ("top5_error_mean", "top-5 error %"), ("paper_top1_error", "paper top-1 %"),
+           ("paper_top5_error", "paper top-5 %"), ("epoch_time_s", "s/epoch"), ("images_per_s", "images/s"),
            ("images_per_s_std", "+-"), ("peak_memory_mb", "peak MB"), ("collapsed_pairs", "collapsed pairs"),
            ("participation_ratio", "eff. dim")]
 
 
 def markdown(rows: list[dict[str, Any]], titles: dict[str, str] | None = None) -> str:
     """The rows as a Markdown table (``titles``: headers other than COLUMNS', by key)."""
-    def cell(value: Any) -> str:
+    def cell(value: Any, key: str) -> str:
         if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:.2f}"
+            return "-" if math.isnan(value) else f"{value:.3g}" if key == "gmac_per_image" else f"{value:.2f}"
         return f"{value:,}" if isinstance(value, int) else str(value)
 
     titles = {**dict(COLUMNS), **(titles or {})}
     lines = ["| " + " | ".join(titles[key] for key, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row[key], key) for key, _ in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -344,12 +367,18 @@ def build(tracking_uri: str, parent: str, out: Path, *, log: bool | None = None,
     study = run.data.tags.get("study", "?")
     devices = sorted({c.data.tags["device"] for c in children if "device" in c.data.tags})
     ran_on = f"these trials ran on {', '.join(devices)}" if devices else "these trials did not say on which device"
-    (out / "report.md").write_text(
-        f"# Sweep {run.info.run_name} ({study})\n\n{head}{table}\n\n{budget}\n\n"
+    papers = paper_line(children)
+    notes = (
         "- Top-1 error: evaluation error at the last epoch that every seed of the configuration reached "
-        "(column at epoch), mean and standard deviation over seeds. Trials stopped early by ASHA (column "
-        "stopped; column finished counts the trials that ran the full budget) end before the full budget, so rows at different epochs are no "
-        "equal comparison; the line above compares only configurations whose every trial ran the full budget.\n"
+        "(column at epoch), mean and standard deviation over seeds; top-5 error: its mean at that epoch. Trials "
+        "stopped early by ASHA (column stopped; column finished counts the trials that ran the full budget) end "
+        "before the full budget, so rows at different epochs are no equal comparison; the line above compares only "
+        "configurations whose every trial ran the full budget.\n"
+        "- Paper top-1/top-5: the errors the paper published for the model on the data (gunn.models.paper; "
+        "Tables 3-5), shown where the trials ran the paper's recipe on its data with the model's own architecture"
+        f"{papers}.\n"
+        "- GMAC/image: multiply-adds of one image's evaluation forward at the training image size, in billions "
+        "(convolutions and matrix products).\n"
         "- s/epoch: training time per epoch, mean over trials and epochs; images/s: training throughput, each "
         "trial's mean over its epochs, then mean and standard deviation (+-) over trials.\n"
         "- Peak MB: the largest over the configuration's trials and epochs of the engine's peak memory: on "
@@ -360,20 +389,107 @@ def build(tracking_uri: str, parent: str, out: Path, *, log: bool | None = None,
         "participation ratio of the channel covariance, mean over layers (at the row's epoch, when the trials "
         "logged diagnostics).\n"
         "- Training curves: mean over seeds, on the epochs that every seed reached.\n\n"
-        + "".join(f"![{p.stem}]({p.name})\n" for p in plot(summary.rows, summary.curves, out))
     )
+    figures = plot(summary.rows, summary.curves, out)
+    page = f"# Sweep {run.info.run_name} ({study})\n\n{head}{table}\n\n{budget}\n\n{notes}"
+    (out / "report.md").write_text(page + "".join(f"![{p.stem}]({p.name})\n" for p in figures))
     with open(out / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[key for key, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(summary.rows)
     attach = run.info.status == "FINISHED" if log is None else log
-    for path in sorted(out.iterdir()) if attach else ():
-        client.log_artifact(run.info.run_id, str(path), artifact_path="report")
+    if attach:
+        _attach(client, run.info.run_id, out)
     text = f"sweep {run.info.run_name} ({study}), {len(children)} trials:\n{head}{table}\n{budget}"
     if log is None and not attach:
         text += (f"\nNot logged to the parent run {run.info.run_id}: it is {run.info.status}, so this report may "
                  "not be the sweep's last (--attach logs it there all the same).")
     return text
+
+
+def _attach(client: Any, run_id: str, out: Path) -> None:
+    """Logs the report in ``out`` to the parent run ``run_id`` (under ``report/``; see `mlflow_copy`) with its
+    summary metrics (`summary_metrics`)."""
+    import tempfile
+
+    from mlflow.entities import Metric
+
+    with tempfile.TemporaryDirectory() as folder:
+        client.log_artifacts(run_id, str(mlflow_copy(out, run_id, Path(folder) / "report")), artifact_path="report")
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, 0) for key, value in summary_metrics(read_rows(out)).items()]
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
+def mlflow_copy(out: Path, run_id: str, dest: Path) -> Path:
+    """``dest``, made a copy of the report in ``out`` as the parent run ``run_id`` keeps it: the same files, but a
+    report.md whose figures link through the MLflow server's get-artifact route, so that the UI's preview of the
+    file shows them (a link to the file beside it shows as text there)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for path in sorted(out.iterdir()):
+        if path.is_file():
+            shutil.copy2(path, dest / path.name)
+    page = re.sub(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)",
+                  lambda m: f"![{m[1]}](get-artifact?path=report%2F{m[2]}&run_uuid={run_id})",
+                  (out / "report.md").read_text())
+    (dest / "report.md").write_text(page)
+    return dest
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of the report in ``out`` (its report.csv), numbers as numbers."""
+    def number(text: str) -> Any:
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+
+    with open(out / "report.csv", newline="") as f:
+        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# The report's columns that the parent run gets as metrics, one per configuration (summary_metrics).
+SUMMARY = {"top1_error_mean": "eval_top1_error_mean", "top1_error_std": "eval_top1_error_std",
+           "top5_error_mean": "eval_top5_error_mean", "images_per_s": "images_per_s",
+           "peak_memory_mb": "peak_memory_mb", "gmac_per_image": "gmac_per_image", "parameters": "parameters"}
+
+
+def summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The rows as MLflow metrics ``METRIC/CONFIGURATION`` (``eval_top1_error_mean/gunn``): MLflow's chart view
+    puts each metric's configurations side by side in one section. Missing values (NaN) are left out."""
+    metrics = {}
+    for row in rows:
+        label = row["configuration"]
+        pairs = [part.partition("=") for part in label.split(", ")]
+        named = len(pairs) == 1 and pairs[0][0] in ("model", "mode")  # gunn, torchvision.resnet18; else width:8
+        name = pairs[0][2] if named else " ".join(f"{k}:{v}" if eq else k for k, eq, v in pairs)
+        name = re.sub(r"[^\w.\- :]", "_", name).strip() or "all"
+        for column, metric in SUMMARY.items():
+            value = row[column]
+            if isinstance(value, (int, float)) and not math.isnan(value):
+                metrics[f"{metric}/{name}"] = float(value)
+    return metrics
+
+
+def paper_line(children: list[Any]) -> str:
+    """Where the paper has a figure for a trial's model and data that is not shown: how the trials differ."""
+    seen, parts = set(), []
+    for child in children:
+        params = child.data.params
+        row = paper.published(params.get("model.name", ""), params.get("data.name", ""))
+        if row is None or (row.model, row.data) in seen:
+            continue
+        seen.add((row.model, row.data))
+        differ = paper_differs(params)
+        if differ:
+            parts.append(f"{row.model} on {row.data} ({row.table}: {row.top1}%) is not shown: its trials differ in "
+                         f"{', '.join(differ)}")
+    return "; " + "; ".join(parts) if parts else ""
 
 
 def check_store(tracking_uri: str, timeout_s: float = 5.0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from gunn import config as cfgmod
 from gunn.config import ConfigError, RunConfig
 from gunn.sweeps import report
 
-STUDIES = ("sunn-vs-gunn", "partitions", "residual", "custom")
+STUDIES = ("sunn-vs-gunn", "partitions", "residual", "peers", "paper-cifar", "paper-imagenet", "custom")
+# The studies that compare models (--models): each trial's model.name.
+MODEL_STUDIES = {"peers": None, "paper-cifar": "cifar10", "paper-imagenet": "imagenet"}
 Point = tuple[dict[str, Any], dict[str, Any]]  # (what names the configuration, its overrides)
 
 
@@ -22,6 +25,8 @@ def study_points(args: argparse.Namespace, base: RunConfig) -> list[Point]:
     """The configurations a study compares (before seeds): each as its name's fields and its overrides."""
     if args.study == "sunn-vs-gunn":
         return [({"mode": m}, {"model.mode": m}) for m in ("sunn", "gunn")]
+    if args.study in MODEL_STUDIES:
+        return [({"model": m}, {"model.name": m}) for m in study_models(args.study, getattr(args, "models", None))]
     if args.study == "residual":
         return [({"residual": r}, {"model.mode": "gunn", "model.residual": r}) for r in (True, False)]
     if args.study == "partitions":
@@ -59,6 +64,40 @@ def study_points(args: argparse.Namespace, base: RunConfig) -> list[Point]:
     keys = list(space)
     return [({k.split(".")[-1]: v for k, v in zip(keys, values)}, dict(zip(keys, values)))
             for values in itertools.product(*(space[k] for k in keys))]
+
+
+def study_models(study: str, models: list[str] | None) -> list[str]:
+    """The models a model study compares: ``--models`` (peers), or the rows of the paper's table that this
+    project builds (paper-cifar: Tables 3 and 5; paper-imagenet: Table 4), all or those ``--models`` picks.
+    timm's rows are left out, with a note, when timm is not installed."""
+    from gunn.models import is_model, paper
+    from gunn.models.registry import check_model
+
+    if study == "peers":
+        if not models:
+            raise ConfigError("--study peers needs --models, the models to compare, e.g. --models gunn15 wrn28_10 "
+                              "torchvision.resnet18 (registered names, torchvision.NAME or timm.NAME)")
+        for model in models:
+            try:
+                check_model(model)
+            except ValueError as err:
+                raise ConfigError(f"--models: {err}") from None
+    else:
+        rows = list(dict.fromkeys(r.model for r in paper.results(MODEL_STUDIES[study], buildable=True)))
+        if models:
+            unknown = [m for m in models if m not in rows]
+            if unknown:
+                raise ConfigError(f"--models: {', '.join(unknown)} not in the paper's rows of --study {study}; "
+                                  f"they are: {' '.join(rows)} (compare other models with --study peers)")
+            rows = [m for m in rows if m in models]
+        models = [m for m in rows if not m.startswith("timm.") or is_model(m)]
+        if len(models) < len(rows):
+            print(f"note: --study {study} leaves out {', '.join(m for m in rows if m not in models)}: they need "
+                  "timm (pip install timm)", file=sys.stderr)
+    twice = _repeated(models)
+    if twice is not None:
+        raise ConfigError(f"--models: {twice} given twice")
+    return models
 
 
 # Fields the sweep sets in every trial: an override of them on the command line would be ignored.

@@ -34,6 +34,7 @@ from gunn.config import ConfigError, OptimConfig, RunConfig
 from gunn.data import DataBundle, build_data, check_data, train_size
 from gunn.layers import GunnLayer
 from gunn.models import create_model
+from gunn.models.cost import model_cost
 from gunn.train import checkpoint as ckpt
 from gunn.train import distributed, graphs
 from gunn.train.device import resolve as resolve_device
@@ -208,7 +209,7 @@ def _loop(config: RunConfig, info: distributed.DistInfo, run_dir: Path, stop_aft
     or a stop (checkpoint); rank 0 logs it all to MLflow."""
     parts = build(config, info)
     position = resume(run_dir, parts, config, info)
-    tracker = _tracker(config, info, run_dir, parts.model, position.history)
+    tracker = _tracker(config, info, run_dir, parts, position.history)
     result = RunResult(run_dir, "finished", position.epoch, history=position.history,
                        mlflow_run_id=getattr(tracker, "run_id", None),
                        tracking_uri=getattr(tracker, "tracking_uri", None))
@@ -683,7 +684,7 @@ def _diagnostics(parts: Parts) -> dict[str, float]:
 
     x, _ = next(parts.on_device(parts.data.eval.iterate(0)))
     report = singularity_report(parts.model, x)
-    return {f"singularity/{layer}/{key}": value for layer, stats in report.items()
+    return {f"diag/{layer}/{key}": value for layer, stats in report.items()
             for key, value in stats.as_dict().items() if key != "channels"}
 
 
@@ -895,7 +896,7 @@ def _slurm_jobs(run_dir: Path) -> list[str]:
     return list(dict.fromkeys(jobs))
 
 
-def _tracker(config: RunConfig, info: distributed.DistInfo, run_dir: Path, model: nn.Module,
+def _tracker(config: RunConfig, info: distributed.DistInfo, run_dir: Path, parts: Parts,
              history: list[dict[str, float]]) -> Any:
     """The MLflow tracker of the run (rank 0, with logging.mlflow), or None.
 
@@ -909,12 +910,17 @@ def _tracker(config: RunConfig, info: distributed.DistInfo, run_dir: Path, model
     from gunn.train.tracking.tracker import Tracker
 
     c = config
-    layers = [m for m in model.modules() if isinstance(m, GunnLayer)]
+    layers = [m for m in parts.model.modules() if isinstance(m, GunnLayer)]
+    data = parts.data
+    count, macs, _ = model_cost(c.model.name, (data.in_chans, data.image_size, data.image_size),
+                                **_model_overrides(c, data.num_classes, data.in_chans))
     tags = {
         "model": c.model.name,
         "mode": ",".join(sorted({layer.mode for layer in layers})),
         "segments": ",".join(str(layer.segments) for layer in layers),
         "data": c.data.name,
+        "parameters": str(count),
+        "gmac": f"{macs / 1e9:.4g}",  # multiply-adds per image of the training size, in billions
         "world_size": str(info.world_size),
         "device": info.device.type,
         "host": socket.gethostname(),  # rank 0's node

@@ -26,7 +26,7 @@ def _is_number(value: Any) -> bool:
 def curve_panels(history: list[dict[str, float]]) -> dict[str, list[tuple[str, str]]]:
     """Panel title -> (key, legend label) of each line, in the order keys first appear in `history`.
 
-    Keys `group/<name>/<measure>` (the singularity diagnostics `singularity/<layer>/<measure>`)
+    Keys `group/<name>/<measure>` (the singularity diagnostics `diag/<layer>/<measure>`)
     share one panel per measure, with one line per name; losses, errors and learning rates
     each share a panel; any other key gets its own.
     """

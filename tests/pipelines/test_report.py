@@ -122,9 +122,9 @@ def test_trials_stopped_early_are_compared_at_the_last_epoch_every_seed_reached(
 
     uri, parent = sweep_of(tmp_path, [
         {"expansion": 1, "seed": 0, "metrics": {"eval_top1_error": [50, 40, 30], "train_top1_error": [55, 45, 35],
-                                                "singularity/l1/collapsed_pairs": [1, 2, 3]}},
+                                                "diag/l1/collapsed_pairs": [1, 2, 3]}},
         {"expansion": 1, "seed": 1, "metrics": {"eval_top1_error": [52, 44], "train_top1_error": [57, 47],
-                                                "singularity/l1/collapsed_pairs": [1, 4]}, "tags": STOPPED},
+                                                "diag/l1/collapsed_pairs": [1, 4]}, "tags": STOPPED},
         {"expansion": 2, "seed": 0, "metrics": {"eval_top1_error": [45, 35, 25]}},
         {"expansion": 2, "seed": 1, "metrics": {"eval_top1_error": [47, 37, 27]}}])
     text = report.build(uri, parent, tmp_path / "out")
@@ -237,3 +237,49 @@ def test_the_report_of_an_unfinished_sweep_says_it_is_partial_and_is_not_attache
     assert report.main([parent.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "out"), "--attach"]) == 0
     assert "Not logged" not in capsys.readouterr().out
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["report"]
+
+
+def test_the_report_puts_the_papers_error_beside_a_run_of_its_recipe_and_logs_summary_metrics_to_the_parent(tmp_path):
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from gunn import config as cfgmod
+    from gunn.models import paper
+
+    (tmp_path / "store").mkdir()
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweeps", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment, run_name="paper-cifar-x", tags={"study": "paper-cifar", "sweep": "x"})
+    recipe = {k: v for k, v in cfgmod.flatten(cfgmod.load("gunn15-cifar10", [])).items() if k.startswith("optim.")}
+    for model, epochs, errors in (("gunn15", 300, (4.0, 5.0)), ("sunn15", 1, (6.0, 6.0))):
+        for seed, error in enumerate(errors):
+            child = client.create_run(experiment, run_name=f"model={model}_seed={seed}",
+                                      tags={"mlflow.parentRunId": parent.info.run_id, "study": "paper-cifar"})
+            params = {**{k: str(v) for k, v in recipe.items()}, "optim.epochs": str(epochs), "model.name": model,
+                      "data.name": "cifar10", "runtime.seed": str(seed)}
+            client.log_batch(child.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                             metrics=[Metric("eval_top1_error", error, 1000, epochs), Metric("eval_top5_error", 1.0, 1000, epochs),
+                                      Metric("images_per_s", 100.0 * (seed + 1), 1000, epochs)])
+            client.set_terminated(child.info.run_id)
+    client.set_terminated(parent.info.run_id)
+
+    report.build(uri, parent.info.run_id, tmp_path / "out")
+    with open(tmp_path / "out" / "report.csv") as f:
+        rows = {row["configuration"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"model=gunn15", "model=sunn15"}
+    assert float(rows["model=gunn15"]["paper_top1_error"]) == paper.published("gunn15", "cifar10").top1 == 4.15
+    assert float(rows["model=gunn15"]["top1_error_mean"]) == 4.5 and float(rows["model=gunn15"]["top5_error_mean"]) == 1.0
+    assert math.isnan(float(rows["model=sunn15"]["paper_top1_error"]))  # one epoch is not the paper's recipe
+    assert int(rows["model=gunn15"]["parameters"]) == 1_585_746
+    local = (tmp_path / "out" / "report.md").read_text()
+    assert "sunn15 on cifar10 (Table 5: 5.64%) is not shown: its trials differ in optim.epochs=1 (paper: 300)" in local
+    assert "![curves](curves.png)" in local  # beside the file
+    # The parent run: its summary per configuration as metrics, and a report.md whose images MLflow's preview shows.
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert metrics["eval_top1_error_mean/gunn15"] == 4.5 and metrics["eval_top1_error_std/gunn15"] == math.sqrt(0.5)
+    assert metrics["eval_top1_error_mean/sunn15"] == 6.0 and metrics["images_per_s/sunn15"] == 150.0
+    assert metrics["parameters/gunn15"] == 1_585_746 and abs(metrics["gmac_per_image/gunn15"] - 0.5557) < 1e-3
+    served = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path / "dl"))).read_text()
+    assert f"![curves](get-artifact?path=report%2Fcurves.png&run_uuid={parent.info.run_id})" in served
+    assert served.replace(f"get-artifact?path=report%2Fcurves.png&run_uuid={parent.info.run_id}", "curves.png") == local

@@ -69,37 +69,57 @@ def ray_processes(folder: Path) -> list[str]:
     return found
 
 
-def test_a_sunn_vs_gunn_sweep_on_digits_nests_its_trials_and_writes_the_report(tmp_path):
+PEERS = ["gunn_tiny", "sunn_tiny", "torchvision.mobilenet_v3_small"]
+
+
+def test_a_peers_sweep_on_digits_nests_its_trials_and_writes_the_report_and_the_parents_summary(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    driver = subprocess.Popen(SWEEP + ["--study", "sunn-vs-gunn", "optim.epochs=1", "--dir", str(sweep_dir)],
+    driver = subprocess.Popen(SWEEP + ["--study", "peers", "--models", *PEERS, "optim.epochs=1", "--dir", str(sweep_dir)],
                               cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = driver.communicate(timeout=900)
     done = subprocess.CompletedProcess(driver.args, driver.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # One line per trial event, with the count of trials done; none of Ray's own chatter.
-    for trial in ("mode=sunn_seed=0", "mode=gunn_seed=0"):
-        assert re.search(rf"^\[[01]/2 done\] {trial}: started$", done.stdout, re.M), done.stdout
-        assert re.search(rf"^\[[01]/2 done\] {trial}: epoch 1/1, eval top-1 error [0-9.]+%$", done.stdout, re.M)
-        assert re.search(rf"^\[[12]/2 done\] {trial}: finished$", done.stdout, re.M)
+    for model in PEERS:
+        trial = f"model={model}_seed=0"
+        assert re.search(rf"^\[[0-2]/3 done\] {trial}: started$", done.stdout, re.M), done.stdout
+        assert re.search(rf"^\[[0-2]/3 done\] {trial}: epoch 1/1, eval top-1 error [0-9.]+%$", done.stdout, re.M)
+        assert re.search(rf"^\[[1-3]/3 done\] {trial}: finished$", done.stdout, re.M)
     for noise in ("TensorBoard", "Token authentication", "Started a local Ray instance", "Tuner.restore"):
         assert noise not in done.stdout + done.stderr
     # The sweep's own Ray is gone, with its folder.
     ray_folder = Path(tempfile.gettempdir()) / f"gunn-ray-{driver.pid}"
     assert not ray_folder.exists() and not ray_processes(ray_folder)
     parent, children = sweep_runs(tmp_path, sweep_dir)
-    assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "sunn-vs-gunn"
-    assert sorted(c.data.params["model.mode"] for c in children) == ["gunn", "sunn"]
-    assert all(c.info.status == "FINISHED" and c.data.tags["study"] == "sunn-vs-gunn" for c in children)
+    assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "peers"
+    assert sorted(c.data.params["model.name"] for c in children) == sorted(PEERS)
+    assert all(c.info.status == "FINISHED" and c.data.tags["study"] == "peers" for c in children)
     assert all(c.data.params["data.name"] == "digits" and "eval_top1_error" in c.data.metrics for c in children)
+    # Each run says its model's cost; diagnostics sit under diag/, after the errors in MLflow's charts.
+    tags = {c.data.params["model.name"]: c.data.tags for c in children}
+    assert tags["gunn_tiny"]["parameters"] == tags["sunn_tiny"]["parameters"] == "104986"
+    assert float(tags["gunn_tiny"]["gmac"]) == float(tags["sunn_tiny"]["gmac"]) > 0
+    gunn_metrics = next(c.data.metrics for c in children if c.data.params["model.name"] == "gunn_tiny")
+    assert any(k.startswith("diag/") and k.endswith("/collapsed_pairs") for k in gunn_metrics)
+    assert not any(k.startswith("singularity/") for k in gunn_metrics)
     with open(sweep_dir / "report" / "report.csv") as f:
-        rows = {row["mode"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"gunn", "sunn"}
-    assert rows["gunn"]["parameters"] == rows["sunn"]["parameters"] == "104986"
-    assert rows["gunn"]["mmac_per_image"] == rows["sunn"]["mmac_per_image"]
-    assert all(float(row["collapsed_pairs"]) >= 0 and float(row["participation_ratio"]) >= 1 for row in rows.values())
+        rows = {row["configuration"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {f"model={m}" for m in PEERS}
+    assert rows["model=gunn_tiny"]["mode"] == "gunn" and rows["model=sunn_tiny"]["mode"] == "sunn"
+    assert rows["model=gunn_tiny"]["parameters"] == rows["model=sunn_tiny"]["parameters"] == "104986"
+    assert rows["model=gunn_tiny"]["gmac_per_image"] == rows["model=sunn_tiny"]["gmac_per_image"]
+    assert int(rows["model=torchvision.mobilenet_v3_small"]["parameters"]) == int(
+        tags["torchvision.mobilenet_v3_small"]["parameters"])
+    assert all(float(rows[f"model={m}"]["collapsed_pairs"]) >= 0 and float(rows[f"model={m}"]["participation_ratio"]) >= 1
+               for m in ("gunn_tiny", "sunn_tiny"))
     artifacts = {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.csv", "report/curves.png"} <= artifacts
-    assert "| mode=gunn | gunn |" in done.stdout and "| mode=sunn | sunn |" in done.stdout
+    assert "| model=gunn_tiny | gunn |" in done.stdout and "| model=sunn_tiny | sunn |" in done.stdout
+    # The parent run holds the comparison as metrics, one per configuration.
+    summary = parent.data.metrics
+    for model in PEERS:
+        assert summary[f"eval_top1_error_mean/{model}"] == float(rows[f"model={model}"]["top1_error_mean"])
+        assert summary[f"parameters/{model}"] == float(rows[f"model={model}"]["parameters"])
 
 
 def test_a_partitions_sweep_compares_segment_widths_with_sunn_as_reference(tmp_path):
@@ -248,6 +268,48 @@ def test_refused_resume_spares_where_to_run_and_repeated_settings(tmp_path):
     # How many trials run at once may change; when not given, the saved value holds.
     assert driver.parse_args(["--resume", str(folder), "--max-concurrent", "1"]).max_concurrent == 1
     assert driver.parse_args(["--resume", str(folder)]).max_concurrent == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--study", "peers"], "--study peers needs --models, the models to compare"),
+    (["--study", "peers", "--models", "gunn_tiny", "resnet1100"], "--models: unknown model 'resnet1100' (did you mean"),
+    (["--study", "peers", "--models", "gunn_tiny", "torchvision.resnet1"],
+     "--models: unknown model 'torchvision.resnet1': torchvision has no classification model"),
+    (["--study", "peers", "--models", "gunn_tiny", "gunn_tiny"], "--models: gunn_tiny given twice"),
+    (["--study", "paper-cifar", "--models", "gunn18"], "--models: gunn18 not in the paper's rows of --study paper-cifar; "
+                                                       "they are: resnet110 wrn28_10"),
+    (["--study", "sunn-vs-gunn", "--models", "gunn15"],
+     "--models is for --study peers or paper-cifar or paper-imagenet; --study sunn-vs-gunn does not use it"),
+    (["--study", "peers", "--models", "gunn_tiny", "model.name=gunn15"],
+     "model.name=gunn15: model.name is what --study peers varies"),
+    (["--study", "peers", "--models", "gunn_tiny", "torchvision.resnet18", "model.mode=sunn"],
+     "trial model=torchvision.resnet18_seed=0: model: torchvision.resnet18 has no setting 'mode'"),
+])
+def test_bad_model_studies_are_refused_at_once(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(driver.main([*args, *TINY, "--dir", str(tmp_path / "sweep")]))
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_paper_studies_train_the_rows_of_the_papers_tables_that_gunn_builds(tmp_path, capsys):
+    from gunn.models import is_model, paper
+
+    cifar = studies.study_models("paper-cifar", None)
+    assert cifar == ["resnet110", "wrn28_10", "wrn40_10", "resnext29_16x64d", "densenet_bc190", "gunn15", "gunn24",
+                     "sunn15", "sunn24"]
+    assert all(paper.published(m, "cifar100") is not None for m in cifar)
+    imagenet = studies.study_models("paper-imagenet", None)
+    rows = [r.model for r in paper.results("imagenet", buildable=True)]
+    assert imagenet == [m for m in rows if is_model(m)] and {"gunn18", "sunn18", "wide_gunn18"} <= set(imagenet)
+    if len(imagenet) < len(rows):  # without timm, its rows are left out and said so
+        assert "note: --study paper-imagenet leaves out timm.dpn98, timm.seresnext101_32x4d" in capsys.readouterr().err
+    assert studies.study_models("paper-cifar", ["gunn15", "wrn28_10"]) == ["wrn28_10", "gunn15"]  # the paper's order
+    args = driver.parse_args(["--study", "peers", "--models", "gunn_tiny", "torchvision.resnet18", *TINY])
+    trials = studies.trial_configs(args, tmp_path, "parent", "sqlite:///unused.db", check_device=False)
+    assert [t["key"] for t in trials] == ["model=gunn_tiny_seed=0", "model=torchvision.resnet18_seed=0"]
+    assert [t["config"]["model"]["name"] for t in trials] == ["gunn_tiny", "torchvision.resnet18"]
 
 
 def test_trials_run_seed_major_so_that_configurations_share_the_load_evenly(tmp_path):

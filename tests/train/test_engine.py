@@ -260,8 +260,8 @@ def test_diagnostics_are_logged_per_gunn_layer_when_enabled(tmp_path):
     metrics = result.history[0]
     for layer in ("stages.0.gunn", "stages.1.gunn", "stages.2.gunn"):
         for key in ("collapsed_pairs", "collapsed_channels", "dead_channels", "participation_ratio"):
-            assert f"singularity/{layer}/{key}" in metrics
-    assert 1 <= metrics["singularity/stages.2.gunn/participation_ratio"] <= 64
+            assert f"diag/{layer}/{key}" in metrics
+    assert 1 <= metrics["diag/stages.2.gunn/participation_ratio"] <= 64
 
 
 def test_running_a_finished_run_again_changes_nothing(tmp_path):

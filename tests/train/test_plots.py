@@ -30,7 +30,7 @@ def _history(epochs: int, *, diagnostics: bool = False) -> list[dict[str, float]
     for epoch in range(1, epochs + 1):
         row = {"epoch": epoch, **{key: 1.0 / epoch + i for i, key in enumerate(_PLAIN_KEYS)}}
         if diagnostics:
-            row.update({f"singularity/{layer}/{measure}": float(epoch * (j + 1) + i)
+            row.update({f"diag/{layer}/{measure}": float(epoch * (j + 1) + i)
                         for i, layer in enumerate(_LAYERS) for j, measure in enumerate(_MEASURES)})
         rows.append(row)
     return rows
