@@ -257,7 +257,7 @@ def _write_report(parent: Any, tracking_uri: str, out: Path) -> tuple[str | None
     except (MlflowException, report.ReportError, OSError) as err:  # it went away meanwhile
         return None, brief(err)
     if out.is_dir():  # as report.py --attach logs it (gunn.sweeps.report._attach), through the journal
-        parent.log_artifact(report.mlflow_copy(out, parent.run_id, out.parent / ".report-mlflow"), "report")
+        parent.log_artifact(report.mlflow_copy(out, parent.run_id, out.parent / ".report-mlflow", tracking_uri), "report")
         parent.log_metrics(report.summary_metrics(report.read_rows(out)), step=0)
     return table, ""
 

@@ -415,24 +415,32 @@ def _attach(client: Any, run_id: str, out: Path) -> None:
     from mlflow.entities import Metric
 
     with tempfile.TemporaryDirectory() as folder:
-        client.log_artifacts(run_id, str(mlflow_copy(out, run_id, Path(folder) / "report")), artifact_path="report")
+        copy = mlflow_copy(out, run_id, Path(folder) / "report", client.tracking_uri)
+        client.log_artifacts(run_id, str(copy), artifact_path="report")
     now = int(time.time() * 1000)
     metrics = [Metric(key, value, now, 0) for key, value in summary_metrics(read_rows(out)).items()]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
-def mlflow_copy(out: Path, run_id: str, dest: Path) -> Path:
+# Where MLflow's UI serves a store that is not a server: `mlflow ui`'s default address.
+MLFLOW_UI = "http://127.0.0.1:5000"
+
+
+def mlflow_copy(out: Path, run_id: str, dest: Path, tracking_uri: str) -> Path:
     """``dest``, made a copy of the report in ``out`` as the parent run ``run_id`` keeps it: the same files, but a
-    report.md whose figures link through the MLflow server's get-artifact route, so that the UI's preview of the
-    file shows them (a link to the file beside it shows as text there)."""
+    report.md whose figures link to the MLflow server's get-artifact route by its full address, so that the UI's
+    preview of the file shows them: MLflow 3's preview shows only images of http(s) addresses, and shows a
+    relative link as text. The address is the tracking server's, or `mlflow ui`'s default (``MLFLOW_UI``) for a
+    store that is not a server."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for path in sorted(out.iterdir()):
         if path.is_file():
             shutil.copy2(path, dest / path.name)
+    server = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI
     page = re.sub(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)",
-                  lambda m: f"![{m[1]}](get-artifact?path=report%2F{m[2]}&run_uuid={run_id})",
+                  lambda m: f"![{m[1]}]({server}/get-artifact?path=report%2F{m[2]}&run_uuid={run_id})",
                   (out / "report.md").read_text())
     (dest / "report.md").write_text(page)
     return dest

@@ -281,5 +281,5 @@ def test_the_report_puts_the_papers_error_beside_a_run_of_its_recipe_and_logs_su
     assert metrics["eval_top1_error_mean/sunn15"] == 6.0 and metrics["images_per_s/sunn15"] == 150.0
     assert metrics["parameters/gunn15"] == 1_585_746 and abs(metrics["gmac_per_image/gunn15"] - 0.5557) < 1e-3
     served = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path / "dl"))).read_text()
-    assert f"![curves](get-artifact?path=report%2Fcurves.png&run_uuid={parent.info.run_id})" in served
-    assert served.replace(f"get-artifact?path=report%2Fcurves.png&run_uuid={parent.info.run_id}", "curves.png") == local
+    link = f"{report.MLFLOW_UI}/get-artifact?path=report%2Fcurves.png&run_uuid={parent.info.run_id}"  # `mlflow ui`'s
+    assert f"![curves]({link})" in served and served.replace(link, "curves.png") == local
