@@ -34,21 +34,21 @@ def hand_made_sweep(folder: Path) -> tuple[str, str]:
     return uri, parent.info.run_id
 
 
-def test_the_report_shows_the_mode_the_trials_ran_in_when_the_space_did_not_set_one(tmp_path):
+def test_the_report_shows_the_mode_the_trials_ran_in_when_the_space_did_not_set_one(tmp_path, capsys):
     uri, parent = hand_made_sweep(tmp_path)
-    done = run(REPORT + [parent, "--tracking-uri", uri, "--out", str(tmp_path / "out")], tmp_path, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert report.main([parent, "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     with open(tmp_path / "out" / "report.csv") as f:
         rows = {row["configuration"]: row["mode"] for row in csv.DictReader(f)}
     assert rows == {"expansion=1": "gunn", "expansion=2": "gunn"}  # gunn_tiny's own mode
 
 
-def test_the_report_of_an_unknown_run_or_sweep_is_one_error_line(tmp_path):
+def test_the_report_of_an_unknown_run_or_sweep_is_one_error_line(tmp_path, capsys):
     uri, _ = hand_made_sweep(tmp_path)
     for sweep, message in (("0" * 32, f"error: no run {'0' * 32} at {uri}"),
                            ("nosuch", f"error: no sweep named 'nosuch' at {uri}")):
-        done = run(REPORT + [sweep, "--tracking-uri", uri], tmp_path, timeout=120)
-        assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
+        status = report.main([sweep, "--tracking-uri", uri])
+        err = capsys.readouterr().err
+        assert status == 2 and err.strip() == message, err
 
 
 def test_the_report_never_creates_a_store_and_says_where_it_looked(tmp_path):

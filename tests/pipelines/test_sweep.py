@@ -23,8 +23,8 @@ from gunn.sweeps import driver, studies
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = [sys.executable, str(REPO / "pipelines" / "sweep.py")]
 REPORT = [sys.executable, str(REPO / "pipelines" / "report.py")]
-# No MLflow model export in the trials of most sweeps (it costs seconds a trial): the digits sweep below logs it,
-# as a user's sweep does, and tests/train/test_mlflow_model.py checks it.
+# No MLflow model export in the trials of the sweeps (it costs seconds a trial): a trial runs the engine, whose
+# export tests/train/test_mlflow_model.py checks.
 NO_MODEL = "logging.model=false"
 TINY = ["data.name=synthetic", "data.samples=128", "data.image_size=16", "data.classes=4", "optim.batch_size=16",
         NO_MODEL]
@@ -72,9 +72,10 @@ def ray_processes(folder: Path) -> list[str]:
 PEERS = ["gunn_tiny", "sunn_tiny", "torchvision.mobilenet_v3_small"]
 
 
-def test_a_peers_sweep_on_digits_nests_its_trials_and_writes_the_report_and_the_parents_summary(tmp_path):
+def test_a_peers_sweep_nests_its_trials_and_writes_the_report_and_the_parents_summary(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    driver = subprocess.Popen(SWEEP + ["--study", "peers", "--models", *PEERS, "optim.epochs=1", "--dir", str(sweep_dir)],
+    driver = subprocess.Popen(SWEEP + ["--study", "peers", "--models", *PEERS, *TINY, "optim.epochs=1",
+                                       "--dir", str(sweep_dir)],
                               cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = driver.communicate(timeout=900)
     done = subprocess.CompletedProcess(driver.args, driver.returncode, stdout, stderr)
@@ -94,10 +95,10 @@ def test_a_peers_sweep_on_digits_nests_its_trials_and_writes_the_report_and_the_
     assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "peers"
     assert sorted(c.data.params["model.name"] for c in children) == sorted(PEERS)
     assert all(c.info.status == "FINISHED" and c.data.tags["study"] == "peers" for c in children)
-    assert all(c.data.params["data.name"] == "digits" and "eval_top1_error" in c.data.metrics for c in children)
+    assert all(c.data.params["data.name"] == "synthetic" and "eval_top1_error" in c.data.metrics for c in children)
     # Each run says its model's cost; diagnostics sit under diag/, after the errors in MLflow's charts.
     tags = {c.data.params["model.name"]: c.data.tags for c in children}
-    assert tags["gunn_tiny"]["parameters"] == tags["sunn_tiny"]["parameters"] == "104986"
+    assert tags["gunn_tiny"]["parameters"] == tags["sunn_tiny"]["parameters"] == "104884"  # 3 channels, 4 classes
     assert float(tags["gunn_tiny"]["gmac"]) == float(tags["sunn_tiny"]["gmac"]) > 0
     gunn_metrics = next(c.data.metrics for c in children if c.data.params["model.name"] == "gunn_tiny")
     assert any(k.startswith("diag/") and k.endswith("/collapsed_pairs") for k in gunn_metrics)
@@ -106,7 +107,7 @@ def test_a_peers_sweep_on_digits_nests_its_trials_and_writes_the_report_and_the_
         rows = {row["configuration"]: row for row in csv.DictReader(f)}
     assert set(rows) == {f"model={m}" for m in PEERS}
     assert rows["model=gunn_tiny"]["mode"] == "gunn" and rows["model=sunn_tiny"]["mode"] == "sunn"
-    assert rows["model=gunn_tiny"]["parameters"] == rows["model=sunn_tiny"]["parameters"] == "104986"
+    assert rows["model=gunn_tiny"]["parameters"] == rows["model=sunn_tiny"]["parameters"] == "104884"
     assert rows["model=gunn_tiny"]["gmac_per_image"] == rows["model=sunn_tiny"]["gmac_per_image"]
     assert int(rows["model=torchvision.mobilenet_v3_small"]["parameters"]) == int(
         tags["torchvision.mobilenet_v3_small"]["parameters"])
@@ -145,6 +146,17 @@ def test_a_partitions_sweep_compares_segment_widths_with_sunn_as_reference(tmp_p
     assert (tmp_path / "again" / "report.csv").read_text() == (sweep_dir / "report" / "report.csv").read_text()
 
 
+def refused(args: list[str], folder: Path, capsys, monkeypatch) -> str:
+    """The error output of the sweep command ``args`` run in this process from ``folder``, which must refuse it
+    (exit status 2). (A real process says it the same way: test_a_refused_sweep_says_why_in_one_line...)"""
+    monkeypatch.chdir(folder)
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(driver.main(args))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    return err
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -165,9 +177,15 @@ def test_a_partitions_sweep_compares_segment_widths_with_sunn_as_reference(tmp_p
          "model.segments=[2,2,2]: model.segments is what --study partitions varies"),
     ],
 )
-def test_bad_sweeps_are_refused_before_ray_starts(tmp_path, args, message):
-    done = run(SWEEP + args, tmp_path, timeout=120)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+def test_bad_sweeps_are_refused_before_ray_starts(tmp_path, capsys, monkeypatch, args, message):
+    assert message in refused(args, tmp_path, capsys, monkeypatch)
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_refused_sweep_says_why_in_one_line_without_a_traceback(tmp_path):
+    done = run(SWEEP + ["--study", "partitions", "--widths", "5"], tmp_path, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: --widths: segment width 5 does not divide") and done.stderr.count("\n") == 1
     assert not (tmp_path / "sweeps").exists()
 
 
@@ -212,10 +230,11 @@ def test_a_sweep_directory_holds_one_sweep(tmp_path):
 
 @pytest.mark.parametrize("preset,valid", [([], "gunn_tiny (widths [32, 48, 64]): 1 2 4 8 16"),
                                           (["gunn15-cifar10"], "gunn15 (widths [240, 300, 360]): 1 2 3 4 5 6 10 12 15 20 30 60")])
-def test_refused_partitions_name_the_widths_that_divide_every_layer_of_the_preset(tmp_path, preset, valid):
+def test_refused_partitions_name_the_widths_that_divide_every_layer_of_the_preset(tmp_path, capsys, monkeypatch,
+                                                                                  preset, valid):
     for widths in ([], ["--widths", "7"]):
-        done = run(SWEEP + [*preset, "--study", "partitions", *widths], tmp_path, timeout=120)
-        assert done.returncode == 2 and f"widths that divide every GUNN layer of {valid}\n" in done.stderr, done.stderr
+        err = refused([*preset, "--study", "partitions", *widths], tmp_path, capsys, monkeypatch)
+        assert f"widths that divide every GUNN layer of {valid}\n" in err, err
 
 
 @pytest.mark.parametrize(
@@ -230,10 +249,9 @@ def test_refused_partitions_name_the_widths_that_divide_every_layer_of_the_prese
                                          "the 1438 training images of digits"),
     ],
 )
-def test_refused_custom_spaces(tmp_path, space, message):
+def test_refused_custom_spaces(tmp_path, capsys, monkeypatch, space, message):
     (tmp_path / "space.yaml").write_text(space + "\n")
-    done = run(SWEEP + ["--study", "custom", "--space", "space.yaml"], tmp_path, timeout=120)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert message in refused(["--study", "custom", "--space", "space.yaml"], tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "sweeps").exists()
 
 
@@ -247,13 +265,12 @@ def saved_sweep(folder: Path) -> Path:
     return folder
 
 
-def test_refused_resume_with_other_settings_lists_each_with_saved_and_given_values(tmp_path):
+def test_refused_resume_with_other_settings_lists_each_with_saved_and_given_values(tmp_path, capsys, monkeypatch):
     folder = saved_sweep(tmp_path / "sweep")
-    done = run(SWEEP + ["--resume", str(folder), "optim.epochs=3", "--seeds", "0", "--study", "residual",
-                        "--cluster", "local"], tmp_path, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    err = refused(["--resume", str(folder), "optim.epochs=3", "--seeds", "0", "--study", "residual", "--cluster",
+                   "local"], tmp_path, capsys, monkeypatch)
     assert "these arguments differ: --seeds: saved [0, 1], given [0]; --study: saved sunn-vs-gunn, given residual; " \
-           "overrides: saved ['optim.epochs=2'], given ['optim.epochs=3']" in done.stderr
+           "overrides: saved ['optim.epochs=2'], given ['optim.epochs=3']" in err
     assert sorted(p.name for p in folder.iterdir()) == ["sweep.yaml"]
 
 
