@@ -32,10 +32,13 @@ same precision). What it does not cover (M >= 2, SyncBatchNorm or other norms, B
 in eval mode, hooks on the units) runs on the generic path instead; second-order gradients
 recompute the layer's plain loop.
 
-Whether a layer runs here is the layer's decision (``GunnLayer.fast_path_applies``, with
-``supported`` below for what this module can compute); the layer passes the units' modules
-(``UnitModules``), its residual switch and its plain loop, and this module imports nothing
-from ``bottleneck.py``. See docs/layer.md, "The fast path of GunnLayer".
+The unit computed here, in Python and in the C++ kernels, is the one ``STEPS`` below describes,
+in the terms of ``Bottleneck.STEPS``. Whether a layer runs here is the layer's decision
+(``GunnLayer.fast_path_applies``: units that declare other steps take the generic path, with
+a warning; ``supported`` below says what this module can compute); the layer passes the units'
+modules (``UnitModules``), its residual switch and its plain loop, and this module imports
+nothing from ``bottleneck.py`` or ``gunn_layer.py``. See docs/layer.md, "The fast path of
+GunnLayer", and docs/architecture.md, "Changing the paper's unit".
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ from gunn.layers.fused import TiedStatistics, count_batch, write_running_stats
 from gunn.layers.gradual import check_fits, check_unchanged, check_width
 
 aten = torch.ops.aten
+
+# The bottleneck that ``_unit_forward`` and ``_unit_backward`` (and the C++ ``unit_forward`` and
+# ``unit_backward``) compute, as ``Bottleneck.STEPS`` declares a unit: conv1 (1x1), bn1, ReLU,
+# conv2 (3x3), bn2, ReLU, conv3 (1x1), bn3, the fields of ``UnitModules``. Change it only
+# together with those functions (and the kernels).
+STEPS: tuple[str, ...] = ("conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3")
 
 _CONV_1X1 = ((1, 1), (0, 0), (1, 1))  # stride, padding, dilation
 _CONV_3X3 = ((1, 1), (1, 1), (1, 1))

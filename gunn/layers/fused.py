@@ -132,6 +132,12 @@ def write_running_stats(norms: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tens
             norm.running_var.copy_(v)
 
 
+def fusable(module: nn.Module) -> bool:
+    """Whether every BatchNorm in ``module`` is a plain ``nn.BatchNorm2d``: only those can be applied as one call
+    (SyncBatchNorm and other norms run module by module)."""
+    return all(type(m) is nn.BatchNorm2d for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase))
+
+
 def conv_bn_many(
     x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.BatchNorm2d], groups: int = 1,
     tied: TiedStatistics | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -11,10 +12,12 @@ from torch import nn
 import gunn.layers.fastpath as fastpath
 from gunn.layers import cpu_kernels
 from gunn.bench.measure import activation_bytes
-from gunn.layers import GunnLayer
+from gunn.layers import GunnLayer, gunn_layer
+from tests.layers.changed_units import GeluBottleneck, RenamedBottleneck, UndeclaredBottleneck
 from tests.reference import DEVICE, assert_same_training_step, forward_backward, gradual_reference
 
 FAST = "_GradualBottlenecksBackward"
+GENERIC = "_SegmentUpdateBackward"
 
 
 def grad_fn_name(layer: nn.Module, x: torch.Tensor) -> str:
@@ -134,6 +137,36 @@ def test_what_the_fast_path_does_not_cover_runs_on_the_generic_path(change):
     assert x.grad is not None
     if calls is not None:
         assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "block,difference",
+    [
+        (GeluBottleneck, "GeluBottleneck.STEPS has 'gelu' at step 2, not 'relu'"),
+        (UndeclaredBottleneck, "UndeclaredBottleneck overrides Bottleneck.forward"),
+    ],
+)
+def test_a_changed_unit_trains_on_the_generic_path_after_one_warning(block, difference, monkeypatch):
+    monkeypatch.setattr(gunn_layer, "_warned", set())  # warnings said before this test
+    layer = GunnLayer(16, 4, block=block).to(DEVICE, torch.float64)
+    x = double_input(16, False)
+    with pytest.warns(UserWarning, match="GunnLayer trains on the generic path") as caught:
+        assert [grad_fn_name(layer, x) for _ in range(3)] == [GENERIC] * 3
+    said = [str(w.message) for w in caught if "GunnLayer" in str(w.message)]
+    assert len(said) == 1 and difference in said[0], said  # once, naming the class and what differs
+    # The numbers of plain autograd over the changed unit, not of the paper's.
+    assert_same_training_step(layer, gradual_reference, x)
+
+
+@pytest.mark.parametrize("block", [None, RenamedBottleneck], ids=["paper", "subclass"])
+def test_a_unit_that_declares_the_papers_steps_takes_the_fast_path_without_a_warning(block, monkeypatch):
+    monkeypatch.setattr(gunn_layer, "_warned", set())
+    layer = GunnLayer(16, 4, **({} if block is None else {"block": block})).to(DEVICE, torch.float64)
+    x = double_input(16, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert grad_fn_name(layer, x) == FAST
+    assert_same_training_step(layer, gradual_reference, x)
 
 
 def test_fast_path_keeps_no_more_activations_than_the_generic_path():

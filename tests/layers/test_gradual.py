@@ -192,7 +192,7 @@ def test_torch_compile_trains_as_eager_does(mode: str, precision: str, backend: 
             torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
         return
     # bfloat16: the compiler's decompositions round elsewhere than ATen's kernels; as close as two eager
-    # paths in bfloat16 are to each other (test_bottleneck: outputs about 1%, gradients a few %).
+    # paths in bfloat16 are to each other (test_gunn_layer: outputs about 1%, gradients a few %).
     def error(key: str) -> float:
         return ((got[key].float() - want[key].float()).norm() / want[key].float().norm()).item()
 
