@@ -63,12 +63,19 @@ class ModelConfig:
     )
 
 
+def _data_sets() -> list[str]:
+    """The registered data sets (gunn.data.registry: imported when a name is checked, not with this module)."""
+    from gunn.data.registry import list_datasets
+
+    return list_datasets()
+
+
 @dataclass
 class DataConfig:
     """The data set and how it is read."""
 
-    name: Literal["digits", "cifar10", "cifar100", "imagenet", "synthetic"] = field(
-        default="digits", metadata=_meta("data set")
+    name: str = field(
+        default="digits", metadata=_meta("registered data set name (gunn.data.list_datasets())", choices=_data_sets)
     )
     root: str | None = field(default=None, metadata=_meta("data directory (cifar10/100, imagenet)"))
     loader: Literal["auto", "dali", "torchvision"] = field(
@@ -289,6 +296,12 @@ def model_arguments(model: ModelConfig) -> dict[str, Any]:
     return arguments
 
 
+def model_arguments_for(config: RunConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """What ``create_model`` is given for ``config``'s model on data of ``num_classes`` classes and
+    ``in_chans`` channels."""
+    return dict(num_classes=num_classes, in_chans=in_chans, **model_arguments(config.model))
+
+
 def resolve(config: RunConfig) -> RunConfig:
     """A copy of ``config`` whose model fields left None (``gunn.models.MODEL_KNOBS``: ``mode``,
     ``residual``, ``segments``, ``expansion``, ``depth``) hold the values its model actually uses:
@@ -354,6 +367,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _check(path: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
+    if "choices" in meta:  # a registry's names, known when the value is checked
+        choices = meta["choices"]()
+        if value not in choices:
+            raise ConfigError(f"{path} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     value = _coerce(path, value, hint)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "min" in meta and value < meta["min"]:

@@ -80,3 +80,11 @@ def singularity_report(model: nn.Module, x: Tensor, threshold: float = 0.99) -> 
         for hook in hooks:
             hook.remove()
     return {name: channel_stats(outputs[name], threshold) for name in layers}
+
+
+def diagnostic_metrics(model: nn.Module, x: Tensor) -> dict[str, float]:
+    """``singularity_report`` of every GUNN layer of ``model`` on the batch ``x``, as metrics named
+    ``diag/<layer>/<measure>``."""
+    report = singularity_report(model, x)
+    return {f"diag/{layer}/{key}": value for layer, stats in report.items()
+            for key, value in stats.as_dict().items() if key != "channels"}

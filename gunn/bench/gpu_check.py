@@ -52,7 +52,8 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+# The folder that holds the gunn package: a checkout (whose tests the tests step runs) or site-packages.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 COMMANDS = {
     "first": ("versions", "bench", "syncs", "engine"),
     "second": ("tests", "ddp", "dali", "bench-more"),
@@ -179,6 +180,10 @@ def versions(record: Record) -> None:
 # -- tests ----------------------------------------------------------------------------------------
 
 def tests(record: Record, out: Path) -> None:
+    if not (PACKAGE_PARENT / "tests" / "layers").is_dir():
+        record.fail(f"the tests step runs a checkout's tests/layers and tests/models; {PACKAGE_PARENT} holds none "
+                    "(gunn is installed, not checked out): run .ci/gpu-check from a checkout")
+        return
     try:
         import pytest  # noqa: F401
     except ImportError:
@@ -192,7 +197,7 @@ def tests(record: Record, out: Path) -> None:
     else:  # one line per test as it ends, so that a run killed by its time limit says where it was
         command += ["-v", "-rfE", "--durations=15", f"--junitxml={out / 'tests-junit.xml'}"]
     lines: list[str] = []
-    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    with subprocess.Popen(command, cwd=PACKAGE_PARENT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1) as done:
         assert done.stdout is not None
         for line in done.stdout:  # streamed into DIR/tests.log (the step's output) as pytest writes it
@@ -308,11 +313,13 @@ def engine(record: Record, out: Path) -> None:
 
 # -- ddp ------------------------------------------------------------------------------------------
 
-def _launch(args: list[str], record: Record, label: str) -> str | None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               MLFLOW_DISABLE_TELEMETRY="true")
+def _launch(args: list[str], record: Record, label: str, out: Path) -> str | None:
+    """Runs the launcher (``gunn-launch``, as ``python -m gunn.cluster.launch``: no checkout needed) with ``args``
+    in ``out``; its output, or None (recorded as a failure) if it failed."""
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])))
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "launch.py"), *args], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "gunn.cluster.launch", *args], cwd=out, env=env,
                           capture_output=True, text=True)
     output = done.stdout + done.stderr
     rates = re.findall(r"([\d.]+) img/s", output)
@@ -347,24 +354,24 @@ def ddp(record: Record, out: Path) -> None:
             "logging.mlflow=false", "logging.progress=false", f"runtime.device={'cpu' if dry else 'cuda'}"]
     label = f"1 rank, {one}"
     output = _launch(base + [f"dist.backend={one}", "optim.epochs=1", f"checkpoint.dir={out / 'ddp-one'}",
-                             "--nproc", "1"], record, label)
+                             "--nproc", "1"], record, label, out)
     if output is not None:
         _in_group(output, 1, one, record, label)
     plain = out / "ddp-two"
     pair = base + [f"dist.backend={two}", f"checkpoint.dir={plain}", "--nproc", "2"]
     label = f"2 ranks, {two}"
-    output = _launch(pair + ["optim.epochs=1"], record, label)
+    output = _launch(pair + ["optim.epochs=1"], record, label, out)
     if output is None:
         return
     _in_group(output, 2, two, record, label)
-    resumed = _launch(pair + ["optim.epochs=2"], record, f"{label}, resumed")
+    resumed = _launch(pair + ["optim.epochs=2"], record, f"{label}, resumed", out)
     if resumed is not None and "resuming" not in resumed:
         record.fail("the second two-rank launch did not resume from the first one's checkpoint")
     if dry:  # SyncBatchNorm needs CUDA: on the CPU dist.sync_bn is ignored (with a warning)
         return
     synced = _launch(base + [f"dist.backend={two}", "optim.epochs=1", "dist.sync_bn=true",
                              f"checkpoint.dir={out / 'ddp-syncbn'}", "--nproc", "2"],
-                     record, f"{label}, dist.sync_bn")
+                     record, f"{label}, dist.sync_bn", out)
     if synced is not None and "BatchNorm layers synchronised" not in synced:
         record.fail("dist.sync_bn did not convert any BatchNorm")
     converted = re.search(r"dist.sync_bn: (\d+) BatchNorm layers synchronised", synced or "")

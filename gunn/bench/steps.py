@@ -62,7 +62,7 @@ def build(name: str, num_classes: int = 1000) -> nn.Module:
 
 class TrainingStep:
     """The engine's step on a fixed random batch: autocast forward, cross entropy, backward, the engine's SGD
-    (``gunn.train.engine.sgd``: fused on CUDA; ``fused_sgd`` chooses). ``graphs``: the forward and backward
+    (``gunn.train.optimizer.sgd``: fused on CUDA; ``fused_sgd`` chooses). ``graphs``: the forward and backward
     captured as CUDA graphs (``captured`` says what and the pool's size), with ``graph_stages`` a GunnNet stage by
     stage; ``compile_options``: the model compiled, ``torch.compile(model, **compile_options)``."""
 
@@ -71,7 +71,7 @@ class TrainingStep:
                  compile_options: dict[str, Any] | None = None, fused_sgd: bool | None = None,
                  graph_stages: bool = False) -> None:
         from gunn.config import OptimConfig
-        from gunn.train.engine import sgd
+        from gunn.train.optimizer import sgd
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

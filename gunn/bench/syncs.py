@@ -130,10 +130,12 @@ def engine_syncs(label: str, overrides: list[str], *, warmup: int = 3, steps: in
     from gunn import config as cfgmod
     from gunn.layers import GunnLayer, cpu_kernels
     from gunn.train import distributed, engine
+    from gunn.train.checks import validate
+    from gunn.train.stop import NonFiniteLossError, StopPoll
     from gunn.train.metrics import Meter
 
     config = cfgmod.load("digits", [*overrides, "logging.progress=false", "logging.mlflow=false"])
-    engine.validate(config, 1)
+    validate(config, 1)
     config = cfgmod.resolve(config)
     device = torch.device(config.runtime.device if config.runtime.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
@@ -155,14 +157,14 @@ def engine_syncs(label: str, overrides: list[str], *, warmup: int = 3, steps: in
         position = engine.Position(meter=Meter(device))
 
         def bad_loss(batch: int) -> None:
-            raise engine.NonFiniteLossError(f"{label}: the loss became nan or infinite in batch {batch}")
+            raise NonFiniteLossError(f"{label}: the loss became nan or infinite in batch {batch}")
 
-        warm = engine.StopPoll(device, False, bad_loss, stop_at=warmup)
+        warm = StopPoll(device, False, bad_loss, stop_at=warmup)
         engine.train_one_epoch(parts, position, config, info, warm, capture_graphs=config.runtime.cuda_graphs)
         if position.batch != warmup:
             raise RuntimeError(f"{label}: the warm-up ended after {position.batch} batches, not {warmup}")
         counter = SyncCounter(device)
-        stop = engine.StopPoll(device, False, bad_loss)
+        stop = StopPoll(device, False, bad_loss)
         check_loss, polls, poll_syncs = stop.check_loss, 0, 0
 
         def poll() -> None:  # the stop poll's periodic read: counted apart

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gunn import config as cfgmod
-from gunn.cluster.commands import command, plain_warnings, program
+from gunn.cluster.commands import command, plain_warnings, program, write_stderr
 from gunn.cluster.options import CLUSTER_OPTIONS, LaunchError, add_cluster_arguments, cluster_options, list_profiles
-from gunn.cluster.slurm import (JOB_SIGNALS, check_not_submitted, check_partition, follow, mlflow_line,
-                                record_submitted, requeue_job, requeues_done, submit_reporting_refusal)
+from gunn.cluster.slurm import (JOB_SIGNALS, RequeueingJob, check_not_submitted, check_partition, follow,
+                                mlflow_line, record_submitted, requeues_done, submit_reporting_refusal)
 from gunn.config import ConfigError, RunConfig
 from gunn.data import DataError
 
@@ -96,8 +96,8 @@ def resolve(args: argparse.Namespace, world_size: int, gpus_per_node: int = 0) -
     job whose GPUs CUDA cannot use stops with the reason instead of training on the CPU. Whether
     the device is usable is checked here only for local runs: a login node may have no GPU.
     """
-    from gunn.train.engine import default_run_dir, validate
-    from gunn.train.rundir import check_usable
+    from gunn.train.checks import validate
+    from gunn.train.rundir import check_usable, default_run_dir
 
     seeds: list[int | None] = list(args.seeds) if args.seeds else [None]
     configs = []
@@ -127,12 +127,6 @@ def resolve(args: argparse.Namespace, world_size: int, gpus_per_node: int = 0) -
 
 # -- local runs ----------------------------------------------------------------------------
 
-def say(line: str) -> None:
-    """A line on stderr from a signal handler: written directly, since a handler may interrupt a
-    ``print`` to stderr (a progress bar's), and a second buffered write there would fail."""
-    os.write(sys.stderr.fileno(), f"{line}\n".encode())
-
-
 class StopSignals:
     """Signals that make the run this process trains checkpoint at the next batch and return.
 
@@ -153,18 +147,19 @@ class StopSignals:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.received.append(signum)
         if self.message:
-            say(f"\nsignal {signal.Signals(signum).name}: checkpointing at the next batch"
-                + (" (again to abort)" if self.abort else ""))
+            write_stderr(f"\nsignal {signal.Signals(signum).name}: checkpointing at the next batch"
+                         + (" (again to abort)" if self.abort else ""))
         if self.abort:
             for other in self.signals:
                 signal.signal(other, signal.SIG_DFL)
-        request = getattr(sys.modules.get("gunn.train.engine"), "request_stop", None)
+        request = getattr(sys.modules.get("gunn.train.stop"), "request_stop", None)
         if request is not None:
             request()
 
     def train(self, config: RunConfig) -> RunResult:
         """The engine's ``train(config)``, asked to stop at once if a signal came already."""
-        from gunn.train.engine import request_stop, train
+        from gunn.train.engine import train
+        from gunn.train.stop import request_stop
 
         if self.received:  # before the engine was imported
             request_stop()
@@ -248,7 +243,7 @@ def run_ranks(config: RunConfig, nproc: int) -> int:
                 received.append(signum)
                 name = signal.Signals(signum).name
                 if len(received) == 1:
-                    say(f"\nsignal {name}: checkpointing at the next batch (again to abort)")
+                    write_stderr(f"\nsignal {name}: checkpointing at the next batch (again to abort)")
                 for process in context.processes:
                     if process.is_alive():
                         os.kill(process.pid, signum if len(received) == 1 else signal.SIGKILL)
@@ -343,7 +338,7 @@ def continue_command(args: argparse.Namespace, source: str | None, seed: int | N
     return shlex.join(words)
 
 
-class TrainingJob:
+class TrainingJob(RequeueingJob):
     """What every Slurm task runs: one DDP rank of a training run, requeued on SIGUSR2.
 
     SIGUSR2 (the time limit is near, or a site's preemption notice) makes every rank
@@ -354,10 +349,9 @@ class TrainingJob:
     and takes them once its handlers are set. ``command`` submits the run again (to continue it).
     """
 
-    takes_blocked_signals = True  # see job_python
-
     def __init__(self, config: dict[str, Any], max_requeues: int, command: str | None = None) -> None:
-        self.config, self.max_requeues, self.command = config, max_requeues, command
+        super().__init__(max_requeues)
+        self.config, self.command = config, command
 
     def __call__(self) -> dict[str, Any]:
         stop = StopSignals(JOB_SIGNALS)  # before the slow imports: a signal is kept from here on
@@ -387,26 +381,20 @@ class TrainingJob:
             summary = f"finished, {result.epochs_done} epochs, eval top-1 error {error:.2f}%, run directory {run_dir}"
         elif signal.SIGUSR2 in stop.received and job.global_rank == 0:
             resumes = f"its checkpoint in {run_dir}" if result is not None else f"the start in {run_dir} (no checkpoint)"
-            problem = requeue_job(job.job_id, self.max_requeues, resumes, self.command)
-            if problem is None:
-                status, summary = "requeued", f"interrupted {done} and requeued; run directory {run_dir}"
-            elif requeues_done() >= self.max_requeues:
-                status = "requeue limit"
+            status, problem = self.requeue(job.job_id, resumes, self.command)
+            if status == "requeued":
+                summary = f"interrupted {done} and requeued; run directory {run_dir}"
+            elif status == "requeue limit":
                 summary = (f"stopped at its requeue limit ({requeues_done()} requeues) {done}; {where}. {again} "
                            "(or raise --max-requeues)")
             else:
-                status, summary = "requeue failed", f"interrupted {done}, but not requeued: {problem}; {where}. {again}"
+                summary = f"interrupted {done}, but not requeued: {problem}; {where}. {again}"
         else:
             summary = f"interrupted {done}; {where}. {again}"
         return {"status": status, "summary": summary,
                 "mlflow_run_id": result.mlflow_run_id if result is not None else None,
                 "tracking_uri": result.tracking_uri if result is not None else None}
 
-    def checkpoint(self) -> Any:
-        """submitit's own requeue path (a signal before ``__call__`` set its handlers): rerun as is."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self)
 
 def tracking_store(config: RunConfig) -> str | None:
     """The MLflow store a job of ``config`` submitted from here logs to (it runs in this directory)."""

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
 import pickle
 import random
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from gunn.config import ConfigError
+from gunn.train.writes import atomic_write
 
 PATTERN = re.compile(r"checkpoint-e(\d+)-b(\d+)\.pt$")
 
@@ -33,29 +31,21 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 # What the engine's checkpoint holds (gunn.train.engine.save_checkpoint), checked before a run resumes from it;
-# besides these, either "ranks" (every rank's "meter" and "rng") or, written before 2026-12, "meter" and "rng".
+# besides these, "ranks" (every rank's RANK_STATE_KEYS and "buffers", its BatchNorm statistics) and "format".
 RUN_STATE_KEYS = ("model", "optimizer", "scaler", "epoch", "batch", "step", "history", "config", "train_seconds")
-RANK_STATE_KEYS = ("meter", "rng")  # each entry of "ranks" (and "buffers", BatchNorm statistics, since 2026-12)
-# Torch's own message when a write fails in its C++ writer (the OSError is lost there).
-_TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed writing")
+RANK_STATE_KEYS = ("meter", "rng")
+# The layout of a checkpoint, saved in it as "format"; raised when the layout changes. A checkpoint without
+# one was written before formats were numbered, in format 1's layout.
+FORMAT = 1
 # Sentences of torch's load errors that advise loading the file in a way that runs its code.
 _TORCH_ADVICE = re.compile(r"weights.only|torch\.load|safe_globals|trust|can still be loaded|arbitrary code",
                            re.IGNORECASE)
-# A full disk or quota: said as "no space left on device while writing X" (os.strerror's words).
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-class CheckpointWriteError(OSError):
-    """A file could not be written (disk full, quota, permissions); the message names it, ``errno`` is kept."""
-
-    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" before it
-        return str(self.strerror)
 
 
 def save(state: dict[str, Any], directory: Path, name: str, keep: int) -> Path:
     """Writes ``state`` to directory/name atomically (see ``atomic_write``), keeps the newest ``keep``.
 
-    A failed write leaves the previous checkpoints as they were and raises ``CheckpointWriteError``,
+    A failed write leaves the previous checkpoints as they were and raises ``WriteError``,
     which says whether the disk is full and which checkpoint a rerun would continue from.
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -68,70 +58,6 @@ def save(state: dict[str, Any], directory: Path, name: str, keep: int) -> Path:
     return path
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, what: str = "file", note: str = "") -> None:
-    """Writes ``path`` through ``write(file)`` all or nothing: a temporary file, fsync, rename, fsync of the folder.
-
-    On any failure (KeyboardInterrupt included) the temporary file is removed and ``path`` keeps its
-    old contents. An OSError anywhere in the failure's chain, or torch's own message for a failed
-    write, becomes a ``CheckpointWriteError`` that names ``what`` and ``path`` (with ``note`` after it)
-    and says in plain words when the disk is full: torch otherwise reports a full disk as
-    "unexpected pos 64 vs 0".
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        failure = _write_error(err, tmp, f"{what} {path}", note) if isinstance(err, Exception) else None
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if failure is not None:
-            raise failure from err
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_error(err: Exception, tmp: Path, what: str, note: str) -> CheckpointWriteError | None:
-    """The error to raise for ``err`` raised while writing ``what`` through ``tmp``; None to raise ``err`` as it is."""
-    cause: BaseException | None = err
-    for _ in range(10):  # bounded: exception chains can loop
-        if cause is None or isinstance(cause, OSError):
-            break
-        cause = cause.__cause__ or cause.__context__
-    code = cause.errno if isinstance(cause, OSError) else None
-    if code is None and _TORCH_WRITE_FAILED.search(str(err)):
-        # torch's C++ writer drops the errno; a full file system is the usual reason (checked before
-        # the temporary file is removed, which frees its space).
-        code = errno.ENOSPC if _free_bytes(tmp.parent) < 2**20 else errno.EIO
-    elif code is None:
-        return None  # not a write failure (e.g. an object that cannot be pickled)
-    tail = f"; {note}" if note else ""
-    if code in NO_SPACE:
-        return CheckpointWriteError(code, f"{os.strerror(code).lower()} while writing {what}{tail}")
-    reason = (cause.strerror or str(cause)) if isinstance(cause, OSError) else str(err).splitlines()[0]
-    return CheckpointWriteError(code, f"could not write {what}: {reason}{tail}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _free_bytes(directory: Path) -> int:
-    try:
-        stat = os.statvfs(directory)
-    except OSError:
-        return 2**63
-    return stat.f_bavail * stat.f_frsize
-
-
 def run_state(*, ranks: list[dict[str, Any]], **values: Any) -> dict[str, Any]:
     """The checkpoint the engine writes: every one of ``RUN_STATE_KEYS``, and ``ranks`` (each rank's
     ``RANK_STATE_KEYS``); ValueError on a key missing or unknown, so writer and reader agree."""
@@ -141,16 +67,14 @@ def run_state(*, ranks: list[dict[str, Any]], **values: Any) -> dict[str, Any]:
                          f"unknown {sorted(unknown)}")
     if not all(set(RANK_STATE_KEYS) <= set(r) for r in ranks):
         raise ValueError(f"each rank's state must hold {', '.join(RANK_STATE_KEYS)}")
-    return {**{key: values[key] for key in RUN_STATE_KEYS}, "ranks": ranks}
+    return {"format": FORMAT, **{key: values[key] for key in RUN_STATE_KEYS}, "ranks": ranks}
 
 
 def check_state(state: Any) -> str | None:
     """What keeps ``state`` from being a run's state as the engine writes it, or None if nothing does."""
     if not isinstance(state, dict):
         return f"a {type(state).__name__}, not a dict"
-    missing = [key for key in RUN_STATE_KEYS if key not in state]
-    if "ranks" not in state and not all(key in state for key in RANK_STATE_KEYS):
-        missing.append("ranks")
+    missing = [key for key in (*RUN_STATE_KEYS, "ranks") if key not in state]
     if missing:
         return "missing " + ", ".join(repr(key) for key in missing)
     problems = []
@@ -165,16 +89,60 @@ def check_state(state: Any) -> str | None:
         problems.append("'history' is not a list")
     if type(state["train_seconds"]) not in (int, float):
         problems.append("'train_seconds' is not a number")
-    ranks = state["ranks"] if "ranks" in state else [{key: state[key] for key in RANK_STATE_KEYS}]
+    ranks = state["ranks"]
     if not (isinstance(ranks, list) and ranks and all(
             isinstance(r, dict) and all(isinstance(r.get(key), dict) for key in RANK_STATE_KEYS) for r in ranks)):
-        problems.append("'ranks' is not a list of dicts with 'meter' and 'rng'" if "ranks" in state
-                        else "'meter' and 'rng' are not dicts")
+        problems.append("'ranks' is not a list of dicts with 'meter' and 'rng'")
     return "; ".join(problems) or None
+
+
+def shape_mismatch(now: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str:
+    """How the tensors of ``saved`` differ from the model's ``now`` in names and shapes ('' if they fit)."""
+    missing, extra = [k for k in now if k not in saved], [k for k in saved if k not in now]
+    shapes = [k for k in now if k in saved and tuple(now[k].shape) != tuple(saved[k].shape)]
+    said = []
+    if shapes:
+        k = shapes[0]
+        said.append(f"{len(shapes)} tensor(s) of other shapes, e.g. {k}: saved {tuple(saved[k].shape)}, "
+                    f"built {tuple(now[k].shape)}")
+    if missing:
+        said.append(f"{len(missing)} the checkpoint lacks, e.g. {missing[0]}")
+    if extra:
+        said.append(f"{len(extra)} the model lacks, e.g. {extra[0]}")
+    return "; ".join(said)
+
+
+def rank_state(state: dict[str, Any], rank: int, world_size: int, run_dir: Path) -> dict[str, Any]:
+    """Rank ``rank``'s running metrics, random state and buffers from a checkpoint, continued by ``world_size``
+    ranks (if it was written by another number of ranks: the epoch's running sums go to rank 0, and every
+    rank takes rank 0's random state)."""
+    ranks = state["ranks"]
+    if len(ranks) == world_size:
+        return ranks[rank]
+    if rank == 0 and state["batch"]:
+        warnings.warn(f"{run_dir} was checkpointed mid-epoch by {len(ranks)} rank(s) and continues with "
+                      f"{world_size}: the rest of epoch {state['epoch'] + 1} is sharded differently",
+                      stacklevel=3)
+    # The epoch's running sums so far go to rank 0 (they are summed over ranks at its end).
+    totals = {k: sum(r["meter"][k] for r in ranks) if rank == 0 else 0.0 for k in ranks[0]["meter"]}
+    return {"meter": totals, "rng": ranks[0]["rng"]}
 
 
 class NoLoadableCheckpoint(ConfigError):
     """No checkpoint of a run directory loads: the run stops rather than start over them."""
+
+
+class NewerFormat(ConfigError):
+    """A checkpoint in a format newer than this gunn reads (``FORMAT``): written by a newer gunn."""
+
+
+def check_format(state: dict[str, Any], path: Path) -> None:
+    """NewerFormat, naming both versions, if ``state`` (loaded from ``path``) is in a format this gunn cannot read."""
+    found = state.get("format", 1)
+    if not (type(found) is int and found <= FORMAT):
+        raise NewerFormat(f"{path} is a checkpoint in format {found!r}, written by a newer gunn; this gunn reads "
+                          f"checkpoint formats up to {FORMAT}: continue the run with the gunn that wrote it, or "
+                          "upgrade gunn")
 
 
 def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
@@ -195,6 +163,8 @@ def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
             warnings.warn(f"checkpoint {path} cannot be loaded ({_load_error(err)}); trying the previous one",
                           stacklevel=2)
             continue
+        if isinstance(state, dict):
+            check_format(state, path)  # not a bad file to skip: the run would lose what it holds
         problem = check_state(state)
         if problem is not None:
             failures.append(path)
@@ -237,8 +207,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Restores what ``rng_state`` captured; the CUDA state goes to ``device`` (if it is a GPU)."""
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
-    if isinstance(cuda, list):  # written before 2026-12: every visible GPU's state; rank 0 trained on the first
-        cuda = cuda[0] if cuda else None
     if cuda is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda.cpu(), device)
     name, key, *rest = state["numpy"]

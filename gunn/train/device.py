@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import warnings
 from pathlib import Path
 
@@ -153,3 +154,11 @@ def set_tf32(enabled: bool) -> None:
     # legacy and new APIs").
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+def peak_memory_mb(device: torch.device, unseen_bytes: int = 0) -> float:
+    """The device's peak since it was last reset, with ``unseen_bytes`` that the allocator does not count (CUDA
+    graphs' replays); on the CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) + unseen_bytes) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux

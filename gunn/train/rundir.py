@@ -1,6 +1,7 @@
-"""The run directory's lock and the record of its settings' changes.
+"""The run directory: where a run lives, its lock, the record of its starts and of its settings' changes.
 
-One process trains a run directory at a time.
+One process trains a run directory at a time (``locked``); each start is appended to ``starts.log``,
+and the temporary files of writes that a killed process left are removed.
 
 Rank 0 of a run holds ``<run dir>/.lock`` while it trains. The file names the holder (host,
 pid, Slurm job) and its modification time is refreshed every ``HEARTBEAT_S`` seconds. A
@@ -19,17 +20,25 @@ change with the epoch and batch it took effect at.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
 import warnings
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from gunn.config import ConfigError
+from gunn.train.writes import atomic_write
+
+if TYPE_CHECKING:
+    from gunn.config import RunConfig
+    from gunn.train.distributed import DistInfo
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "config.yaml"
@@ -222,8 +231,6 @@ def record_config_changes(directory: Path, changes: dict[str, tuple[Any, Any]], 
     ``config_text``, each written whole or not at all."""
     import yaml
 
-    from gunn.train.checkpoint import atomic_write
-
     entry = {"epoch": epoch, "batch": batch, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
              "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}}
     history = [*recorded_changes(directory), entry]
@@ -252,3 +259,74 @@ def change_tags(directory: Path) -> dict[str, str]:
         for key, change in entry["changes"].items():
             tags.setdefault(f"changed/{key}", []).append(f"{change['from']} -> {change['to']} {where}")
     return {k: "; ".join(v) for k, v in tags.items()}
+
+
+# -- a run's start: its directory and lock, and the record of each start ------------------
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    """runs/<name>-<date>-<time>: a new directory for each run that does not name one."""
+    return Path("runs") / f"{config.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def agreed_run_dir(config: RunConfig) -> Path:
+    """The run directory (``checkpoint.dir``, or a new one), rank 0's on every rank."""
+    from gunn.train import distributed
+
+    run_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else default_run_dir(config)
+    return Path(distributed.broadcast_object(str(run_dir.resolve()))).resolve()
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path, info: DistInfo) -> Iterator[None]:
+    """Holds the run directory's lock (rank 0, for every rank) while the run trains; RunDirError
+    on every rank if another process holds it or the directory cannot be written."""
+    from gunn.train import distributed
+
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = RunDirLock(run_dir)
+            lock.acquire()
+            _remove_partial_writes(run_dir)
+            _record_start(run_dir, lock.me)
+        except RunDirError as err:
+            lock, error = None, str(err)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise RunDirError(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _remove_partial_writes(run_dir: Path) -> None:
+    """Deletes the temporary files of writes that a killed process left (``.NAME.tmp-PID``): with the
+    lock held, no other process writes here."""
+    for tmp in [*run_dir.glob(".*.tmp-*"), *run_dir.glob("snapshots/.*.tmp-*")]:
+        print(f"removing {tmp}, left by a write that did not finish")
+        if tmp.is_dir() and not tmp.is_symlink():  # an MLflow model being saved
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _record_start(run_dir: Path, me: dict[str, Any]) -> None:
+    """Appends this start (the lock holder ``me``) to the run directory's ``starts.log``: when, where,
+    and in which Slurm job."""
+    where = f"host {me['host']} pid {me['pid']}" + (
+        f" Slurm job {me['slurm_job']} restart {me['restart']}" if me["slurm_job"] else "")
+    with open(run_dir / "starts.log", "a") as f:
+        f.write(f"{datetime.now().isoformat(timespec='seconds')} {where}\n")
+
+
+def slurm_jobs(run_dir: Path) -> list[str]:
+    """Every Slurm job this run has lived in, oldest first (from ``starts.log``)."""
+    try:
+        lines = (run_dir / "starts.log").read_text().splitlines()
+    except OSError:
+        return []
+    jobs = [line.split(" Slurm job ", 1)[1].split()[0] for line in lines if " Slurm job " in line]
+    return list(dict.fromkeys(jobs))

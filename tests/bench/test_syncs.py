@@ -9,7 +9,7 @@ import torch
 
 from gunn.bench import syncs
 from gunn.bench.measure import dispatched_ops
-from gunn.train import engine
+from gunn.train import stop
 from gunn.train.metrics import Meter
 
 # The dry run's engine: GUNN-tiny on 16 px synthetic images, batch 2, on the CPU.
@@ -41,7 +41,7 @@ def test_a_host_read_in_the_engines_step_is_counted_once_per_step(monkeypatch):
 
 
 def test_the_stop_poll_is_left_out_of_the_count_and_counted_apart(monkeypatch):
-    monkeypatch.setattr(engine, "STOP_POLL_S", 0.0)  # a poll after every step
+    monkeypatch.setattr(stop, "STOP_POLL_S", 0.0)  # a poll after every step
     found = syncs.engine_syncs("gunn_tiny eager fp32", TINY, warmup=1, steps=2)
     # The poll follows every step but the epoch's last; each reads the loss check back once.
     assert (found.syncs, found.polls, found.poll_syncs) == (0, 1, 1)

@@ -12,7 +12,7 @@ import pytest
 from gunn import config as cfgmod
 from gunn.config import ConfigError
 from gunn.train import device
-from gunn.train.engine import validate
+from gunn.train.checks import validate
 from tests.mlflow_server import REPO_ROOT
 
 without_cuda = pytest.mark.skipif(device.cuda_usable(), reason="describes a machine without usable CUDA")

@@ -24,7 +24,8 @@ from gunn.models import create_model
 from gunn.train import checkpoint as ckpt
 from gunn.train.rundir import RunDirError
 from gunn.train import rundir
-from gunn.train.engine import train, validate
+from gunn.train.checks import validate
+from gunn.train.engine import train
 from gunn.train.schedule import learning_rate, milestones, snapshot_epochs
 from tests.mlflow_server import REPO_ROOT, free_port
 
@@ -103,7 +104,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
 def test_train_one_epoch_advances_the_position_batch_by_batch_and_stops_where_asked(tmp_path):
     from gunn.train.distributed import DistInfo
-    from gunn.train.engine import Position, StopPoll, build, train_one_epoch
+    from gunn.train.engine import Position, build, train_one_epoch
+    from gunn.train.stop import StopPoll
     from gunn.train.metrics import Meter
 
     config = cfgmod.resolve(small(tmp_path))
@@ -289,20 +291,20 @@ def _ddp_rank_signalled(rank: int, port: int, config: dict, out: str, signal_in_
     """A rank of a 2-rank run; with ``signal_in_batch``, rank 1 alone is asked to stop during that batch."""
     import itertools
 
-    from gunn.train import engine, metrics
+    from gunn.train import metrics, stop
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if signal_in_batch:
-        engine.STOP_POLL_S = 0.0  # agree at every step, so that the stop lands in that batch
+        stop.STOP_POLL_S = 0.0  # agree at every step, so that the stop lands in that batch
         if rank == 1:
             batches, add = itertools.count(1), metrics.Meter.add
 
             def add_then_signal(self, *args):
                 add(self, *args)
                 if next(batches) == signal_in_batch:
-                    engine.request_stop()  # what the launcher's SIGTERM/SIGUSR2 handler calls
+                    stop.request_stop()  # what the launcher's SIGTERM/SIGUSR2 handler calls
 
             metrics.Meter.add = add_then_signal
     result = train(cfgmod.from_dict(config))
@@ -340,7 +342,7 @@ def test_a_signal_on_one_rank_stops_every_rank_mid_epoch_and_the_resumed_run_mat
 
 
 def test_a_run_whose_loss_becomes_nan_stops_naming_epoch_and_batch_and_keeps_its_last_good_checkpoint(tmp_path):
-    from gunn.train.engine import NonFiniteLossError
+    from gunn.train.stop import NonFiniteLossError
 
     good = train(small(tmp_path, "optim.epochs=1"))
     assert [p.name for p in ckpt.list_checkpoints(good.run_dir)] == [ckpt.checkpoint_name(1, 0)]
@@ -365,7 +367,7 @@ def test_a_run_continued_with_another_model_shape_is_refused_in_one_line_before_
 
 
 def test_the_mlflow_line_says_where_the_records_wait_when_the_store_has_not_created_the_run(tmp_path):
-    from gunn.train.engine import _mlflow_line
+    from gunn.train.tracking.run import mlflow_line
     from gunn.train.tracking import Tracker
 
     with socket.socket() as s:  # a port where nothing listens
@@ -374,7 +376,7 @@ def test_the_mlflow_line_says_where_the_records_wait_when_the_store_has_not_crea
     tracker = Tracker(run_dir=tmp_path, tracking_uri=f"http://127.0.0.1:{port}", experiment="gunn", run_name="x",
                       params={}, tags={}, start_timeout=0.5, drain_timeout=0.5)
     try:
-        line = _mlflow_line(tracker)
+        line = mlflow_line(tracker)
         assert "None" not in line and f"http://127.0.0.1:{port} has not created the run yet" in line
         assert str(tracker.journal_path) in line and "gunn.train.tracking" in line
     finally:
@@ -470,7 +472,7 @@ def _artifact_records(run_dir: Path) -> list[str]:
 def test_a_run_killed_between_its_final_weights_and_their_logging_logs_them_when_run_again(server, tmp_path, killed):
     from mlflow.tracking import MlflowClient
 
-    from gunn.train.tracking.journal import _Journal
+    from gunn.train.tracking.journal import Journal
 
     args = ("optim.epochs=1", "logging.model=true", *_mlflow(server, "engine-killed-finishing"))
     (tmp_path / "config.yaml").write_text(cfgmod.dump(small(tmp_path, *args)))
@@ -481,7 +483,7 @@ def test_a_run_killed_between_its_final_weights_and_their_logging_logs_them_when
     run_dir = tmp_path / "run"
     assert (run_dir / "model-final.pt").is_file()
     assert _artifact_records(run_dir) == (["curves.png"] if killed == "after the first artifact" else [])
-    journal = _Journal(run_dir / "mlflow-journal.jsonl")
+    journal = Journal(run_dir / "mlflow-journal.jsonl")
     run_id = journal.runs[server.uri]
     assert "finish" not in {r["op"] for r in journal.work}  # it died: nothing ended the run
 
@@ -645,7 +647,8 @@ def _built(tmp_path: Path, *overrides: str, world_size: int = 1):
 
 
 def _epoch_from(parts, config, info, first_batch: int, capture_graphs: bool = False):
-    from gunn.train.engine import Position, StopPoll, train_one_epoch
+    from gunn.train.engine import Position, train_one_epoch
+    from gunn.train.stop import StopPoll
     from gunn.train.metrics import Meter
 
     position = Position(meter=Meter(info.device), batch=first_batch)
@@ -668,12 +671,12 @@ def _host_reads(parts, config, info, first_batch: int) -> int:
 def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, amp):
     # Counted on the CPU: an epoch of 4 steps reads no more often than one of its last step (what is left
     # is the loader's seed of the epoch), so a step reads nothing. The stop poll's periodic read is left out.
-    from gunn.train import engine
+    from gunn.train import optimizer, stop
 
-    monkeypatch.setattr(engine, "STOP_POLL_S", 1e9)
+    monkeypatch.setattr(stop, "STOP_POLL_S", 1e9)
     config, info, parts = _built(tmp_path, f"runtime.amp={amp}", "data.samples=64", "data.workers=1")  # loading
     if amp == "fp16":  # a GPU's (the CPU trains no fp16): the optimiser the engine builds for CUDA, on the CPU
-        parts.optimizer = engine.sgd(parts.model.parameters(), config.optim, torch.device("cuda"))
+        parts.optimizer = optimizer.sgd(parts.model.parameters(), config.optim, torch.device("cuda"))
         assert parts.optimizer.defaults["fused"] is True and parts.scaler.is_enabled()
     one_step = _host_reads(parts, config, info, first_batch=3)  # also the first step (GradScaler's start)
     assert _host_reads(parts, config, info, first_batch=0) <= one_step
@@ -681,7 +684,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
 
 def test_an_fp16_first_step_that_overflows_leaves_the_fused_sgd_as_if_it_had_not_been_taken(tmp_path):
     # GradScaler starts at a scale that fp16 gradients usually overflow: the first steps are skipped.
-    from gunn.train.engine import sgd
+    from gunn.train.optimizer import sgd
 
     optim = small(tmp_path).optim
     torch.manual_seed(0)
@@ -809,13 +812,13 @@ def test_no_rank_waits_for_rank_0s_own_work_at_the_end_however_long_it_takes(tmp
 
 def test_the_peak_memory_of_a_graphed_run_includes_what_its_replays_use_beyond_the_allocators_count(monkeypatch):
     # The graphs' pool is reserved at capture; replays write into it without the allocator counting them.
-    from gunn.train.engine import _peak_memory_mb
+    from gunn.train.device import peak_memory_mb
     from gunn.train.graphs import CapturedStep
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)  # a GPU's counter
     captured = CapturedStep(("",), pool_bytes=5 * 2**20, unseen_bytes=4 * 2**20)
-    assert _peak_memory_mb(torch.device("cuda", 0), captured) == 7.0
-    assert _peak_memory_mb(torch.device("cuda", 0), None) == 3.0
+    assert peak_memory_mb(torch.device("cuda", 0), captured.unseen_bytes) == 7.0
+    assert peak_memory_mb(torch.device("cuda", 0)) == 3.0
 
 
 def test_runtime_compile_trains_the_gunn_model_as_eager_does(tmp_path):

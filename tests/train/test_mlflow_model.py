@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gunn.train.engine import train
-from gunn.train.tracking.journal import JOURNAL_NAME, MODEL_DIR_NAME, _Journal
+from gunn.train.tracking.journal import JOURNAL_NAME, MODEL_DIR_NAME, Journal
 from tests.mlflow_server import QUIET_MLFLOW, REPO_ROOT, free_port, wait_for
 from tests.train.test_engine import small
 
@@ -163,7 +163,7 @@ def test_a_run_whose_server_was_down_at_the_end_gets_its_model_from_sync(server,
     assert len(warned) == 2, warned  # that the server is unreachable, and what is left unsent at the end
     assert "unreachable" in warned[0] and "python -m gunn.train.tracking sync" in warned[1]
     run_dir = second.run_dir
-    journal = _Journal(run_dir / JOURNAL_NAME)
+    journal = Journal(run_dir / JOURNAL_NAME)
     (record,) = [r for r in journal.work if r["op"] == "model"]
     assert record["seq"] not in journal.sent and record["step"] == 2
 

@@ -64,9 +64,9 @@ def _steps(uri: str, run_id: str, key: str = "train_loss") -> list[int]:
 
 
 def _journal_run_id(run_dir: Path, uri: str) -> str | None:
-    from gunn.train.tracking.journal import _Journal
+    from gunn.train.tracking.journal import Journal
 
-    return _Journal(run_dir / JOURNAL_NAME).runs.get(uri)
+    return Journal(run_dir / JOURNAL_NAME).runs.get(uri)
 
 
 def _tracking_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -238,21 +238,22 @@ def test_short_http_retries_apply_only_to_the_sending_thread() -> None:
 
 
 def test_a_full_disk_fails_the_journal_clearly_and_leaves_no_partial_line(tmp_path: Path) -> None:
-    from gunn.train.tracking.journal import JournalWriteError, _Journal
+    from gunn.train.tracking.journal import Journal
+    from gunn.train.writes import WriteError
 
     with small_tmpfs(tmp_path / "tmpfs") as folder:
-        journal = _Journal(folder / JOURNAL_NAME)
+        journal = Journal(folder / JOURNAL_NAME)
         journal.append({"seq": 0, "op": "metrics", "time": 1, "step": 1, "metrics": {"loss": 1.0}})
         before = journal.path.read_bytes()
         fill(folder)
         big = {"seq": 1, "op": "metrics", "time": 2, "step": 2, "metrics": {f"m{i}": 0.5 for i in range(5000)}}
-        with pytest.raises(JournalWriteError) as failure:
+        with pytest.raises(WriteError) as failure:
             journal.append(big)
         assert isinstance(failure.value, OSError) and failure.value.errno == errno.ENOSPC
         assert str(failure.value) == (f"no space left on device while writing the MLflow "
                                       f"journal {journal.path}")
         assert journal.path.read_bytes() == before
-        assert [r["seq"] for r in _Journal(journal.path).work] == [0]
+        assert [r["seq"] for r in Journal(journal.path).work] == [0]
 
 
 # --------------------------------------------------------------------------- concurrent first use
@@ -528,7 +529,7 @@ def test_a_model_is_logged_once_as_the_runs_output_even_when_sent_again(
     from mlflow.artifacts import download_artifacts
     from mlflow.entities import LoggedModelStatus
 
-    from gunn.train.tracking.journal import MODEL_DIR_NAME, _Journal
+    from gunn.train.tracking.journal import MODEL_DIR_NAME, Journal
 
     run_dir = tmp_path / "run"
     model_dir = _model_dir(run_dir / MODEL_DIR_NAME, 3, {})
@@ -537,7 +538,7 @@ def test_a_model_is_logged_once_as_the_runs_output_even_when_sent_again(
     tracker.log_model(model_dir, step=3)
     tracker.log_model(model_dir, step=3, once=True)  # journaled already: nothing
     tracker.finish()
-    journal = _Journal(run_dir / JOURNAL_NAME)
+    journal = Journal(run_dir / JOURNAL_NAME)
     (record,) = [r for r in journal.work if r["op"] == "model"]
     assert record["seq"] in journal.sent
 

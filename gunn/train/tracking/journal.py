@@ -11,7 +11,6 @@ puts that run's id in its place when it sends the tag (a sweep's parent run, see
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -20,13 +19,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from gunn.train.writes import WriteError, write_error
+
 __all__ = [
     "FINAL_STATUSES",
     "JOURNAL_NAME",
     "MODEL_DIR_NAME",
     "MODEL_NAME",
-    "JournalWriteError",
-    "adopt_run",
     "copied_from",
     "set_aside",
     "journal_reference",
@@ -66,12 +65,6 @@ def sync_command(run_dir: Path) -> str:
     return f"python -m gunn.train.tracking sync {shlex.quote(str(run_dir))}"
 
 
-def adopt_run(path: Path, run_id: str, tracking_uri: str) -> None:
-    """Record in the journal `path` that its run is the MLflow run `run_id` at `tracking_uri`, created
-    without the journal (a sweep's parent run before it had one): the next start continues that run."""
-    _Journal(Path(path)).append({"run_id": run_id, "tracking_uri": tracking_uri})
-
-
 def journal_reference(run_dir: Path) -> str:
     """A tag value that stands for the MLflow run journaled in `run_dir`, whose id it may not have yet."""
     return REFERENCE_PREFIX + str(Path(run_dir).resolve())
@@ -105,14 +98,14 @@ def copied_from(run_dir: Path) -> tuple[Path, str] | None:
     path = Path(run_dir) / JOURNAL_NAME
     if not path.is_file():
         return None
-    journal = _Journal(path)
+    journal = Journal(path)
     origin = None
     for record in sorted(journal.work, key=lambda r: r["seq"]):
         if record["op"] == "start":
             origin = record.get("tags", {}).get("gunn.run_dir", origin)
     if origin is None or Path(origin) == Path(run_dir).resolve() or not (Path(origin) / JOURNAL_NAME).is_file():
         return None
-    theirs = _Journal(Path(origin) / JOURNAL_NAME).runs
+    theirs = Journal(Path(origin) / JOURNAL_NAME).runs
     shared = [run for uri, run in journal.runs.items() if theirs.get(uri) == run]
     return (Path(origin), shared[0]) if shared else None
 
@@ -126,14 +119,7 @@ def set_aside(run_dir: Path, run_id: str) -> Path:
     return aside
 
 
-class JournalWriteError(OSError):
-    """The journal could not be written (disk full, quota, permissions); the message names it, errno kept."""
-
-    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" before it
-        return str(self.strerror)
-
-
-class _Journal:
+class Journal:
     """The append-only file of tracking calls and of what has been sent."""
 
     def __init__(self, path: Path) -> None:
@@ -198,7 +184,7 @@ class _Journal:
         return last
 
     def append(self, entry: dict[str, Any]) -> None:
-        """Append one line, whole or not at all; a failed write raises `JournalWriteError`."""
+        """Append one line, whole or not at all; a failed write raises `WriteError`."""
         line = (json.dumps({k: v for k, v in entry.items() if not k.startswith("_")}) + "\n").encode()
         with self._lock:
             try:
@@ -224,11 +210,10 @@ class _Journal:
                 os.close(fd)
         self._remember(entry)
 
-    def _write_error(self, err: OSError) -> JournalWriteError:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # said as checkpoint writes say them
-            return JournalWriteError(err.errno, f"{os.strerror(err.errno).lower()} while writing the MLflow journal "
-                                                f"{self.path}")
-        return JournalWriteError(err.errno, f"could not write the MLflow journal {self.path}: {err.strerror or err}")
+    def _write_error(self, err: OSError) -> WriteError:
+        failure = write_error(err, f"the MLflow journal {self.path}")  # said as checkpoint writes say it
+        assert failure is not None  # an OSError is a write failure
+        return failure
 
     def _remember(self, entry: dict[str, Any]) -> None:
         if "seq" in entry:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gunn.train.tracking.journal import REFERENCE_PREFIX, _Journal, journaled_run_id, sync_command
+from gunn.train.tracking.journal import REFERENCE_PREFIX, Journal, journaled_run_id, sync_command
 from gunn.train.tracking.store import store_lock
 
 # MLflow prints "🏃 View run ... at: URL" to stdout when a run on a server ends; the engine's own line names
@@ -119,7 +119,7 @@ class _Rejected(Exception):
     """The server (or the local file system) refused one record for good."""
 
 
-def _is_rejection(error: Exception) -> bool:
+def is_rejection(error: Exception) -> bool:
     if isinstance(error, _Rejected):
         return True
     from mlflow.exceptions import MlflowException
@@ -142,10 +142,10 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[i : i + size]
 
 
-class _Sender:
+class Sender:
     """Sends journal records to MLflow, one at a time, and journals what was sent."""
 
-    def __init__(self, journal: _Journal) -> None:
+    def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self._clients: dict[str, Any] = {}
 
@@ -157,7 +157,7 @@ class _Sender:
         return self._clients[uri]
 
     def send(self, record: dict[str, Any]) -> None:
-        """Send one record; raise on failure (see `_is_rejection` for which failures are final)."""
+        """Send one record; raise on failure (see `is_rejection` for which failures are final)."""
         with short_http_timeouts():
             getattr(self, "_send_" + record["op"])(record, record["_uri"])
         self.journal.append({"sent": record["seq"]})
@@ -219,14 +219,14 @@ class _Sender:
             try:
                 client.log_batch(run_id, params=[Param(k, v) for k, v in chunk])
             except Exception as e:
-                if not _is_rejection(e):
+                if not is_rejection(e):
                     raise
                 # One param whose value changed (a resumed run) refuses its whole batch.
                 for key, value in chunk:
                     try:
                         client.log_batch(run_id, params=[Param(key, value)])
                     except Exception as e:
-                        if not _is_rejection(e):
+                        if not is_rejection(e):
                             raise
                         refused.append(key)
         if refused:

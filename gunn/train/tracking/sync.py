@@ -13,11 +13,11 @@ from gunn.train.tracking.journal import (
     JOURNAL_NAME,
     MODEL_DIR_NAME,
     MODEL_NAME,
-    _Journal,
+    Journal,
     clean_tags,
     sync_command,
 )
-from gunn.train.tracking.sender import ParentNotSent, brief, _is_rejection, _Sender
+from gunn.train.tracking.sender import ParentNotSent, brief, is_rejection, Sender
 
 __all__ = ["complete", "main", "model_step", "sync", "sync_command"]
 
@@ -36,7 +36,7 @@ def sync(run_dir: Path, *, final_status: str | None = None, tracking_uri: str | 
         raise FileNotFoundError(f"no MLflow journal {path} in run_dir {run_dir}")
     if final_status is not None and final_status not in FINAL_STATUSES:
         raise ValueError(f"final_status must be one of {FINAL_STATUSES}, got {final_status!r}")
-    journal = _Journal(path)
+    journal = Journal(path)
     last_op = max(journal.work, key=lambda r: r["seq"])["op"] if journal.work else None
     if final_status is not None and last_op not in (None, "finish"):
         journal.append(
@@ -51,7 +51,7 @@ def sync(run_dir: Path, *, final_status: str | None = None, tracking_uri: str | 
             if old in journal.runs and moved_to not in journal.runs:  # the same run, found at its new address
                 journal.append({"run_id": journal.runs[old], "tracking_uri": moved_to})
         pending = [{**r, "_uri": moved_to} for r in pending]
-    sender = _Sender(journal)
+    sender = Sender(journal)
     sent, unsent, unreachable = 0, 0, set()
     for record in pending:
         if record["_uri"] in unreachable:  # keeps each store's calls in order
@@ -61,7 +61,7 @@ def sync(run_dir: Path, *, final_status: str | None = None, tracking_uri: str | 
             sender.send(record)
             sent += 1
         except Exception as e:  # noqa: BLE001 - reported, and the record stays in the journal
-            if _is_rejection(e):
+            if is_rejection(e):
                 sender.reject(record, e)
                 _log.warning("MLflow refused the %s call #%d: %s", record["op"], record["seq"], e)
             elif isinstance(e, ParentNotSent):
@@ -86,7 +86,7 @@ def complete(
     run_dir = Path(run_dir).resolve()
     if status not in FINAL_STATUSES:
         raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
-    journal = _Journal(run_dir / JOURNAL_NAME)
+    journal = Journal(run_dir / JOURNAL_NAME)
     if not journal.work:
         return 0, 0  # the run never started tracking
     logged = journal.artifacts()
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_dir / JOURNAL_NAME).exists():
         parser.error(f"no {JOURNAL_NAME} in {args.run_dir}")
     sent, unsent = sync(args.run_dir, final_status=args.status, tracking_uri=args.tracking_uri)
-    journal = _Journal(args.run_dir.resolve() / JOURNAL_NAME)
+    journal = Journal(args.run_dir.resolve() / JOURNAL_NAME)
     runs = ", ".join(f"{run_id} at {uri}" for uri, run_id in journal.runs.items()) or "none"
     print(f"sent {sent} call(s), {unsent} still unsent; MLflow run: {runs}")
     if journal.work and max(journal.work, key=lambda r: r["seq"])["op"] != "finish":

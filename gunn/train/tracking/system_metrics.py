@@ -21,7 +21,7 @@ _log = logging.getLogger(__package__)
 SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
-class _SystemMetrics:
+class SystemMetrics:
     """MLflow's system metrics of this machine, logged to one run from a thread of their own.
 
     The monitors are MLflow's (``mlflow.system_metrics``: CPU, memory, disk, network, and the
@@ -113,7 +113,7 @@ class _SystemMetrics:
         return monitors
 
 
-def _system_metrics_settings() -> tuple[float, int]:
+def system_metrics_settings() -> tuple[float, int]:
     """The sampling interval (s) and samples per logged value: MLflow's variables if set, else 10 s and 1."""
     def number(name: str, kind: type, default: float | int) -> Any:
         raw = os.environ.get(name)

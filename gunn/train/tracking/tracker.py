@@ -24,14 +24,14 @@ from gunn.train.tracking.journal import (
     JOURNAL_NAME,
     MAX_PARAM_VAL_LENGTH,
     MODEL_NAME,
-    _Journal,
+    Journal,
     check_key,
     clean_tags,
     sync_command,
 )
-from gunn.train.tracking.sender import MLFLOW_USER, ParentNotSent, brief, _is_rejection, _Sender
+from gunn.train.tracking.sender import MLFLOW_USER, ParentNotSent, brief, is_rejection, Sender
 from gunn.train.tracking.store import resolve_tracking_uri
-from gunn.train.tracking.system_metrics import _system_metrics_settings, _SystemMetrics
+from gunn.train.tracking.system_metrics import system_metrics_settings, SystemMetrics
 
 __all__ = ["Tracker"]
 
@@ -73,7 +73,7 @@ class Tracker:
         system_metrics: bool = False,
     ) -> None:
         """``tags`` may override the source tags (mlflow.source.name: the script, mlflow.source.type:
-        LOCAL, mlflow.user); ``system_metrics``: log this machine's (see `_SystemMetrics`) while the
+        LOCAL, mlflow.user); ``system_metrics``: log this machine's (see `SystemMetrics`) while the
         run lasts, from when the server has the run."""
         if not experiment:
             raise ValueError(f"experiment must be a non-empty name, got {experiment!r}")
@@ -84,7 +84,7 @@ class Tracker:
         self._drain_timeout = drain_timeout
         self._retry_interval = retry_interval
 
-        self._journal = _Journal(self.journal_path)
+        self._journal = Journal(self.journal_path)
         previous_uris = set(self._journal.runs) - {self.tracking_uri}
         if previous_uris and self.tracking_uri not in self._journal.runs:
             _log.warning(
@@ -111,9 +111,9 @@ class Tracker:
         self._down = False
         self._failures = 0
         self._rejections = 0
-        self._sender = _Sender(self._journal)
+        self._sender = Sender(self._journal)
         self._system_metrics = system_metrics
-        self._monitor: _SystemMetrics | None = None
+        self._monitor: SystemMetrics | None = None
 
         flat = {check_key("param", k): str(v) for k, v in flatten(params).items()}
         truncated = sorted(k for k, v in flat.items() if len(v) > MAX_PARAM_VAL_LENGTH)
@@ -263,7 +263,7 @@ class Tracker:
                 if record["op"] == "start":
                     self._start_system_metrics()
             except Exception as e:  # noqa: BLE001 - whatever goes wrong, the sender thread must live on
-                if _is_rejection(e):
+                if is_rejection(e):
                     self._sender.reject(record, e)
                     self._warn_rejected(record, e)
                 else:
@@ -292,9 +292,9 @@ class Tracker:
         with self._cond:
             if not self._system_metrics or self._monitor is not None or self._closed or self.run_id is None:
                 return
-            interval, samples = _system_metrics_settings()
+            interval, samples = system_metrics_settings()
             try:
-                self._monitor = _SystemMetrics(self.tracking_uri, self.run_id, interval, samples)
+                self._monitor = SystemMetrics(self.tracking_uri, self.run_id, interval, samples)
             except Exception as e:  # noqa: BLE001 - not worth failing the start record for
                 self._system_metrics = False
                 _log.warning("MLflow system metrics are not logged: %s", brief(e))
