@@ -1,4 +1,5 @@
-"""How a user runs the project's commands, for help texts and the commands that messages print.
+"""How a user runs the project's commands, for help texts and the commands that messages print; and how the
+commands write their messages (``write_stderr``, ``plain_warnings``).
 
 In a checkout (an editable install, or the checkout on PYTHONPATH) these are its scripts, as the
 README documents them: ``python jobs/launch.py``, ``python pipelines/sweep.py``, ``python
@@ -8,6 +9,7 @@ points ``gunn-launch``, ``gunn-sweep`` and ``gunn-report``.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -40,6 +42,13 @@ def program(name: str) -> str:
 def _invoked_as(entry_point: str) -> bool:
     """Whether this process was started as ``entry_point`` (also an editable install's, beside a checkout)."""
     return bool(sys.argv) and Path(sys.argv[0]).name == entry_point
+
+
+def write_stderr(line: str) -> None:
+    """Writes ``line`` to stderr at once, in one unbuffered write: the commands' notices and warnings that are
+    not Python warnings. Safe in a signal handler, which may interrupt a ``print`` to stderr (a progress bar's),
+    where a second buffered write would fail."""
+    os.write(sys.stderr.fileno(), f"{line}\n".encode())
 
 
 def plain_warnings() -> None:

@@ -132,6 +132,36 @@ def requeue_job(job_id: str, max_requeues: int, resumes_from: object, command: s
     return problem
 
 
+class RequeueingJob:
+    """What a Slurm job runs when it requeues itself on SIGUSR2, at most ``max_requeues`` times: the base of
+    the training job (gunn.cluster.launch.TrainingJob) and the sweep's (gunn.sweeps.slurm_job.SweepJob).
+
+    Its tasks start with JOB_SIGNALS blocked (``takes_blocked_signals``, see ``job_python``) and take them once
+    the subclass has set its handlers, so the signals hold from the task's first instant. ``requeue`` asks
+    Slurm to requeue the job; ``checkpoint`` is submitit's own requeue path (a signal that came before the
+    handlers were set): the requeued job reruns this callable as it is, and continues from what is on disk.
+    """
+
+    takes_blocked_signals = True  # see job_python
+
+    def __init__(self, max_requeues: int) -> None:
+        self.max_requeues = max_requeues
+
+    def requeue(self, job_id: str, resumes_from: object, command: str | None = None) -> tuple[str, str | None]:
+        """``scontrol requeue`` of this job within its limit (``requeue_job``, which prints what happens): the
+        status ``requeued``, ``requeue limit`` or ``requeue failed``, and why it was not requeued (None once it is)."""
+        problem = requeue_job(job_id, self.max_requeues, resumes_from, command)
+        if problem is None:
+            return "requeued", None
+        return ("requeue limit" if requeues_done() >= self.max_requeues else "requeue failed"), problem
+
+    def checkpoint(self) -> Any:
+        """submitit's own requeue path: rerun as is (the job continues from its files)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
 # -- submitting and following jobs --------------------------------------------------------
 
 def job_python() -> str:

@@ -39,6 +39,18 @@ class DataBundle:
     image_size: int  # side in pixels of the square training images, as the training loader yields them
 
 
+@dataclass(frozen=True)
+class Loading:
+    """What one rank's loaders are made for: its share of the batch (``batch_size`` is per rank), its rank among
+    ``world_size``, the seed of order and augmentation, and the device it trains on."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    device: torch.device
+
+
 def epoch_order(size: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
     """All sample indices in the order of ``epoch``: a permutation seeded by (seed, epoch)."""
     if not shuffle:

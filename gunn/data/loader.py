@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from gunn.data.base import Batch, ShardPlan, sample_seed
+from gunn.data.base import Batch, DataBundle, Loading, ShardPlan, sample_seed
 
 
 class Samples(Protocol):
@@ -74,3 +74,18 @@ class ShardedLoader:
             pin_memory=self.pin_memory, persistent_workers=False,
         )
         return iter(loader)
+
+
+def map_style(train: Samples, test: Samples, workers: int, loading: Loading) -> DataBundle:
+    """The loaders of one rank over map-style training and test samples, read by ``workers`` processes."""
+    common = dict(batch_size=loading.batch_size, rank=loading.rank, world_size=loading.world_size, seed=loading.seed,
+                  workers=workers, pin_memory=loading.device.type == "cuda")
+    return DataBundle(
+        train=ShardedLoader(train, train=True, **common),
+        eval=ShardedLoader(test, train=False, **common),
+        num_classes=train.num_classes,
+        in_chans=train.in_chans,
+        train_images=len(train),
+        eval_images=len(test),
+        image_size=train.load(0, augment=False)[0].shape[-1],  # every image of a map-style set has one size
+    )

@@ -34,6 +34,7 @@ import torch
 
 from gunn.cluster.commands import plain_warnings, program
 from gunn.config import RunConfig
+from gunn.data.registry import find_dataset
 from gunn.layers import GunnLayer
 from gunn.models import MODEL_KNOBS, cost, create_model, default_cfg, is_model, paper
 from gunn.train import plots
@@ -46,9 +47,6 @@ class ReportError(Exception):
 # Child-run parameters that differ between trials without defining a configuration.
 PER_TRIAL = ("runtime.seed", "checkpoint.dir", "logging.")
 METRICS = ("eval_top1_error", "eval_top5_error", "train_top1_error", "epoch_time", "images_per_s", "peak_memory_mb")
-# Image channels, side and classes of each data set as the loaders give them (synthetic: its data.image_size
-# and data.classes): the data, not the model, decides what a run's model sees.
-DATA = {"digits": (1, 32, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "imagenet": (3, 224, 1000)}
 
 
 def layer_widths(config: RunConfig) -> list[int]:
@@ -62,11 +60,14 @@ def layer_widths(config: RunConfig) -> list[int]:
 
 
 def input_shape(params: dict[str, str]) -> tuple[int, int, int]:
-    """Image channels, image side and classes that a child run's model saw (from its parameters)."""
-    data = params.get("data.name", "digits")
-    if data in DATA:
-        return DATA[data]
-    return 3, int(params.get("data.image_size", 32)), int(params.get("data.classes", 10))
+    """Image channels, image side and classes that a child run's model saw (from its parameters): the data,
+    not the model, decides them. As its registered data set has them (gunn.data.registry), or, for a data set
+    that takes them from the configuration or is not registered here, data.image_size and data.classes."""
+    data = find_dataset(params.get("data.name", "digits"))
+    chans = data.in_chans if data is not None else 3
+    size = data.image_size if data is not None and data.image_size else int(params.get("data.image_size", 32))
+    classes = data.num_classes if data is not None and data.num_classes else int(params.get("data.classes", 10))
+    return chans, size, classes
 
 
 def _value(text: str | None) -> Any:

@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from gunn.sweeps import driver, report
+from gunn.sweeps import records, report
 from tests.pipelines.test_sweep import REPORT, run
 
 
@@ -82,7 +82,7 @@ def test_the_sweeps_rebuild_command_runs_from_another_folder(tmp_path):
     uri, parent = hand_made_sweep(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    command = shlex.split(driver.rebuild_command(parent, uri))
+    command = shlex.split(records.rebuild_command(parent, uri))
     assert command[0] == "python" and Path(command[1]).is_absolute()
     done = run([sys.executable, *command[1:]], elsewhere, timeout=120)
     assert done.returncode == 0 and "(custom), 2 trials" in done.stdout, done.stderr[-2000:]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gunn import config as cfgmod
 from gunn.sweeps import driver, studies
 
 REPO = Path(__file__).resolve().parents[2]
@@ -255,14 +256,30 @@ def test_refused_custom_spaces(tmp_path, capsys, monkeypatch, space, message):
     assert not (tmp_path / "sweeps").exists()
 
 
-def saved_sweep(folder: Path) -> Path:
-    """A sweep directory with its saved settings, as a started sweep leaves it."""
+def saved_sweep(folder: Path, **changes) -> Path:
+    """A sweep directory with its saved settings, as a started sweep leaves it (with ``changes``)."""
     folder.mkdir()
-    settings = {"study": "sunn-vs-gunn", "seeds": [0, 1], "widths": None, "space": None, "dir": str(folder),
+    settings = {"format": driver.FORMAT, "study": "sunn-vs-gunn", "seeds": [0, 1], "widths": None, "space": None, "dir": str(folder),
                 "cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 0, "max_failures": 1, "asha": False,
                 "asha_grace": 1, "ray_cpus": 0, "preset": None, "overrides": ["optim.epochs=2"]}
-    (folder / "sweep.yaml").write_text(yaml.safe_dump(settings))
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(settings | changes))
     return folder
+
+
+def test_resume_refuses_a_sweep_directory_of_a_newer_format_naming_both_formats(tmp_path, capsys, monkeypatch):
+    folder = saved_sweep(tmp_path / "sweep", format=driver.FORMAT + 1)
+    err = refused(["--resume", str(folder)], tmp_path, capsys, monkeypatch)
+    assert (f"error: --resume {folder}: the sweep directory is in format {driver.FORMAT + 1}, written by a newer gunn; "
+            f"this gunn reads sweep directories up to format {driver.FORMAT}") in err
+
+
+def test_a_sweep_directory_saved_before_formats_were_numbered_resumes_as_format_1(tmp_path):
+    folder = saved_sweep(tmp_path / "sweep")
+    settings = yaml.safe_load((folder / "sweep.yaml").read_text())
+    del settings["format"]
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(settings))
+    args = driver.parse_args(["--resume", str(folder), "--seeds", "0", "1"])
+    assert args.study == "sunn-vs-gunn" and not hasattr(args, "format")
 
 
 def test_refused_resume_with_other_settings_lists_each_with_saved_and_given_values(tmp_path, capsys, monkeypatch):
@@ -313,16 +330,20 @@ def test_bad_model_studies_are_refused_at_once(tmp_path, capsys, monkeypatch, ar
 def test_the_paper_studies_train_the_rows_of_the_papers_tables_that_gunn_builds(tmp_path, capsys):
     from gunn.models import is_model, paper
 
-    cifar = studies.study_models("paper-cifar", None)
+    def models(study: str, picked: list[str] | None) -> list[str]:
+        points = studies.get_study(study).points(cfgmod.load(), models=picked)
+        return [overrides["model.name"] for _, overrides in points]
+
+    cifar = models("paper-cifar", None)
     assert cifar == ["resnet110", "wrn28_10", "wrn40_10", "resnext29_16x64d", "densenet_bc190", "gunn15", "gunn24",
                      "sunn15", "sunn24"]
     assert all(paper.published(m, "cifar100") is not None for m in cifar)
-    imagenet = studies.study_models("paper-imagenet", None)
+    imagenet = models("paper-imagenet", None)
     rows = [r.model for r in paper.results("imagenet", buildable=True)]
     assert imagenet == [m for m in rows if is_model(m)] and {"gunn18", "sunn18", "wide_gunn18"} <= set(imagenet)
     if len(imagenet) < len(rows):  # without timm, its rows are left out and said so
         assert "note: --study paper-imagenet leaves out timm.dpn98, timm.seresnext101_32x4d" in capsys.readouterr().err
-    assert studies.study_models("paper-cifar", ["gunn15", "wrn28_10"]) == ["wrn28_10", "gunn15"]  # the paper's order
+    assert models("paper-cifar", ["gunn15", "wrn28_10"]) == ["wrn28_10", "gunn15"]  # the paper's order
     args = driver.parse_args(["--study", "peers", "--models", "gunn_tiny", "torchvision.resnet18", *TINY])
     trials = studies.trial_configs(args, tmp_path, "parent", "sqlite:///unused.db", check_device=False)
     assert [t["key"] for t in trials] == ["model=gunn_tiny_seed=0", "model=torchvision.resnet18_seed=0"]
@@ -334,6 +355,38 @@ def test_trials_run_seed_major_so_that_configurations_share_the_load_evenly(tmp_
     trials = studies.trial_configs(args, tmp_path, "parent", "sqlite:///unused.db", check_device=False)
     assert [t["key"] for t in trials] == ["mode=sunn_seed=0", "mode=gunn_seed=0", "mode=sunn_seed=1",
                                           "mode=gunn_seed=1"]
+
+
+def test_a_study_is_one_registered_function_that_the_command_line_and_the_trials_know(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(studies, "_STUDIES", dict(studies._STUDIES))  # registered for this test only
+    rates = studies.StudyOption("--rates", "learning rates to compare", type=float, nargs="+")
+
+    @studies.register_study("learning-rate", options=(rates,))
+    def learning_rate(base, *, rates):
+        """The learning rate over --rates, at the preset's recipe otherwise."""
+        if not rates:
+            raise driver.ConfigError("--study learning-rate needs --rates")
+        return [({"lr": rate}, {"optim.lr": rate}) for rate in rates]
+
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--help"])
+    helped = capsys.readouterr().out
+    assert "learning-rate   The learning rate over --rates, at the preset's recipe otherwise." in helped
+    assert "learning-rate: learning rates to compare" in " ".join(helped.split())
+    args = driver.parse_args(["--study", "learning-rate", "--rates", "0.1", "0.05", "--seeds", "0", "1", *TINY])
+    trials = studies.trial_configs(args, tmp_path, "parent", "sqlite:///unused.db", check_device=False)
+    assert [t["key"] for t in trials] == ["lr=0.1_seed=0", "lr=0.05_seed=0", "lr=0.1_seed=1", "lr=0.05_seed=1"]
+    assert [t["config"]["optim"]["lr"] for t in trials] == [0.1, 0.05, 0.1, 0.05]
+    assert all(t["config"]["logging"]["study"] == "learning-rate" for t in trials)
+    # Its option is its own; the other studies' options are not.
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--study", "sunn-vs-gunn", "--rates", "0.1", *TINY])
+    assert "--rates is for --study learning-rate; --study sunn-vs-gunn does not use it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--study", "learning-rate", "--widths", "8", *TINY])
+    assert "--widths is for --study partitions; --study learning-rate does not use it" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="already registered"):
+        studies.register_study("learning-rate")(learning_rate)
 
 
 def _python(command: str) -> list[str]:
@@ -374,22 +427,6 @@ def test_a_sweep_started_while_mlflow_is_down_is_sent_by_sync_with_its_trials_un
     assert all(c.info.status == "FINISHED" and "eval_top1_error" in c.data.metrics for c in children)
     rebuilt = run(_python(rebuild), tmp_path)
     assert rebuilt.returncode == 0 and "(sunn-vs-gunn), 2 trials" in rebuilt.stdout, rebuilt.stderr[-2000:]
-
-
-def test_a_sweep_started_before_the_parent_journal_continues_its_parent_run(server, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(server.uri)
-    experiment = client.get_experiment_by_name("sweeps-marker") or client.create_experiment("sweeps-marker")
-    old = client.create_run(getattr(experiment, "experiment_id", experiment), run_name="sweep")
-    sweep_dir = tmp_path / "sweep"
-    sweep_dir.mkdir()
-    (sweep_dir / driver.LEGACY_PARENT_MARKER).write_text(old.info.run_id + "\n")
-    args = driver.parse_args(["--study", "sunn-vs-gunn", *TINY])
-    parent = driver.parent_run(server.uri, "sweeps-marker", "sweep", args, sweep_dir)
-    parent.finish("KILLED")
-    assert parent.run_id == old.info.run_id and client.get_run(old.info.run_id).info.status == "KILLED"
-    assert client.get_run(old.info.run_id).data.params["study"] == '"sunn-vs-gunn"'
 
 
 def start_sweep(args: list[str], cwd: Path, nice: bool = False) -> subprocess.Popen:
