@@ -42,6 +42,7 @@ def run(site: Path, command: list[str], cwd: Path, timeout: float = 300) -> subp
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_the_installed_package_runs_its_commands_from_anywhere(site, tmp_path):
     work = tmp_path / "work"
     work.mkdir()

@@ -10,14 +10,17 @@ import shlex
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gunn import config as cfgmod
 from gunn.cluster.commands import command, write_stderr
 from gunn.sweeps import report
 from gunn.sweeps.trainable import TRIAL_ERROR
 
-def parent_run(tracking_uri: str, experiment: str, name: str, args: argparse.Namespace, sweep_dir: Path) -> Any:
+if TYPE_CHECKING:
+    from gunn.train.tracking import Tracker
+
+def parent_run(tracking_uri: str, experiment: str, name: str, args: argparse.Namespace, sweep_dir: Path) -> Tracker:
     """The sweep's MLflow parent run, a Tracker journaled in the sweep directory: created once (sent
     when MLflow is reachable, kept for ``sync`` when it is not), found again on --resume."""
     from gunn.train.tracking import Tracker
@@ -37,7 +40,7 @@ def warn_unsent(run_dirs: list[Path]) -> None:
         write_stderr(f"warning: MLflow has not received all of {run_dir}'s records; send them with: {sync_command(run_dir)}")
 
 
-def write_report(parent: Any, tracking_uri: str, out: Path) -> tuple[str | None, str]:
+def write_report(parent: Tracker, tracking_uri: str, out: Path) -> tuple[str | None, str]:
     """Builds the report of the sweep whose parent run is the Tracker ``parent`` into ``out`` and logs it to
     that run through its journal; (the report's table, None when MLflow could not give the runs; why not)."""
     from mlflow.exceptions import MlflowException

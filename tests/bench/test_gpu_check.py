@@ -55,6 +55,7 @@ def test_help_names_the_two_commands_their_steps_and_limits_each_within_a_lent_m
     assert "bench-more" in done.stdout and "syncs" in done.stdout  # what each step does, from the Python side
 
 
+@pytest.mark.slow
 def test_a_dry_run_of_both_commands_passes_every_step_and_writes_every_figure(tmp_path):
     # The GPU machine has no MLflow, Ray, submitit, DALI nor pytest: here they are made unimportable.
     # The tests step then runs the pytest that .ci/gpu-check installs from .ci/wheels.
@@ -230,6 +231,7 @@ def test_optional_rows_are_left_out_once_the_steps_time_budget_is_spent(tmp_path
     assert record.notes == ["gunn_tiny b2 fp32 eager: left out, the step's time budget (0 s) is spent"]
 
 
+@pytest.mark.slow
 def test_a_dry_run_of_the_dali_step_compares_the_decoders_and_trains_an_epoch(tmp_path):
     assert gpu_check.main(["dali", "--out", str(tmp_path), "--dry-run"]) == 0
     record = json.loads((tmp_path / "dali.json").read_text())

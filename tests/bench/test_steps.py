@@ -28,12 +28,14 @@ def test_graph_pools_count_the_private_pools_and_what_of_them_no_tensor_holds(mo
     assert steps.graph_pools(torch.device("cuda", 0)) == (600, 500)
 
 
+@pytest.mark.slow
 def test_a_measured_eager_row_counts_kernels_and_dispatched_operations_and_labels_tf32():
     row = steps.measure("sunn_tiny", 2, 16, torch.device("cpu"), "fp32", warmup=1, steps=1, tf32=True)
     assert (row.model, row.batch, row.precision, row.mode) == ("sunn_tiny", 2, "fp32 (TF32)", "eager")
     assert row.kernels > 0 and row.ops > 0 and row.pool_mb is None and row.memory_mb == row.peak_mb
 
 
+@pytest.mark.slow
 def test_dispatched_operations_are_counted_on_the_cpu_as_a_gpu_runs_them_without_the_cpu_kernels():
     from gunn.bench.measure import dispatched_ops
 

@@ -23,11 +23,13 @@ def test_host_reads_are_the_operations_that_read_a_value_or_a_data_dependent_sha
     assert syncs.host_reads(counts) == {"_local_scalar_dense.default": 2, "nonzero.default": 1}
 
 
+@pytest.mark.slow
 def test_the_engines_step_reads_nothing_back_on_the_host():
     found = syncs.engine_syncs("gunn_tiny eager fp32", TINY, warmup=1, steps=2)
     assert (found.syncs, found.per_step, found.where) == (0, 0.0, {})
 
 
+@pytest.mark.slow
 def test_a_host_read_in_the_engines_step_is_counted_once_per_step(monkeypatch):
     add = Meter.add
 
@@ -40,6 +42,7 @@ def test_a_host_read_in_the_engines_step_is_counted_once_per_step(monkeypatch):
     assert found.per_step == 1.0 and found.where == {"_local_scalar_dense.default": 2}
 
 
+@pytest.mark.slow
 def test_the_stop_poll_is_left_out_of_the_count_and_counted_apart(monkeypatch):
     monkeypatch.setattr(stop, "STOP_POLL_S", 0.0)  # a poll after every step
     found = syncs.engine_syncs("gunn_tiny eager fp32", TINY, warmup=1, steps=2)

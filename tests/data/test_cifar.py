@@ -83,6 +83,7 @@ def test_training_crops_the_zero_padded_image_and_flips_it(tmp_path, no_checksum
     assert seen_flip and seen_shift
 
 
+@pytest.mark.slow
 def test_the_engine_trains_on_cifar_files(tmp_path, no_checksums):
     write_cifar(tmp_path / "data", 10, train=128, test=32)
     config = cfgmod.load("gunn15-cifar10", [

@@ -124,6 +124,7 @@ def test_training_batches_have_the_same_count_on_every_rank(tree: Path, name: st
             assert 0 <= labels.min() and labels.max() < CLASSES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOADERS)
 def test_training_order_is_shardedloaders_seeded_by_epoch(tree: Path, name: str) -> None:
     size = CLASSES * TRAIN
@@ -226,6 +227,7 @@ def test_verify_lists_the_corrupt_image(corrupt_tree: tuple[Path, Path]) -> None
     assert [path for path, _ in verify(root)] == [bad]
 
 
+@pytest.mark.slow
 def test_verify_command_lists_the_corrupt_image_and_fails(corrupt_tree: tuple[Path, Path]) -> None:
     root, bad = corrupt_tree
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gunn.data.base import shard, train_batches
@@ -32,6 +33,7 @@ def batches(loader: ShardedLoader, epoch: int, start: int = 0) -> list[tuple[tor
     return list(loader.iterate(epoch, start))
 
 
+@pytest.mark.slow
 def test_augmentation_is_the_same_whichever_worker_reads_a_sample():
     samples = Digits(train=True)
     inline = ShardedLoader(samples, batch_size=32, rank=0, world_size=1, seed=3, train=True, workers=0)
@@ -40,6 +42,7 @@ def test_augmentation_is_the_same_whichever_worker_reads_a_sample():
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
+@pytest.mark.slow
 def test_starting_mid_epoch_gives_the_rest_of_the_epoch():
     loader = ShardedLoader(Digits(train=True), batch_size=64, rank=0, world_size=1, seed=0, train=True)
     full, rest = batches(loader, 2), batches(loader, 2, start=7)

@@ -51,6 +51,7 @@ def launch_until_checkpoint(args: list[str], cwd: Path, run_dir: Path, **kwargs)
     return process
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("after_s", [0.3, 1.5, 3.0])
 def test_ctrl_c_while_the_launcher_starts_ends_it_quietly(tmp_path, after_s):
     # While Python loads torch and the launcher checks its arguments there is nothing to save: status 130, one
@@ -68,6 +69,7 @@ def test_ctrl_c_while_the_launcher_starts_ends_it_quietly(tmp_path, after_s):
     assert err.strip() in ("", "python jobs/launch.py: interrupted (Ctrl-C)") or process.returncode == 3, err
 
 
+@pytest.mark.slow
 def test_no_arguments_trains_the_digits_demo_to_95_percent_and_logs_it_locally(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -85,6 +87,7 @@ def test_no_arguments_trains_the_digits_demo_to_95_percent_and_logs_it_locally(t
     assert float(run.data.metrics["eval_top1_error"]) == pytest.approx(error, abs=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -105,6 +108,7 @@ def test_bad_input_is_reported_with_its_field_before_any_work(tmp_path, args, me
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_fields_and_the_resolved_configuration_can_be_printed(tmp_path):
     fields = launch(["--fields"], tmp_path)
     assert fields.returncode == 0 and "optim.batch_size" in fields.stdout
@@ -112,6 +116,7 @@ def test_fields_and_the_resolved_configuration_can_be_printed(tmp_path):
     assert printed.returncode == 0 and "epochs: 3" in printed.stdout and f"dir: {tmp_path}/runs/digits-" in printed.stdout
 
 
+@pytest.mark.slow
 def test_printing_a_configuration_needs_no_data_but_training_does(tmp_path):
     # The README's own example, on a machine without CIFAR.
     printed = launch(["gunn24-cifar10", "--print-config"], tmp_path)
@@ -150,6 +155,7 @@ def test_every_option_of_the_help_says_what_it_does():
         assert re.search(rf"{option} \S+\s+[^\n]*{words}", text), (option, text)
 
 
+@pytest.mark.slow
 def test_a_slurm_job_given_gpus_must_train_on_them_and_the_login_node_does_not_check_them(tmp_path):
     printed = launch(["--cluster", "slurm", "--gpus-per-node", "1", "--print-config"], tmp_path)
     assert printed.returncode == 0, printed.stderr
@@ -158,6 +164,7 @@ def test_a_slurm_job_given_gpus_must_train_on_them_and_the_login_node_does_not_c
     assert "device: auto" in local.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_a_second_launch_finishes_the_run(tmp_path):
     run_dir = tmp_path / "run"
     args = QUICK + ["optim.epochs=40", "logging.mlflow=false", f"checkpoint.dir={run_dir}"]
@@ -171,6 +178,7 @@ def test_sigterm_checkpoints_and_a_second_launch_finishes_the_run(tmp_path):
     assert "resuming" in resumed.stdout and "finished: 3/3 epochs" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_nproc_runs_data_parallel_processes_on_this_machine(tmp_path):
     done = launch(QUICK + ["optim.epochs=1", "logging.mlflow=false", f"checkpoint.dir={tmp_path / 'run'}",
                            "--nproc", "2"], tmp_path)
@@ -182,6 +190,7 @@ def test_nproc_runs_data_parallel_processes_on_this_machine(tmp_path):
     assert (tmp_path / "run" / "model-final.pt").is_file()
 
 
+@pytest.mark.slow
 def test_nproc_1_with_a_backend_named_trains_one_rank_in_a_process_group_and_resumes(tmp_path):
     # How NCCL's start-up, its object collectives and the stop poll over it run on a single GPU.
     run_dir = tmp_path / "run"
@@ -210,6 +219,7 @@ def two_ranks_training(tmp_path: Path, epochs: int) -> tuple[list[str], Path, su
     return args, run_dir, process, ranks
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_run_with_a_clear_error_and_the_run_continues_from_its_checkpoint(tmp_path):
     args, run_dir, process, ranks = two_ranks_training(tmp_path, epochs=6)
     os.kill(ranks[1], signal.SIGKILL)
@@ -226,6 +236,7 @@ def _checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.glob("checkpoint-*.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the process group"])
 def test_a_stop_signal_checkpoints_every_rank_of_nproc_2_and_the_same_command_finishes_the_run(tmp_path, how):
     from mlflow.tracking import MlflowClient
@@ -254,6 +265,7 @@ def test_a_stop_signal_checkpoints_every_rank_of_nproc_2_and_the_same_command_fi
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_second_signal_aborts_nproc_2_at_once(tmp_path):
     run_dir = tmp_path / "run"
     args = QUICK + ["optim.epochs=40", "logging.mlflow=false", f"checkpoint.dir={run_dir}", "--nproc", "2"]
@@ -268,6 +280,7 @@ def test_a_second_signal_aborts_nproc_2_at_once(tmp_path):
     assert "leaked semaphore" not in err and "Terminating process" not in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -307,6 +320,7 @@ def test_a_failed_requeue_says_why_and_how_to_continue_the_run(capsys, monkeypat
         f"{command}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_run_whose_store_never_answered_ends_saying_how_many_records_wait_and_how_to_send_them(tmp_path):
     from tests.mlflow_server import free_port
 
@@ -324,6 +338,7 @@ def test_a_run_whose_store_never_answered_ends_saying_how_many_records_wait_and_
     assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in slurm.mlflow_line("abc", "sqlite:////x/mlflow.db")
 
 
+@pytest.mark.slow
 def test_fields_into_a_reader_that_stops_early_ends_quietly(tmp_path):
     listing = subprocess.Popen(LAUNCH + ["--fields"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -385,6 +400,7 @@ def test_sbatch_options_of_the_profile_and_the_command_line_are_merged(tmp_path)
     assert options["setup"] == ["module load cuda"] and options["partition"] == "dev"
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_the_run_with_one_clear_line_and_the_previous_checkpoint_intact(tmp_path):
     from tests.train.full_disk import small_tmpfs
 
@@ -398,6 +414,7 @@ def test_a_full_disk_ends_the_run_with_one_clear_line_and_the_previous_checkpoin
         assert sorted(p.name for p in (disk / "run").iterdir() if "tmp" in p.name) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_loss_that_becomes_nan_ends_the_run_with_exit_1_naming_epoch_and_batch(tmp_path, nproc):
     # With the progress bar on, into a log file: the error is a line of its own there (split at newlines only).
@@ -414,6 +431,7 @@ def test_a_loss_that_becomes_nan_ends_the_run_with_exit_1_naming_epoch_and_batch
     assert not list((tmp_path / "r").glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_a_storm_of_stop_signals_to_the_ranks_still_ends_in_one_checkpoint_and_exit_3(tmp_path):
     # A signal handler runs between any two bytecodes, also inside the code of an earlier handler:
     # a stop request made with a lock (threading.Event) deadlocked a rank signalled twice quickly.
@@ -449,6 +467,7 @@ def test_a_profile_name_is_looked_up_in_the_users_folder_then_among_the_packaged
     assert options.user_profiles() == tmp_path / "home" / ".config" / "gunn" / "profiles"
 
 
+@pytest.mark.slow
 def test_an_unknown_profile_is_an_error_that_says_where_it_looked(tmp_path):
     done = launch(["--cluster", "slurm", "--profile", "nosuch", "--print-config"], tmp_path)
     packaged = REPO / "gunn" / "cluster" / "profiles"

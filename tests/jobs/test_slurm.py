@@ -52,6 +52,7 @@ def wait_until_gone(job_id: str, timeout: float) -> None:
         time.sleep(1)
 
 
+@pytest.mark.slow
 def test_a_single_task_job_finishes_and_its_mlflow_run_exists(slurm_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -71,6 +72,7 @@ def test_a_single_task_job_finishes_and_its_mlflow_run_exists(slurm_cluster, tmp
         in done.stdout
 
 
+@pytest.mark.slow
 def test_ddp_over_two_nodes_keeps_ranks_identical_and_matches_one_process(slurm_cluster, tmp_path):
     if len(slurm_cluster.nodes) < 2:
         pytest.fail("this test needs the two-node development cluster: slurm/dev-cluster up --nodes 2")
@@ -111,6 +113,7 @@ def test_ddp_over_two_nodes_keeps_ranks_identical_and_matches_one_process(slurm_
     assert abs(ddp_loss - local.history[-1]["train_loss"]) < 0.35
 
 
+@pytest.mark.slow
 def test_a_preempted_job_is_requeued_and_ends_like_an_uninterrupted_run(slurm_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -163,6 +166,7 @@ def task_holds_signals(logs: Path, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_sigusr2_while_the_job_starts_requeues_it_and_it_finishes(slurm_cluster, tmp_path):
     submitted = launch(slurm(QUICK + ["optim.epochs=1", "logging.mlflow=false"], tmp_path), tmp_path)
     assert submitted.returncode == 0, submitted.stderr
@@ -178,6 +182,7 @@ def test_sigusr2_while_the_job_starts_requeues_it_and_it_finishes(slurm_cluster,
     assert "JobState=COMPLETED" in state and "Restarts=1" in state, state
 
 
+@pytest.mark.slow
 def test_at_its_requeue_limit_a_job_says_where_its_checkpoint_is_and_how_to_continue(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     args = slurm(QUICK + ["optim.epochs=3", "logging.mlflow=false", f"checkpoint.dir={run_dir}", "--max-requeues",
@@ -221,6 +226,7 @@ def test_a_pending_job_holds_its_run_directory_against_a_second_submission(slurm
         subprocess.run(["scancel", job], check=False)
 
 
+@pytest.mark.slow
 def test_two_seeds_become_a_job_array(slurm_cluster, tmp_path):
     done = launch(slurm(QUICK + ["optim.epochs=1", "logging.mlflow=false", "--seeds", "3", "4", "--wait"], tmp_path),
                   tmp_path)
@@ -246,6 +252,7 @@ def test_sbatch_refusal_is_shown_in_sbatchs_own_words_and_leaves_no_files(slurm_
     assert [p.name for p in (tmp_path / "logs").iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_a_job_its_partition_can_never_run_is_refused_before_submission(slurm_cluster, tmp_path):
     cpus = max(int(c) for c in subprocess.run(["sinfo", "-h", "-N", "-p", slurm_cluster.partition, "-o", "%c"],
                                               capture_output=True, text=True, check=True).stdout.split())

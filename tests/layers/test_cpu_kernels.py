@@ -134,6 +134,7 @@ def test_the_fast_path_uses_the_kernels_on_the_cpu(ops):
     assert not names & {"aten::native_batch_norm", "aten::native_batch_norm_backward"}
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_layer_warns_once_and_trains_on_atens_kernels(tmp_path):
     script = textwrap.dedent(
         """
@@ -234,6 +235,7 @@ def _libraries(root):
     return {path: path.stat().st_mtime_ns for path in root.rglob("*.so")}
 
 
+@pytest.mark.slow
 def test_processes_starting_at_once_build_once_and_another_checkout_loads_that_build(tmp_path):
     # One build for both checks (a build takes seconds): three processes of one checkout start at once, then a
     # process of a second checkout (another path, as in another venv) finds the build in the shared cache.

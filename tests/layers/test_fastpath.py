@@ -34,6 +34,7 @@ def double_input(channels: int, channels_last: bool, size: tuple[int, int] = (5,
 SHAPES = [(30, 5, True, True), (30, 5, False, True), (30, 5, True, False), (12, 1, True, True), (12, 12, True, True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "aten-norm"])
 @pytest.mark.parametrize("block_rows", [1, 40, 10**6])
 @pytest.mark.parametrize("channels_last,cpu_channels_last", [(False, True), (False, False), (True, True)])
@@ -65,6 +66,7 @@ def test_fast_path_on_feature_maps_whose_layout_is_ambiguous(size, channels_last
     assert_same_training_step(layer, gradual_reference, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "aten-norm"])
 @pytest.mark.parametrize("momentum,track", [(None, True), (0.1, False)])
 def test_fast_path_keeps_batch_norm_statistics_as_the_modules_would(momentum, track, kernels, monkeypatch):
@@ -81,6 +83,7 @@ def test_fast_path_keeps_batch_norm_statistics_as_the_modules_would(momentum, tr
     assert_same_training_step(layer, gradual_reference, x)
 
 
+@pytest.mark.slow
 def test_fast_path_and_generic_path_agree_in_float32_channels_last():
     layer = GunnLayer(48, 6).to(DEVICE).to(memory_format=torch.channels_last)
     generic = copy.deepcopy(layer)
@@ -115,6 +118,7 @@ def _with_forward_hook(layer):
     return layer, calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change",
     ["fast_path off", "forward hook", "batch norm in eval mode", "depth 2", "recompute"],
@@ -139,6 +143,7 @@ def test_what_the_fast_path_does_not_cover_runs_on_the_generic_path(change):
         assert calls == [1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "block,difference",
     [
@@ -195,6 +200,7 @@ def _relative_error(got: dict, want: dict, keys: list[str]) -> float:
     return float((error / sum((want[k].double() ** 2).sum() for k in keys)).sqrt())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_rows", [1, 10**6])
 @pytest.mark.parametrize("input_dtype", ["float32", "autocast's"])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -253,6 +259,7 @@ def new_memory_is_nan():
         deterministic.fill_uninitialized_memory = before[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_fast_path_reads_no_memory_before_writing_it(dtype, channels_last, new_memory_is_nan):
@@ -317,6 +324,7 @@ def test_a_training_step_of_the_fast_path_reads_nothing_back_from_the_device(cha
     assert x.grad.shape == x.shape and all(p.grad is not None for p in layer.parameters())
 
 
+@pytest.mark.slow
 def test_cumulative_batch_norm_counts_are_read_from_the_device_only_when_changed_elsewhere(monkeypatch):
     from gunn.layers import fused
 
@@ -357,6 +365,7 @@ def test_fast_path_gradients_have_their_parameters_strides(channels_last):
         assert p.grad.stride() == p.stride(), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_every_parameter_gradient_has_its_parameters_strides(layout):
     # The gradient layout contract that DistributedDataParallel's bucket views rely on: a
@@ -372,6 +381,7 @@ def test_every_parameter_gradient_has_its_parameters_strides(layout):
     assert not wrong
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("projection", [False, True])
 def test_under_bf16_autocast_a_layer_dispatches_a_few_operations_more_whatever_its_number_of_units(
     projection, monkeypatch

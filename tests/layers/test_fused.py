@@ -95,6 +95,7 @@ def _round_trips(layer: GunnLayer) -> dict[str, GunnLayer]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "to float32 and back", "load_state_dict(assign=True)"])
 def test_the_tie_survives_copies_conversions_and_loads(how):
     layer = _sunn()

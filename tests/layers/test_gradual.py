@@ -92,6 +92,7 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradients(memory: str) 
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", ["efficient", "recompute"])
 def test_second_order_gradients_match_the_plain_loop(memory: str) -> None:
     layer = GunnLayer(8, 4, memory=memory).to(DEVICE, torch.float64)
@@ -150,6 +151,7 @@ def _compiled_memory(layer: GunnLayer, x: torch.Tensor) -> int:
     return activation_bytes(compiled, x)
 
 
+@pytest.mark.slow
 def test_under_torch_compile_the_states_are_recomputed_not_saved() -> None:
     torch.manual_seed(0)
     layer = GunnLayer(24, 4, projection=False).to(DEVICE, memory_format=torch.channels_last)
@@ -167,6 +169,7 @@ def test_under_torch_compile_the_states_are_recomputed_not_saved() -> None:
     assert plain - compiled >= 2 * state and recomputed < 0.3 * compiled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,precision,backend", [
     ("gunn", "fp32", PARTITIONED), ("gunn", "bf16", PARTITIONED), ("sunn", "fp32", PARTITIONED),
     ("sunn", "bf16", PARTITIONED), ("gunn", "bf16", "inductor"),  # Inductor's code, once (about a minute here)

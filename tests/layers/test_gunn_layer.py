@@ -29,6 +29,7 @@ def double_input(channels: int) -> torch.Tensor:
     return torch.randn(3, channels, 5, 6, dtype=torch.float64, device=DEVICE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", ["efficient", "recompute", "autograd"])
 @pytest.mark.parametrize("channels,segments,expansion,depth,projection,residual", SHAPES)
 def test_gunn_mode_matches_a_plain_loop_over_the_units(channels, segments, expansion, depth, projection, residual, memory):
@@ -36,12 +37,14 @@ def test_gunn_mode_matches_a_plain_loop_over_the_units(channels, segments, expan
     assert_same_training_step(layer.to(DEVICE, torch.float64), gradual_reference, double_input(channels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels,segments,expansion,depth,projection,residual", SHAPES)
 def test_sunn_mode_matches_every_unit_applied_to_the_input(channels, segments, expansion, depth, projection, residual):
     layer = GunnLayer(channels, segments, expansion, depth, projection, residual, "sunn")
     assert_same_training_step(layer.to(DEVICE, torch.float64), simultaneous_reference, double_input(channels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,reference", [("gunn", gradual_reference), ("sunn", simultaneous_reference)])
 def test_sync_batch_norm_units_run_unfused_with_the_same_result(mode, reference):
     layer = nn.SyncBatchNorm.convert_sync_batchnorm(GunnLayer(16, 4, depth=2, mode=mode))
@@ -107,6 +110,7 @@ def convolutions(layer: nn.Module, x: torch.Tensor) -> int:
     return dispatched_ops(lambda: layer(x))["convolution.default"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [1, 2])
 def test_sunn_runs_a_unit_with_another_elementwise_activation_as_grouped_convolutions(depth, monkeypatch):
     monkeypatch.setattr(gunn_layer, "_warned", set())
@@ -153,6 +157,7 @@ def autocast(fn):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,memory", [("gunn", "efficient"), ("gunn", "recompute"), ("sunn", "efficient")])
 def test_bfloat16_autocast_stays_close_to_float32(mode, memory):
     layer = GunnLayer(32, 4, mode=mode, memory=memory).to(DEVICE)
@@ -169,6 +174,7 @@ def test_bfloat16_autocast_stays_close_to_float32(mode, memory):
     assert relative_error(flat(got), flat(want)) < 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", ["efficient", "recompute"])
 def test_bfloat16_autocast_backward_matches_the_plain_loop_under_autocast(memory):
     # The generic container computes what the plain loop computes, cast for cast. (The fast path
@@ -197,6 +203,7 @@ def first_layer_memory() -> dict[str, int]:
     return result
 
 
+@pytest.mark.slow
 def test_memory_saving_backward_keeps_about_what_sunn_keeps(first_layer_memory):
     assert first_layer_memory["gunn"] <= 1.15 * first_layer_memory["sunn"]
 

@@ -41,6 +41,7 @@ def gunn_layers(model: nn.Module) -> list[GunnLayer]:
     return [m for m in model.modules() if isinstance(m, GunnLayer)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,size,layers",
     [
@@ -136,6 +137,7 @@ def test_initialisation_is_resnets():
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
+@pytest.mark.slow
 def test_a_state_dict_saved_in_one_mode_loads_in_the_other():
     torch.manual_seed(0)
     gunn = create_model("gunn15").to(DEVICE).eval()
@@ -148,12 +150,14 @@ def test_a_state_dict_saved_in_one_mode_loads_in_the_other():
     assert not torch.allclose(gunn_out, sunn(x))
 
 
+@pytest.mark.slow
 def test_gunn_and_sunn_have_the_same_flops():
     x = torch.randn(1, 3, 32, 32)
     model = create_model("gunn15")
     assert flops(model, x) == flops(set_mode(model, "sunn"), x) > 0
 
 
+@pytest.mark.slow
 def test_gunn15_exports_with_torch_export():
     model = create_model("gunn15").to(DEVICE).eval()
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
@@ -162,6 +166,7 @@ def test_gunn15_exports_with_torch_export():
         torch.testing.assert_close(exported.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_whole_gunn15_keeps_about_the_activation_memory_of_sunn15():
     torch.manual_seed(0)
     model = create_model("gunn15").to(DEVICE)
@@ -171,6 +176,7 @@ def test_whole_gunn15_keeps_about_the_activation_memory_of_sunn15():
     assert gunn <= 1.15 * sunn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_every_gunn_layer_of_a_model_trains_on_the_fast_path_under_bf16_autocast(channels_last):
     # As the ImageNet recipes train (runtime.amp=bf16): the layers then get bf16 inputs.
@@ -187,6 +193,7 @@ def test_every_gunn_layer_of_a_model_trains_on_the_fast_path_under_bf16_autocast
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,precision", [("gunn_tiny", "fp32"), ("gunn_tiny", "bf16"), ("sunn_tiny", "bf16")])
 def test_a_training_step_traces_into_one_graph_for_torch_compile(name, precision):
     import torch._dynamo

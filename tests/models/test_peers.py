@@ -47,6 +47,7 @@ def test_parameter_counts_are_pinned_and_are_the_published_ones(name, classes, e
     assert published in (round(expected / 1e6, 1), math.floor(expected / 1e5) / 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CIFAR)
 def test_cifar_models_classify_a_32x32_batch_and_backpropagate(name):
     model = create_model(name).to(DEVICE)
@@ -56,6 +57,7 @@ def test_cifar_models_classify_a_32x32_batch_and_backpropagate(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", IMAGENET)
 def test_imagenet_models_classify_a_224x224_batch_and_backpropagate(name):
     with torch.device("meta"):  # shapes only: a CPU pass at 224x224 would take seconds
@@ -66,6 +68,7 @@ def test_imagenet_models_classify_a_224x224_batch_and_backpropagate(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_a_cifar_model_takes_the_input_channels_in_its_first_convolution():
     model = create_model("resnet110", num_classes=10, in_chans=1)
     assert next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels == 1

@@ -24,6 +24,7 @@ def test_registering_a_name_twice_is_an_error():
         register_model(type("gunn15", (), {"__name__": "gunn15"}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in list_models() if default_cfg(n) is not None])
 def test_each_models_default_configuration_is_what_its_builder_builds(name):
     import torch

@@ -38,6 +38,7 @@ def test_timm_lists_the_eight_models_and_none_as_pretrained():
     assert timm.list_pretrained("*unn*") == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CIFAR + IMAGENET)
 def test_pretrained_cfg_has_the_keys_timm_reads_from_the_models_defaults(name):
     model = timm.create_model(name, device="meta")
@@ -66,6 +67,7 @@ def test_gunn15_for_cifar100_has_the_papers_parameter_count_and_gunns_state_dict
     assert list(model.state_dict()) == list(create_model("gunn15", num_classes=100).state_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CIFAR)
 def test_cifar_models_train_at_their_default_input_size(name):
     model = timm.create_model(name)
@@ -78,6 +80,7 @@ def test_cifar_models_train_at_their_default_input_size(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", IMAGENET)
 def test_imagenet_models_run_forward_and_backward_at_their_default_input_size(name):
     with torch.device("meta"):  # shapes only: a CPU step at 224x224 would take seconds per model
@@ -90,6 +93,7 @@ def test_imagenet_models_run_forward_and_backward_at_their_default_input_size(na
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_forward_head_of_forward_features_is_forward_and_pre_logits_are_the_pooled_features():
     model = timm.create_model("gunn15").eval()
     x = torch.randn(2, 3, 32, 32)
@@ -99,6 +103,7 @@ def test_forward_head_of_forward_features_is_forward_and_pre_logits_are_the_pool
         assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
 
 
+@pytest.mark.slow
 def test_reset_classifier_gives_a_new_initialised_classifier_or_none():
     model = timm.create_model("gunn15")
     model.reset_classifier(5)
@@ -111,6 +116,7 @@ def test_reset_classifier_gives_a_new_initialised_classifier_or_none():
         model.reset_classifier(5, global_pool="max")
 
 
+@pytest.mark.slow
 def test_num_classes_0_builds_the_network_without_classifier():
     model = timm.create_model("gunn15", num_classes=0)
     assert model.num_classes == 0 and model(torch.randn(2, 3, 32, 32)).shape == (2, 360)
@@ -178,6 +184,7 @@ def import_orders() -> dict[str, subprocess.Popen]:
                                     text=True) for order, code in orders.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["timm first", "gunn first"])
 def test_importing_gunn_and_timm_in_either_order_registers_the_models(import_orders, order):
     stdout, stderr = import_orders[order].communicate(timeout=120)

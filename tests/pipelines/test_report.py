@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import pytest
+
 from gunn.sweeps import records, report
 from tests.pipelines.test_sweep import REPORT, run
 
@@ -34,6 +36,7 @@ def hand_made_sweep(folder: Path) -> tuple[str, str]:
     return uri, parent.info.run_id
 
 
+@pytest.mark.slow
 def test_the_report_shows_the_mode_the_trials_ran_in_when_the_space_did_not_set_one(tmp_path, capsys):
     uri, parent = hand_made_sweep(tmp_path)
     assert report.main([parent, "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
@@ -42,6 +45,7 @@ def test_the_report_shows_the_mode_the_trials_ran_in_when_the_space_did_not_set_
     assert rows == {"expansion=1": "gunn", "expansion=2": "gunn"}  # gunn_tiny's own mode
 
 
+@pytest.mark.slow
 def test_the_report_of_an_unknown_run_or_sweep_is_one_error_line(tmp_path, capsys):
     uri, _ = hand_made_sweep(tmp_path)
     for sweep, message in (("0" * 32, f"error: no run {'0' * 32} at {uri}"),
@@ -51,6 +55,7 @@ def test_the_report_of_an_unknown_run_or_sweep_is_one_error_line(tmp_path, capsy
         assert status == 2 and err.strip() == message, err
 
 
+@pytest.mark.slow
 def test_the_report_never_creates_a_store_and_says_where_it_looked(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -78,6 +83,7 @@ def test_the_report_against_a_server_that_does_not_answer_says_so_in_one_line_at
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow
 def test_the_sweeps_rebuild_command_runs_from_another_folder(tmp_path):
     uri, parent = hand_made_sweep(tmp_path)
     elsewhere = tmp_path / "elsewhere"
@@ -117,6 +123,7 @@ def sweep_of(folder: Path, trials: list[dict]) -> tuple[str, str]:
 STOPPED = {"stopped_early": "true", "stopped_epoch": "2"}
 
 
+@pytest.mark.slow
 def test_trials_stopped_early_are_compared_at_the_last_epoch_every_seed_reached(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -143,6 +150,7 @@ def test_trials_stopped_early_are_compared_at_the_last_epoch_every_seed_reached(
     assert curves == {"eval_top1_error": ([1, 2], [51, 42]), "train_top1_error": ([1, 2], [56, 46])}
 
 
+@pytest.mark.slow
 def test_the_report_says_when_no_configuration_ran_the_full_budget(tmp_path):
     uri, parent = sweep_of(tmp_path, [
         {"expansion": 1, "seed": 0, "metrics": {"eval_top1_error": [50, 40, 30]}},
@@ -154,6 +162,7 @@ def test_the_report_says_when_no_configuration_ran_the_full_budget(tmp_path):
     assert text.endswith(line) and line in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_report_shows_throughput_per_configuration_with_its_spread_over_trials(tmp_path):
     uri, parent = sweep_of(tmp_path, [
         {"expansion": 1, "seed": 0, "metrics": {"eval_top1_error": [50, 40], "images_per_s": [100, 200],
@@ -173,6 +182,7 @@ def test_the_report_shows_throughput_per_configuration_with_its_spread_over_tria
     assert "| s/epoch | images/s | +- |" in text and "| 3.00 | 225.00 | 106.07 |" in text
 
 
+@pytest.mark.slow
 def test_the_peak_memory_header_and_text_say_what_was_measured(tmp_path):
     for device, title in (("cpu", "peak MB (process RSS)"), ("cuda", "peak MB (CUDA allocated)"), (None, "peak MB")):
         folder = tmp_path / str(device)
@@ -204,6 +214,7 @@ def test_the_cost_of_a_model_is_measured_on_the_input_its_data_gives_and_follows
     assert mode == "gunn"
 
 
+@pytest.mark.slow
 def test_the_report_of_an_unfinished_sweep_says_it_is_partial_and_is_not_attached_unless_asked(tmp_path, capsys):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -239,6 +250,7 @@ def test_the_report_of_an_unfinished_sweep_says_it_is_partial_and_is_not_attache
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["report"]
 
 
+@pytest.mark.slow
 def test_the_report_puts_the_papers_error_beside_a_run_of_its_recipe_and_logs_summary_metrics_to_the_parent(tmp_path):
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient

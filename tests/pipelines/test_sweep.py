@@ -73,6 +73,7 @@ def ray_processes(folder: Path) -> list[str]:
 PEERS = ["gunn_tiny", "sunn_tiny", "torchvision.mobilenet_v3_small"]
 
 
+@pytest.mark.slow
 def test_a_peers_sweep_nests_its_trials_and_writes_the_report_and_the_parents_summary(tmp_path):
     sweep_dir = tmp_path / "sweep"
     driver = subprocess.Popen(SWEEP + ["--study", "peers", "--models", *PEERS, *TINY, "optim.epochs=1",
@@ -124,6 +125,7 @@ def test_a_peers_sweep_nests_its_trials_and_writes_the_report_and_the_parents_su
         assert summary[f"parameters/{model}"] == float(rows[f"model={model}"]["parameters"])
 
 
+@pytest.mark.slow
 def test_a_partitions_sweep_compares_segment_widths_with_sunn_as_reference(tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = run(SWEEP + ["--study", "partitions", "--widths", "8", "16", *TINY, "optim.epochs=1",
@@ -183,6 +185,7 @@ def test_bad_sweeps_are_refused_before_ray_starts(tmp_path, capsys, monkeypatch,
     assert not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.slow
 def test_a_refused_sweep_says_why_in_one_line_without_a_traceback(tmp_path):
     done = run(SWEEP + ["--study", "partitions", "--widths", "5"], tmp_path, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -209,6 +212,7 @@ def test_sweep_options_that_cannot_work_are_refused_at_once(tmp_path, capsys, mo
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_directory_holds_one_sweep(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -395,6 +399,7 @@ def _python(command: str) -> list[str]:
     return [sys.executable, *words[1:]] if words[0] == "python" else words
 
 
+@pytest.mark.slow
 def test_a_sweep_started_while_mlflow_is_down_is_sent_by_sync_with_its_trials_under_its_parent(server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -445,6 +450,7 @@ def wait_for(driver: subprocess.Popen, sweep_dir: Path, pattern: str, timeout: f
     return list(sweep_dir.glob(pattern))
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_sweep_with_status_3_its_unfinished_trials_killed_and_no_report(tmp_path):
     # As timeout(1), systemd and Slurm stop a job: SIGTERM to the driver alone, after Ray put its own handlers in
     # place (it used to end in a C++ stack dump, exit 134, everything RUNNING). Ctrl-C to the whole process
@@ -490,6 +496,7 @@ def test_sigterm_ends_a_sweep_with_status_3_its_unfinished_trials_killed_and_no_
                for c in children)
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_driver_is_killed_resumes_without_redoing_finished_trials(tmp_path):
     sweep_dir = tmp_path / "sweep"
     driver = start_sweep(["--study", "sunn-vs-gunn", "--seeds", "0", "1", *TINY, "optim.epochs=2",
@@ -527,6 +534,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_redoing_finished_trials(
         assert [row["finished"] for row in csv.DictReader(f)] == ["2", "2"]
 
 
+@pytest.mark.slow
 def test_asha_stops_poor_trials_as_a_normal_ending_and_the_report_compares_equal_epochs(tmp_path):
     # Trials in order, one at a time: the one that learns sets rung 1, the one with lr 0 falls below it.
     # A custom space is a grid of configuration values (here 2 x 1).
@@ -557,6 +565,7 @@ def test_asha_stops_poor_trials_as_a_normal_ending_and_the_report_compares_equal
     assert "Full budget (2 epochs): best lr=0.1" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_trial_that_fails_before_its_mlflow_run_exists_is_a_failed_child_and_a_report_row(tmp_path):
     # The CIFAR folder is there (what the check before Ray reads) but holds no data: the trial fails as its
     # engine loads it, before it has an MLflow run. The other trial, on synthetic data, finishes.
@@ -585,6 +594,7 @@ def test_a_trial_that_fails_before_its_mlflow_run_exists_is_a_failed_child_and_a
     assert (rows["name=synthetic"]["failed"], rows["name=synthetic"]["finished"]) == ("0", "1")
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_inside_one_allocation_of_the_local_slurm_cluster(slurm_cluster, tmp_path):
     # Another user's sweep runs locally on the same host meanwhile: the Slurm sweep must not touch its Ray.
     (tmp_path / "other").mkdir()
@@ -620,6 +630,7 @@ def test_a_sweep_its_partition_can_never_run_is_refused_before_submission(slurm_
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_over_two_nodes_places_trials_on_ray_workers_started_with_srun(slurm_cluster, tmp_path):
     if len(slurm_cluster.nodes) < 2:
         pytest.fail("this test needs the two-node development cluster: slurm/dev-cluster up --nodes 2")
@@ -635,6 +646,7 @@ def test_a_sweep_over_two_nodes_places_trials_on_ray_workers_started_with_srun(s
     assert all(c.info.status == "FINISHED" for c in children)
 
 
+@pytest.mark.slow
 def test_a_preempted_sweep_requeues_its_allocation_and_finishes_every_trial(slurm_cluster, tmp_path):
     sweep_dir, logs = tmp_path / "sweep", tmp_path / "logs"
     done = run(SWEEP + ["--study", "sunn-vs-gunn", *TINY, "optim.epochs=2", "--max-concurrent", "1",

@@ -124,6 +124,7 @@ def test_a_job_array_runs_every_task(slurm_cluster: SlurmCluster, tmp_path: Path
         assert (tmp_path / f"task-{task}.out").read_text().strip() == f"task {task} of {job}"
 
 
+@pytest.mark.slow
 def test_a_job_that_requeues_itself_runs_again(slurm_cluster: SlurmCluster, tmp_path: Path):
     # What a preempted training job does: `scontrol requeue` from inside the job (JobRequeue=1);
     # Slurm lets it start again after AuthInfo=cred_expire (15 s here).

@@ -120,6 +120,7 @@ print(json.dumps(seen))
 """
 
 
+@pytest.mark.slow
 def test_tf32_on_and_off_leaves_every_switch_readable_both_ways_for_inductor_and_export():
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run([sys.executable, "-c", _TF32_EVERY_READ], cwd=REPO_ROOT, env=env, capture_output=True,

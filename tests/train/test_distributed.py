@@ -170,6 +170,7 @@ def _threads_of_a_rank(rank: int, port: int, out: str) -> None:
     distributed.teardown()
 
 
+@pytest.mark.slow
 def test_the_process_groups_threads_leave_stop_signals_to_the_main_thread(tmp_path):
     # A stop signal delivered to a gloo thread interrupts its system call there (and a rank was seen to
     # abort: "terminate called without an active exception"); blocked in those threads, it goes to

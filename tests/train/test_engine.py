@@ -50,6 +50,7 @@ def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
 
 
+@pytest.mark.slow
 def test_a_run_reports_every_epoch_and_saves_its_configuration(tmp_path):
     result = train(small(tmp_path))
     assert result.status == "finished" and result.epochs_done == 3
@@ -65,6 +66,7 @@ def test_a_run_reports_every_epoch_and_saves_its_configuration(tmp_path):
     assert (result.run_dir / "model-final.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_stopped_mid_epoch_and_resumed_ends_bit_identical(tmp_path):
     straight = train(small(tmp_path / "a"))
     pieces = [train(small(tmp_path / "b"), stop_after=5), train(small(tmp_path / "b", "data.workers=2"), stop_after=9)]
@@ -75,6 +77,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_bit_identical(tmp_path):
     assert without_timing(straight.history) == without_timing(resumed.history)
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     train(small(tmp_path, "optim.epochs=2"))
     run = tmp_path / "run"
@@ -102,6 +105,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
             train(small(tmp_path))
 
 
+@pytest.mark.slow
 def test_train_one_epoch_advances_the_position_batch_by_batch_and_stops_where_asked(tmp_path):
     from gunn.train.distributed import DistInfo
     from gunn.train.engine import Position, build, train_one_epoch
@@ -138,6 +142,7 @@ def test_the_snapshot_schedule_restarts_a_cosine_every_cycle():
     assert learning_rate(optim, 25, 0, 100) == pytest.approx(0.05)
 
 
+@pytest.mark.slow
 def test_snapshot_ensembles_are_evaluated_beside_the_single_model(tmp_path):
     result = train(small(tmp_path, "optim.schedule=snapshot", "optim.snapshots=2", "optim.epochs=2"))
     assert [h.get("snapshots") for h in result.history] == [1.0, 2.0]
@@ -180,6 +185,7 @@ def _ddp_rank(rank: int, port: int, config: dict, out: str) -> None:
         (Path(out) / "metrics.json").write_text(json.dumps(result.metrics))
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_end_with_identical_weights_and_the_metrics_they_report(tmp_path):
     config = cfgmod.load("digits", ["optim.epochs=1", "optim.batch_size=64", "logging.mlflow=false",
                                     "logging.progress=false", f"checkpoint.dir={tmp_path / 'run'}"])
@@ -230,6 +236,7 @@ def test_a_run_logs_config_metrics_tags_and_artifacts_to_mlflow_and_resumes_the_
     assert "View run" not in capsys.readouterr().out  # MLflow's own line at each end: the engine names the run
 
 
+@pytest.mark.slow
 def test_training_outlives_the_tracking_server_and_sync_sends_what_it_missed(server, tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
@@ -257,6 +264,7 @@ def test_training_outlives_the_tracking_server_and_sync_sends_what_it_missed(ser
     assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_diagnostics_are_logged_per_gunn_layer_when_enabled(tmp_path):
     result = train(small(tmp_path, "logging.diagnostics=true", "optim.epochs=1"))
     metrics = result.history[0]
@@ -266,6 +274,7 @@ def test_diagnostics_are_logged_per_gunn_layer_when_enabled(tmp_path):
     assert 1 <= metrics["diag/stages.2.gunn/participation_ratio"] <= 64
 
 
+@pytest.mark.slow
 def test_running_a_finished_run_again_changes_nothing(tmp_path):
     first = train(small(tmp_path, "optim.epochs=1"))
     final = first.run_dir / "model-final.pt"
@@ -275,6 +284,7 @@ def test_running_a_finished_run_again_changes_nothing(tmp_path):
     assert final.stat().st_mtime_ns == stamp and again.history == first.history
 
 
+@pytest.mark.slow
 def test_a_run_checkpointed_on_a_gpu_continues_on_the_cpu(tmp_path):
     from tests.train.test_checkpoint import gpu_written
 
@@ -324,6 +334,7 @@ def _two_ranks(config: cfgmod.RunConfig, out: Path, signal_in_batch: int = 0) ->
             for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_a_signal_on_one_rank_stops_every_rank_mid_epoch_and_the_resumed_run_matches_in_weights_and_metrics(
     tmp_path,
 ):
@@ -341,6 +352,7 @@ def test_a_signal_on_one_rank_stops_every_rank_mid_epoch_and_the_resumed_run_mat
     assert without_timing(straight[0]["history"]) == without_timing(resumed[0]["history"])
 
 
+@pytest.mark.slow
 def test_a_run_whose_loss_becomes_nan_stops_naming_epoch_and_batch_and_keeps_its_last_good_checkpoint(tmp_path):
     from gunn.train.stop import NonFiniteLossError
 
@@ -468,6 +480,7 @@ def _artifact_records(run_dir: Path) -> list[str]:
     return sorted(Path(r["path"]).name for r in map(json.loads, lines) if r.get("op") == "artifact")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("killed", ["after the first artifact", "before the curves are drawn"])
 def test_a_run_killed_between_its_final_weights_and_their_logging_logs_them_when_run_again(server, tmp_path, killed):
     from mlflow.tracking import MlflowClient
@@ -532,6 +545,7 @@ engine.train(cfgmod.load(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 def test_every_epochs_metrics_are_logged_once_wherever_in_its_end_the_run_is_killed(server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -667,6 +681,7 @@ def _host_reads(parts, config, info, first_batch: int) -> int:
                                                                       "equal"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, amp):
     # Counted on the CPU: an epoch of 4 steps reads no more often than one of its last step (what is left
@@ -795,6 +810,7 @@ def _rank_whose_rank_0_works_alone_at_the_end(rank: int, ports: list[int], confi
     Path(out, f"rank{rank}.json").write_text(json.dumps(statuses))
 
 
+@pytest.mark.slow
 def test_no_rank_waits_for_rank_0s_own_work_at_the_end_however_long_it_takes(tmp_path):
     # With NCCL's 10-minute timeout, a barrier after rank 0's MLflow model export failed the other ranks.
     config = small(tmp_path, "data.samples=64", "optim.epochs=1", f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}")
@@ -821,6 +837,7 @@ def test_the_peak_memory_of_a_graphed_run_includes_what_its_replays_use_beyond_t
     assert peak_memory_mb(torch.device("cuda", 0)) == 3.0
 
 
+@pytest.mark.slow
 def test_runtime_compile_trains_the_gunn_model_as_eager_does(tmp_path):
     # Inductor on the CPU (about a minute here): the engine's compiled step, the GUNN layers' selective
     # checkpointing under compile, the fast path's eager twin.
@@ -846,6 +863,7 @@ def test_runtime_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, mode)
     assert seen == [{"mode": mode}]
 
 
+@pytest.mark.slow
 def test_a_model_of_another_library_trains_resumes_and_logs_as_a_gunn_model_does(tmp_path):
     # torchvision's ResNet-18 by name, through the same engine: checkpoint, resume, MLflow.
     from mlflow.tracking import MlflowClient

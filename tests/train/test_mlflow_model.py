@@ -76,6 +76,7 @@ def _answers(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_finished_run_logs_its_model_system_metrics_and_source_and_the_model_loads_and_serves(
     server, tmp_path, monkeypatch
 ):
@@ -146,6 +147,7 @@ def test_system_metrics_and_the_model_can_be_turned_off(server, tmp_path):
     assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(run.data.tags)
 
 
+@pytest.mark.slow
 def test_a_run_whose_server_was_down_at_the_end_gets_its_model_from_sync(server, tmp_path, caplog, monkeypatch):
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient

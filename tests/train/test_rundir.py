@@ -39,6 +39,7 @@ def write_lock(directory: Path, **holder) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_second_launch_on_a_run_directory_in_use_is_refused_naming_the_holder(tmp_path):
     run_dir = tmp_path / "run"
     first = launch(QUICK + ["optim.epochs=40", "logging.mlflow=false", f"checkpoint.dir={run_dir}"], tmp_path)
@@ -61,6 +62,7 @@ def test_a_second_launch_on_a_run_directory_in_use_is_refused_naming_the_holder(
         first.wait()
 
 
+@pytest.mark.slow
 def test_two_identical_launches_at_once_train_once(tmp_path):
     run_dir = tmp_path / "run"
     # Long enough (seconds) that whichever starts training first still holds the lock when the other checks.
@@ -84,6 +86,7 @@ def test_the_lock_of_a_dead_process_on_this_host_is_taken_over_with_a_notice(tmp
     assert result.status == "finished" and not (result.run_dir / rundir.LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_the_launchers_notices_are_one_line_each(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -151,6 +154,7 @@ def test_the_lock_is_refreshed_while_the_run_trains(tmp_path, monkeypatch):
         lock.release()
 
 
+@pytest.mark.slow
 def test_array_tasks_are_told_apart_and_every_job_of_a_run_is_kept(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -183,6 +187,7 @@ def read_only_folder(tmp_path):
     subprocess.run(["umount", str(folder)], capture_output=True, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inside", ["", "new/run"])
 def test_an_unwritable_run_directory_is_refused_before_anything_starts(tmp_path, read_only_folder, inside):
     target = read_only_folder / inside if inside else read_only_folder
@@ -193,6 +198,7 @@ def test_an_unwritable_run_directory_is_refused_before_anything_starts(tmp_path,
     assert "Traceback" not in err and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_the_default_mlflow_store_in_a_read_only_working_directory_is_refused_before_anything_starts(
         tmp_path, read_only_folder):
     done = launch(QUICK + ["optim.epochs=1", f"checkpoint.dir={tmp_path / 'run'}"], read_only_folder)
@@ -204,6 +210,7 @@ def test_the_default_mlflow_store_in_a_read_only_working_directory_is_refused_be
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_run_directory_under_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     done = launch(QUICK + [f"checkpoint.dir={tmp_path / 'file' / 'run'}"], tmp_path)

@@ -203,6 +203,7 @@ def test_sending_resumes_in_order_when_the_server_comes_back(server: MlflowServe
     assert sync(run_dir) == (0, 0)
 
 
+@pytest.mark.slow
 def test_default_store_is_the_one_mlflow_ui_opens_in_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -277,6 +278,7 @@ sys.exit(0 if tracker.run_id else 3)
 """
 
 
+@pytest.mark.slow
 def test_runs_starting_at_once_on_a_fresh_sqlite_store_all_get_their_run(tmp_path: Path) -> None:
     count = 4
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
