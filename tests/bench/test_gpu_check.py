@@ -176,6 +176,7 @@ def _fake_rows(monkeypatch, slow: dict[str, float], fail: tuple[str, ...] = (), 
     return measured
 
 
+@pytest.mark.slow
 def test_the_bench_measures_memory_first_and_saves_each_ratio_as_soon_as_its_rows_exist(tmp_path, monkeypatch):
     speeds = {"gunn_tiny": 10.0, "sunn_tiny": 8.0, "resnet18": 5.0}
     measured = _fake_rows(monkeypatch, speeds, stop_at="sunn_tiny 4 eager")

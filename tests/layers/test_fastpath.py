@@ -163,6 +163,7 @@ def test_a_changed_unit_trains_on_the_generic_path_after_one_warning(block, diff
     assert_same_training_step(layer, gradual_reference, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [None, RenamedBottleneck], ids=["paper", "subclass"])
 def test_a_unit_that_declares_the_papers_steps_takes_the_fast_path_without_a_warning(block, monkeypatch):
     monkeypatch.setattr(gunn_layer, "_warned", set())

@@ -78,6 +78,7 @@ def test_units_map_the_whole_state_to_their_own_segment():
     assert layer.units[2](torch.randn(2, 24, 5, 5)).shape == (2, 6, 5, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", ["efficient", "recompute", "autograd"])
 def test_batch_norm_statistics_are_updated_once_per_forward(memory):
     layer = GunnLayer(16, 4, memory=memory).to(DEVICE)
@@ -208,6 +209,7 @@ def test_memory_saving_backward_keeps_about_what_sunn_keeps(first_layer_memory):
     assert first_layer_memory["gunn"] <= 1.15 * first_layer_memory["sunn"]
 
 
+@pytest.mark.slow
 def test_a_plain_autograd_loop_keeps_every_intermediate_state(first_layer_memory):
     # P = 20 copies of the 240-channel state (docs/layer.md, "The memory-saving backward").
     assert first_layer_memory["autograd"] >= 2.5 * first_layer_memory["sunn"]

@@ -27,11 +27,13 @@ def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,classes,expected", PARAMETERS)
 def test_parameter_counts_are_exactly_the_papers(name, classes, expected):
     assert count(create_model(name, num_classes=classes)) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,classes,expected", PARAMETERS)
 def test_sunn_twins_have_the_same_parameters(name, classes, expected):
     assert count(create_model(name.replace("gunn", "sunn"), num_classes=classes)) == expected

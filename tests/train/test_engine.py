@@ -367,6 +367,7 @@ def test_a_run_whose_loss_becomes_nan_stops_naming_epoch_and_batch_and_keeps_its
     assert [p.name for p in ckpt.list_checkpoints(good.run_dir)] == [ckpt.checkpoint_name(1, 0)]
 
 
+@pytest.mark.slow
 def test_a_run_continued_with_another_model_shape_is_refused_in_one_line_before_it_trains(tmp_path):
     first = train(small(tmp_path, "optim.epochs=1"))
     with pytest.raises(RunDirError) as refused:
@@ -435,12 +436,14 @@ def test_on_epoch_returning_true_stops_the_run_like_a_stop_request_and_running_a
     assert without_timing(straight.history) == without_timing(resumed.history)
 
 
+@pytest.mark.slow
 def test_on_epoch_returning_true_at_the_last_epoch_lets_the_run_finish(tmp_path):
     result = train(small(tmp_path), on_epoch=lambda metrics, checkpoint: metrics["epoch"] == 3)
     assert result.status == "finished" and result.epochs_done == 3
     assert (result.run_dir / "model-final.pt").is_file()
 
 
+@pytest.mark.slow
 def test_on_epoch_always_returning_true_takes_one_epoch_per_call_and_the_last_call_finishes(tmp_path):
     results = [train(small(tmp_path), on_epoch=lambda metrics, checkpoint: True) for _ in range(3)]
     assert [(r.status, r.epochs_done) for r in results] == [("interrupted", 1), ("interrupted", 2), ("finished", 3)]
@@ -723,6 +726,7 @@ def test_an_fp16_first_step_that_overflows_leaves_the_fused_sgd_as_if_it_had_not
     torch.testing.assert_close(optimizer.state[fused]["momentum_buffer"], reference.state[plain]["momentum_buffer"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_cuda_graphs_are_captured_on_a_static_batch_before_the_loader_starts_and_per_stage_with_ranks(
     tmp_path, monkeypatch, world_size,
@@ -760,6 +764,7 @@ def test_cuda_graphs_with_a_backward_that_recomputes_are_refused_naming_both_fie
         assert "recompute" not in str(err)
 
 
+@pytest.mark.slow
 def test_images_per_s_after_a_resume_counts_only_what_this_process_trained(tmp_path, monkeypatch):
     import itertools
     import time

@@ -55,6 +55,7 @@ def test_one_rank_captures_the_whole_model_and_several_capture_a_gunn_net_stage_
     assert graph_pieces(other, stages=True) == [("", other)]
 
 
+@pytest.mark.slow
 def test_each_stage_is_warmed_up_on_what_the_stage_before_it_gives_as_the_live_step_will():
     from gunn.train.graphs import _warm_up, graph_pieces
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from gunn.train.plots import curves_figure, plot_curves
 
 
@@ -50,6 +52,7 @@ def test_plot_curves_of_a_plain_run_is_not_a_wide_strip(tmp_path: Path) -> None:
     assert height >= 2 * 300  # 6 panels: two rows of readable panels
 
 
+@pytest.mark.slow
 def test_plot_curves_with_diagnostics_is_a_grid_with_one_panel_per_measure(tmp_path: Path) -> None:
     history = _history(3, diagnostics=True)
     width, height = _png_size(plot_curves(history, tmp_path / "curves.png"))

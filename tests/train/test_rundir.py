@@ -76,6 +76,7 @@ def test_two_identical_launches_at_once_train_once(tmp_path):
     assert not (run_dir / rundir.LOCK_NAME).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_dead_process_on_this_host_is_taken_over_with_a_notice(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -218,6 +219,7 @@ def test_a_run_directory_under_a_file_is_refused(tmp_path):
     assert done.returncode == 2 and f"{tmp_path / 'file'} is not a directory" in err, err
 
 
+@pytest.mark.slow
 def test_partial_writes_of_a_killed_run_are_removed_when_the_run_continues(tmp_path):
     train(small(tmp_path, "optim.epochs=1"))
     left = [tmp_path / "run" / ".checkpoint-e0001-b000003.pt.tmp-999999", tmp_path / "run" / "keep.tmp-1"]
