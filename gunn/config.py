@@ -130,7 +130,7 @@ class RuntimeConfig:
     channels_last: bool = field(default=True, metadata=_meta("channels_last memory format"))
     tf32: bool = field(default=True, metadata=_meta(
         "CUDA: TF32 tensor cores for float32 matrix products and convolutions alike (false: full float32)"))
-    compile: bool = field(default=False, metadata=_meta("torch.compile the model (README, 'GPUs': which to use when)"))
+    compile: bool = field(default=False, metadata=_meta("torch.compile the model (docs/gpus.md: which to use when)"))
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = field(
         default="default", metadata=_meta(
             "torch.compile's mode with runtime.compile: reduce-overhead also replays the compiled step as CUDA graphs "

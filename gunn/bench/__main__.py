@@ -15,7 +15,8 @@ Sections (``--only`` picks some):
   loaders   images/s of the ImageNet training loaders, DALI on the CPU vs torchvision, on a
             generated JPEG tree.
 Times are medians over repetitions taken round-robin, so that load on the machine hits every
-variant alike.
+variant alike. ``--out FILE`` also writes the output as a markdown page (docs/benchmark.md) that
+names the commit, the date, the machine and the command that regenerates it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ import contextlib
 import io
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -299,6 +304,77 @@ def input_size(model: str) -> tuple[int, int, int]:
     return defaults.input_size
 
 
+# The part of a page that ``--out`` writes; what lies outside the markers is kept as it is.
+PAGE_BEGIN = "<!-- begin: written by python -m gunn.bench --out; edits between these markers are overwritten -->"
+PAGE_END = "<!-- end: written by python -m gunn.bench --out -->"
+
+
+def source_commit() -> str:
+    """The checkout's commit (short hash), and the files under ``gunn/`` that differ from it, if any."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changed = [line[3:] for line in git("status", "--porcelain", "--", "gunn").splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return commit + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
+def _load() -> str:
+    """The machine's 1-minute load average, where the system tells it: other work skews the times."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
+
+
+def write_page(path: Path, output: str, argv: list[str], seconds: float, load_before: str) -> None:
+    """Writes ``output`` between the page's markers in ``path`` (a new page if it has none), headed by the
+    commit, the date, the machine (and its load) and the command that regenerates it."""
+    command = shlex.join(["python", "-m", "gunn.bench", *argv])
+    block = "\n".join([
+        PAGE_BEGIN,
+        f"Measured at commit {source_commit()} on {datetime.now(timezone.utc).date().isoformat()} on "
+        f"{machine()} (load average {load_before} before, {_load()} after); regenerate with: `{command}` "
+        f"(it took {seconds / 60:.1f} minutes).",
+        "",
+        "```text",
+        output.strip("\n"),
+        "```",
+        PAGE_END,
+    ])
+    old = path.read_text() if path.exists() else ""
+    if PAGE_BEGIN in old and PAGE_END in old:
+        head, rest = old.split(PAGE_BEGIN, 1)
+        page = head + block + rest.split(PAGE_END, 1)[1]
+    else:
+        page = "# Benchmark\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+
+
+class _Tee(io.StringIO):
+    """Keeps what is printed and passes it on."""
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gunn.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["gunn15"], choices=PAPER_MODELS,
@@ -316,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only these sections ({', '.join(SECTIONS)}; default: all)")
     parser.add_argument("--train-batch", type=int, default=32, help="batch size of the training section")
     parser.add_argument("--train-batches", type=int, default=6, help="batches per epoch of the training section")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help="also write the output as a markdown page headed by the commit, the date, the machine "
+                             "and this command (docs/benchmark.md; text outside its markers is kept)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     for name in ("batch", "memory_batch", "repeats", "train_batch", "train_batches"):
         if getattr(args, name) <= 0:
@@ -327,8 +407,21 @@ def main(argv: list[str] | None = None) -> int:
     size = size[0] if size else 32
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    if args.out is None:
+        run(args, channels, segments, size)
+        return 0
+    start, load_before = time.monotonic(), _load()
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        run(args, channels, segments, size)
+    write_page(args.out, tee.getvalue(), argv, time.monotonic() - start, load_before)
+    print(f"\nwritten: {args.out}")
+    return 0
 
+
+def run(args: argparse.Namespace, channels: int, segments: int, size: int) -> None:
+    """Every section that ``args.only`` names, printed."""
+    torch.manual_seed(0)
     print(f"# gunn benchmark\nmachine: {machine()}")
     print(f"time: batch {args.batch}, median of {args.repeats}; memory: batch {args.memory_batch}")
     if "describe" in args.only:
@@ -352,7 +445,6 @@ def main(argv: list[str] | None = None) -> int:
         training_throughput(args)
     if "loaders" in args.only:
         loaders_throughput(args)
-    return 0
 
 
 if __name__ == "__main__":

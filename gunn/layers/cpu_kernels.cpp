@@ -372,7 +372,7 @@ void copy_layout(const at::Tensor& dst, const at::Tensor& src) {
 // plus the projection's 1x1 conv and BN), forward and backward, in channels_last. What
 // gunn/layers/fastpath.py computes op by op for the ATen backend, as one call: per unit that
 // saves about 15 calls from Python, whose interpreter and dispatch cost exceeds the
-// arithmetic on small feature maps (README, "Benchmark").
+// arithmetic on small feature maps (docs/benchmark.md).
 
 at::Tensor empty_channels_last(const at::Tensor& like, int64_t channels) {
   return at::empty({like.size(0), channels, like.size(2), like.size(3)},

@@ -5,7 +5,7 @@ The fast path (``fastpath.py``) normalises 12 to 36 channels per unit, where ATe
 channels_last BatchNorm is slower than a plain two-pass kernel, and runs one unit after
 another, where each unit's dozen ATen calls from Python cost as much as its arithmetic on
 small feature maps (the benchmark's ``kernels`` section, ``python -m gunn.bench --only
-kernels``, and README's "Benchmark" give the figures). ``cpu_kernels.cpp`` holds the BatchNorm kernels,
+kernels``, and docs/benchmark.md give the figures). ``cpu_kernels.cpp`` holds the BatchNorm kernels,
 a tiled NCHW <-> channels_last copy and a unit's forward and backward as one call each
 (ATen's convolutions and matrix products, these BatchNorms). It is compiled with the
 system's C++ compiler on first use (once per machine, see below) and registered as

@@ -117,7 +117,7 @@ def gpu_hours(macs_per_image: int, data: str) -> float:
 
 def main() -> None:
     """Prints the paper's rows that gunn builds with their parameters, GMAC per image and the GPU-hours of one
-    run of the paper's recipe (python -m gunn.models.paper; the README's studies table)."""
+    run of the paper's recipe (python -m gunn.models.paper; the studies table of docs/sweeps.md)."""
     from gunn.models import is_model
     from gunn.models.cost import model_cost
 

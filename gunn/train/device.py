@@ -99,7 +99,7 @@ def cuda_problem(torch_cuda: str | None = None, driver_cuda: int | None = None, 
     build = f"torch {torch.__version__}"
     if not torch_cuda:
         return (f"{build} is a CPU-only build: install a CUDA build of torch and torchvision "
-                "(README, 'GPUs'), e.g. pip install torch torchvision --index-url https://download.pytorch.org/whl/cu130")
+                "(docs/gpus.md), e.g. pip install torch torchvision --index-url https://download.pytorch.org/whl/cu130")
     major = int(torch_cuda.split(".")[0])
     if driver_cuda is None:
         return (f"no NVIDIA driver is visible to this process (libcuda.so.1 does not load)"
@@ -112,7 +112,7 @@ def cuda_problem(torch_cuda: str | None = None, driver_cuda: int | None = None, 
         return (f"the NVIDIA driver {driver or ''} supports CUDA up to {supports}, but {build} is built for CUDA "
                 f"{torch_cuda}, which needs driver {MIN_DRIVER.get(major, 'a newer one')} or newer. Either ask "
                 f"for a newer driver, or {cu12 if driver_cuda // 1000 == 12 else 'install a torch build for your CUDA'}"
-                " (README, 'GPUs'); runtime.device=cpu trains on the CPU instead")
+                " (docs/gpus.md); runtime.device=cpu trains on the CPU instead")
     return (f"an NVIDIA GPU is present (driver {driver or 'unknown'}) but {build} (CUDA {torch_cuda}) cannot use "
             "it: check CUDA_VISIBLE_DEVICES, the device files' permissions and `nvidia-smi`; "
             "python -c 'import torch; torch.cuda.init()' shows CUDA's own error; runtime.device=cpu trains on the "
